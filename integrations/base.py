@@ -1,0 +1,170 @@
+"""What every model adapter provides: where things are inside a Hugging Face model.
+
+Adapters locate modules and describe the visual tokens of a batch; they never contain method
+logic. The runtime (``vtprune.runtime``) asks an adapter for:
+
+* the multimodal model whose forward sees ``input_ids`` and the image inputs,
+* the text decoder (``language_model``) and its decoder layers,
+* the visual layout of each image in a batch (how many placeholder tokens, their 2-D grids, and
+  which of them are LLaVA-NeXT row-newline tokens),
+* positions for decode steps whose caller did not pass ``position_ids``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GridSegment:
+    """A rectangular block of visual tokens inside one image's token run.
+
+    Token ``(r, c)`` of the block sits at ``offset + r * row_stride + c`` within the image's
+    tokens. ``row_stride > cols`` when each row is followed by a newline token (LLaVA-NeXT).
+
+    Example:
+        >>> GridSegment(offset=576, rows=2, cols=3, row_stride=4).token_index(1, 2)
+        582
+    """
+
+    offset: int
+    rows: int
+    cols: int
+    row_stride: int
+    name: str = "grid"
+
+    def token_index(self, r: int, c: int) -> int:
+        return self.offset + r * self.row_stride + c
+
+    def indices(self) -> torch.Tensor:
+        r = torch.arange(self.rows).unsqueeze(1) * self.row_stride
+        c = torch.arange(self.cols).unsqueeze(0)
+        return (self.offset + r + c).flatten()
+
+    @property
+    def size(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass
+class ImageLayout:
+    """The placeholder tokens of one image (or video) in one batch row.
+
+    ``positions`` are the sequence indices of the image's tokens in its row (at the language
+    model's input); ``segments`` tile the image's patch tokens; ``newline`` flags the
+    LLaVA-NeXT row-separator tokens (learned ``image_newline`` vectors, not patches).
+    """
+
+    row: int
+    positions: torch.Tensor
+    segments: list[GridSegment]
+    newline: torch.Tensor
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.positions.numel())
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Token structure of one image, before it is placed in a row."""
+
+    num_tokens: int
+    segments: tuple[GridSegment, ...]
+    newline_offsets: tuple[int, ...] = ()
+    extra: tuple = ()
+
+
+class Adapter:
+    """Base class: one subclass per model family (see ``vtprune.integrations``)."""
+
+    family: str = "base"
+    supported_classes: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.outer = model if hasattr(model, "model") and hasattr(model, "lm_head") else None
+        self.mm_model = model.model if self.outer is not None else model
+        self.language_model = self.mm_model.language_model
+        self.layers = self.language_model.layers
+        self.text_config = self.language_model.config
+        self.config = self.mm_model.config
+
+    # -- classification -------------------------------------------------------------------
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ in cls.supported_classes
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.mm_model.vision_tower
+
+    def visual_token_ids(self) -> tuple[int, ...]:
+        return (int(self.config.image_token_id),)
+
+    # -- visual layout --------------------------------------------------------------------
+    def image_specs(self, call: dict) -> list[ImageSpec]:
+        """Token structure of every image in the call, in the order HF scatters features."""
+        raise NotImplementedError
+
+    def encoder_methods(self) -> tuple[str, ...]:
+        """Names of the multimodal model's encoder methods whose outputs carry image features."""
+        return ("get_image_features",)
+
+    def layouts(self, input_ids: torch.Tensor, specs: list[ImageSpec]) -> list[list[ImageLayout]]:
+        """Per batch row, the layouts of its images, from placeholder positions and specs.
+
+        HF writes image features with ``masked_scatter`` in row-major order of the placeholder
+        tokens, so image ``i`` of the batch takes the next ``num_tokens`` placeholders.
+        """
+        is_visual = torch.zeros_like(input_ids, dtype=torch.bool)
+        for tid in self.visual_token_ids():
+            is_visual |= input_ids == tid
+        rows, cols = is_visual.nonzero(as_tuple=True)
+        rows, cols = rows.cpu(), cols.cpu()
+        specs = specs if rows.numel() else []
+        total = sum(s.num_tokens for s in specs)
+        if total != rows.numel():
+            raise ValueError(
+                f"vtprune: the prompt holds {rows.numel()} image placeholder tokens but the image "
+                f"inputs describe {total}; check that the processor and the model configuration agree"
+            )
+        out: list[list[ImageLayout]] = [[] for _ in range(input_ids.shape[0])]
+        start = 0
+        for spec in specs:
+            r = rows[start : start + spec.num_tokens]
+            if (r != r[0]).any():
+                raise ValueError("vtprune: an image's placeholder tokens span two batch rows")
+            newline = torch.zeros(spec.num_tokens, dtype=torch.bool)
+            if spec.newline_offsets:
+                newline[list(spec.newline_offsets)] = True
+            out[int(r[0])].append(
+                ImageLayout(
+                    row=int(r[0]),
+                    positions=cols[start : start + spec.num_tokens],
+                    segments=list(spec.segments),
+                    newline=newline,
+                    extra=dict(spec.extra),
+                )
+            )
+            start += spec.num_tokens
+        return out
+
+    # -- positions ------------------------------------------------------------------------
+    def prefill_position_ids(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """What the text model would use when the caller passes no ``position_ids``."""
+        b, n = inputs_embeds.shape[:2]
+        return torch.arange(n, device=inputs_embeds.device).unsqueeze(0).expand(b, n)
+
+    def decode_position_ids(self, seen: int, q_len: int, batch: int, device) -> torch.Tensor:
+        """Original positions of new tokens when ``seen`` original tokens precede them."""
+        pos = torch.arange(seen, seen + q_len, device=device)
+        return pos.unsqueeze(0).expand(batch, q_len)

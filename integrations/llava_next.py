@@ -1,0 +1,48 @@
+"""LLaVA-NeXT (``LlavaNextForConditionalGeneration``): anyres crops and row-newline tokens.
+
+HF packs each image as ``[base tokens][for each row of the unpadded crop grid: row tokens +
+1 image_newline]`` (``pack_image_features``); an image given as a single crop gets the base
+tokens and one trailing newline. Token counts therefore differ per image size.
+
+Newline tokens are learned vectors that mark the end of a row, not image patches. vtprune
+counts them as visual tokens (PyramidDrop's N includes them) and flags them in the layout, so
+each method states what it does with them (``protect_newlines`` on the vision-stage methods).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.models.llava_next import modeling_llava_next as hf_next
+
+from .base import Adapter, GridSegment, ImageSpec
+
+
+class LlavaNextAdapter(Adapter):
+    family = "llava_next"
+    supported_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+
+    def image_specs(self, call: dict) -> list[ImageSpec]:
+        if call.get("pixel_values") is None:
+            return []
+        image_sizes = call.get("image_sizes")
+        if image_sizes is None:
+            raise ValueError("vtprune: LLaVA-NeXT needs `image_sizes` from the processor")
+        return [self._spec(size) for size in torch.as_tensor(image_sizes).tolist()]
+
+    def _spec(self, image_size: list[int]) -> ImageSpec:
+        cfg = self.config
+        vc = cfg.vision_config
+        side = vc.image_size // vc.patch_size
+        lead = 0 if cfg.vision_feature_select_strategy == "default" else 1
+        base_tokens = side * side + lead
+        base = GridSegment(offset=lead, rows=side, cols=side, row_stride=side, name="base")
+        n_crops = hf_next.image_size_to_num_patches(image_size, cfg.image_grid_pinpoints, vc.image_size) - 1
+        if n_crops == 0:
+            return ImageSpec(base_tokens + 1, (base,), newline_offsets=(base_tokens,))
+        gh, gw = hf_next.get_anyres_image_grid_shape(image_size, cfg.image_grid_pinpoints, vc.image_size)
+        # unpad_image only slices, so running it on an empty-channel tensor gives the shape cheaply
+        rows, cols = hf_next.unpad_image(torch.empty(0, gh * side, gw * side), image_size).shape[1:]
+        crops = GridSegment(offset=base_tokens, rows=rows, cols=cols, row_stride=cols + 1, name="crops")
+        newlines = tuple(base_tokens + r * (cols + 1) + cols for r in range(rows))
+        extra = (("crop_grid", (gh, gw)), ("crop_side", side))
+        return ImageSpec(base_tokens + rows * (cols + 1), (base, crops), newlines, extra)

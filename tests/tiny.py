@@ -1,0 +1,165 @@
+"""Tiny LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL models built from configs, and inputs for them.
+
+Random weights, offline, a few MB each: what the equivalence tests need. Each builder returns
+the model in eval mode; each input builder returns the kwargs a processor would.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+
+VOCAB = 128
+IMAGE = 120  # image placeholder id
+VIDEO = 121
+VSTART = 122
+PAD = 0
+LAYERS = 8
+
+
+def _text(**kw):
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    base.update(kw)
+    return base
+
+
+def _clip():
+    return CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=4
+    )
+
+
+def _finish(model, attn):
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def llava(attn: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=_clip(),
+        text_config=LlamaConfig(**_text()),
+        image_token_id=IMAGE,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    return _finish(LlavaForConditionalGeneration(cfg).to(dtype), attn)
+
+
+def llava_next(attn: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    cfg = LlavaNextConfig(
+        vision_config=_clip(),
+        text_config=LlamaConfig(**_text()),
+        image_token_id=IMAGE,
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    return _finish(LlavaNextForConditionalGeneration(cfg).to(dtype), attn)
+
+
+def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    text = _text(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    cfg = Qwen2VLConfig(
+        vision_config=dict(
+            depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2
+        ),
+        text_config=text,
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VSTART,
+    )
+    return _finish(Qwen2VLForConditionalGeneration(cfg).to(dtype), attn)
+
+
+BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl}
+
+
+def _prompt(n_image_tokens: list[int], pre: int, post: int, gen: torch.Generator, vstart: bool):
+    ids = [1] + torch.randint(3, 100, (pre,), generator=gen).tolist()
+    for n in n_image_tokens:
+        if vstart:
+            ids.append(VSTART)
+        ids += [IMAGE] * n
+        ids += torch.randint(3, 100, (2,), generator=gen).tolist()
+    ids += torch.randint(3, 100, (post,), generator=gen).tolist()
+    return ids
+
+
+def _pad(rows: list[list[int]], side: str):
+    n = max(map(len, rows))
+    ids = torch.full((len(rows), n), PAD, dtype=torch.long)
+    mask = torch.zeros(len(rows), n, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sl = slice(n - len(r), n) if side == "left" else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def inputs(family: str, model, images_per_row: list[int], *, side: str = "left", seed: int = 0, sizes=None, post=None):
+    """Processor-like kwargs: rows with ``images_per_row[b]`` images each (0 = text only).
+
+    ``sizes`` (LLaVA-NeXT: (h, w) per image; Qwen2-VL: (h, w) patch grid per image) vary the
+    number of visual tokens per image.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n_images = sum(images_per_row)
+    kw: dict = {}
+    if family == "llava":
+        counts = [64] * n_images
+        kw["pixel_values"] = torch.randn(n_images, 3, 32, 32, generator=gen)
+    elif family == "llava_next":
+        from vtprune.integrations.llava_next import LlavaNextAdapter
+
+        sizes = sizes or [(32, 64)] * n_images
+        ad = LlavaNextAdapter(model)
+        counts = [ad._spec(list(s)).num_tokens for s in sizes]
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        n_patch = [image_size_to_num_patches(list(s), model.config.image_grid_pinpoints, 32) for s in sizes]
+        pv = torch.zeros(n_images, max(n_patch), 3, 32, 32)
+        for i, p in enumerate(n_patch):
+            pv[i, :p] = torch.randn(p, 3, 32, 32, generator=gen)
+        kw["pixel_values"] = pv
+        kw["image_sizes"] = torch.tensor(sizes)
+    else:
+        sizes = sizes or [(16, 16)] * n_images
+        counts = [h * w // 4 for h, w in sizes]
+        kw["pixel_values"] = torch.randn(sum(h * w for h, w in sizes), 3 * 2 * 4 * 4, generator=gen)
+        kw["image_grid_thw"] = torch.tensor([[1, h, w] for h, w in sizes])
+    rows, k = [], 0
+    for b, m in enumerate(images_per_row):
+        p = post[b] if post is not None else 3 + b
+        rows.append(_prompt(counts[k : k + m], pre=2 + b, post=p, gen=gen, vstart=family == "qwen2_vl"))
+        k += m
+    ids, mask = _pad(rows, side)
+    kw.update(input_ids=ids, attention_mask=mask)
+    if family == "qwen2_vl":
+        kw["mm_token_type_ids"] = (ids == IMAGE).int()
+    if n_images == 0:
+        for key in ("pixel_values", "image_sizes", "image_grid_thw"):
+            kw.pop(key, None)
+    return kw

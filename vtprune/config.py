@@ -1,0 +1,109 @@
+"""Typed method configs, the registry by name, and option validation.
+
+Every method is a dataclass subclassing :class:`MethodConfig`, registered under a short name
+with :func:`register_method`. ``vtprune.apply(model, "pdrop", keep=0.25)`` looks the name up
+and builds the config from the options; ``vtprune.apply(model, PyramidDrop(keep=0.25))`` passes
+the config directly. A config turns into stages with :meth:`MethodConfig.stages` once the model
+(its depth) is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+REGISTRY: dict[str, type[MethodConfig]] = {}
+
+
+def register_method(name: str):
+    """Class decorator adding a config class to the registry under ``name``.
+
+    Example:
+        >>> @register_method("noop")
+        ... @dataclass
+        ... class NoOp(MethodConfig):
+        ...     def stages(self, model_info):
+        ...         return []
+        >>> "noop" in REGISTRY
+        True
+    """
+
+    def deco(cls):
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def method_names() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def config_from_name(name: str, **options) -> MethodConfig:
+    """Build the registered config ``name`` from keyword options, with errors naming the problem."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(method_names())}")
+    cls = REGISTRY[name]
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; options are: {', '.join(sorted(fields))}")
+    return cls(**options)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a config needs to know about the model to resolve its hyper-parameters."""
+
+    num_layers: int
+    family: str
+
+
+@dataclass
+class MethodConfig:
+    """Base of all method configs.
+
+    ``keep`` is the target average fraction of visual tokens per decoder layer (the papers'
+    "equivalent tokens" / N); each method resolves its own hyper-parameters to hit it.
+    """
+
+    name: ClassVar[str] = "base"
+    keep: float | None = None
+
+    def __post_init__(self):
+        if self.keep is not None:
+            check_fraction(self.name, "keep", self.keep)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check options that do not depend on the model; raise ``ValueError`` naming them."""
+
+    def stages(self, model_info: ModelInfo) -> list:
+        """The stages implementing this method on a model described by ``model_info``."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, **dataclasses.asdict(self)}
+
+
+def check_fraction(method: str, option: str, value, *, allow_zero: bool = False) -> None:
+    low = "[0, 1]" if allow_zero else "(0, 1]"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (0 <= value <= 1 if allow_zero else 0 < value <= 1)
+    if not ok:
+        raise ValueError(f"{method}: option {option!r}={value!r} is invalid; allowed: a number in {low}")
+
+
+def check_choice(method: str, option: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{method}: option {option!r}={value!r} is invalid; allowed: {', '.join(map(repr, choices))}")
+
+
+def check_layer(method: str, option: str, value, num_layers: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= num_layers - 1:
+        raise ValueError(
+            f"{method}: option {option!r}={value!r} is out of range; allowed: an integer in "
+            f"1..{num_layers - 1} for this {num_layers}-layer decoder"
+        )

@@ -1,0 +1,88 @@
+"""Random and uniform (spatially strided) selection before the language model.
+
+Independent benchmarks find these strong baselines, so every comparison includes them. Both
+act at the vision stage: the dropped image tokens never enter the language model.
+
+Each image keeps ``round(keep * n)`` of its ``n`` tokens. LLaVA-NeXT row-newline tokens are
+kept by default (``protect_newlines``) and count towards that budget, so the 2-D row structure
+the model was trained with survives; the rest of the budget goes to patches, split over the
+image's grids (base image, crop region, video frames) in proportion to their size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtprune.config import MethodConfig, ModelInfo, register_method
+from vtprune.integrations.base import ImageLayout
+from vtprune.selection import split_budget, strided_grid
+from vtprune.stages import VisionContext, VisionStage
+
+
+@register_method("random")
+@dataclass
+class RandomPrune(MethodConfig):
+    """Keep a random subset of each image's tokens (seeded, so runs repeat exactly).
+
+    Example:
+        >>> RandomPrune(keep=0.25, seed=1).keep
+        0.25
+    """
+
+    seed: int = 0
+    protect_newlines: bool = True
+
+    def stages(self, info: ModelInfo) -> list:
+        return [ImageBudgetStage("random", 0.5 if self.keep is None else self.keep, self.protect_newlines, self.seed)]
+
+
+@register_method("uniform")
+@dataclass
+class UniformPrune(MethodConfig):
+    """Keep tokens on an evenly strided 2-D lattice of each image grid.
+
+    Example:
+        >>> UniformPrune(keep=0.25).keep
+        0.25
+    """
+
+    protect_newlines: bool = True
+
+    def stages(self, info: ModelInfo) -> list:
+        return [ImageBudgetStage("uniform", 0.5 if self.keep is None else self.keep, self.protect_newlines)]
+
+
+class ImageBudgetStage(VisionStage):
+    def __init__(self, kind: str, keep: float, protect_newlines: bool, seed: int = 0):
+        self.kind, self.keep, self.protect_newlines, self.seed = kind, keep, protect_newlines, seed
+        self.key = kind
+
+    def select(self, ctx: VisionContext) -> torch.Tensor:
+        keep = torch.zeros_like(ctx.visual)
+        for row in ctx.layouts:
+            for j, img in enumerate(row):
+                # seeded per image by its place in its own row: a prompt draws the same tokens
+                # alone or inside any batch
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
+                local = self.pick(img, gen)
+                keep[img.row, img.positions[local].to(keep.device)] = True
+        return keep
+
+    def pick(self, img: ImageLayout, gen: torch.Generator) -> torch.Tensor:
+        """Indices (within the image's tokens) to keep."""
+        n = img.num_tokens
+        budget = int(n * self.keep + 0.5)
+        fixed = torch.nonzero(img.newline).flatten() if self.protect_newlines else torch.zeros(0, dtype=torch.long)
+        budget = max(0, budget - fixed.numel())
+        if self.kind == "random":
+            candidates = torch.nonzero(~img.newline).flatten()
+            chosen = candidates[torch.randperm(candidates.numel(), generator=gen)[:budget]]
+        else:
+            parts = split_budget(budget, [s.size for s in img.segments])
+            chosen = torch.cat(
+                [s.indices()[strided_grid(s.rows, s.cols, k)] for s, k in zip(img.segments, parts)]
+                or [torch.zeros(0, dtype=torch.long)]
+            )
+        return torch.cat([fixed, chosen]).sort().values

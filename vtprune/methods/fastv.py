@@ -1,0 +1,88 @@
+"""FastV: after layer K, keep the visual tokens the last query attends to most.
+
+Layers ``0..K-1`` see every token; before layer ``K`` the top ``ratio`` of visual tokens by the
+attention of the last query row at layer ``K-1`` (mean over heads) survive, in original order.
+``score="mean"`` averages the attention received from all text queries instead (the paper's
+wording; the official code uses the last row, our default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtprune.config import MethodConfig, ModelInfo, check_choice, check_fraction, check_layer, register_method
+from vtprune.scoring import layer_query_probs
+from vtprune.selection import count_for_fraction, fastv_ratio, slots_of, topk_mask
+from vtprune.stages import PrefillContext, PrefillStage
+
+
+@register_method("fastv")
+@dataclass
+class FastV(MethodConfig):
+    """FastV (Chen et al., 2024).
+
+    Args:
+        layer: K, the first decoder layer that sees the pruned sequence (default 2).
+        ratio: fraction of visual tokens kept from layer K on (default 0.5 = the paper's R=50%).
+        keep: target layer-average fraction; resolves ``ratio`` (give one of ``keep``/``ratio``).
+        score: ``"last"`` (last query row, as the official code) or ``"mean"`` (all text queries).
+
+    Example:
+        >>> FastV(layer=2, keep=0.5).resolve(ModelInfo(num_layers=32, family="llava"))
+        (2, 0.53125)
+    """
+
+    layer: int = 2
+    ratio: float | None = None
+    score: str = "last"
+
+    def validate(self) -> None:
+        if self.ratio is not None:
+            check_fraction(self.name, "ratio", self.ratio)
+            if self.keep is not None:
+                raise ValueError("fastv: give either 'keep' or 'ratio', not both")
+        check_choice(self.name, "score", self.score, ("last", "mean"))
+
+    def resolve(self, info: ModelInfo) -> tuple[int, float]:
+        check_layer(self.name, "layer", self.layer, info.num_layers)
+        if self.keep is None:
+            return self.layer, 0.5 if self.ratio is None else self.ratio
+        ratio = fastv_ratio(self.keep, self.layer, info.num_layers)
+        if ratio <= 0:
+            raise ValueError(
+                f"fastv: keep={self.keep} is unreachable with layer={self.layer} on {info.num_layers} layers "
+                f"(layers before K keep everything: keep must exceed {self.layer / info.num_layers:.4f}); "
+                "lower 'layer' or raise 'keep'"
+            )
+        return self.layer, ratio
+
+    def stages(self, info: ModelInfo) -> list:
+        layer, ratio = self.resolve(info)
+        return [FastVStage(layer=layer, ratio=ratio, score=self.score)]
+
+
+class FastVStage(PrefillStage):
+    needs_previous_input = True
+
+    def __init__(self, layer: int, ratio: float, score: str):
+        self.layer, self.ratio, self.score = layer, ratio, score
+        self.key = f"fastv@{layer}"
+
+    def select(self, ctx: PrefillContext) -> torch.Tensor:
+        prev = ctx.layers[self.layer - 1]
+        if self.score == "last":
+            queries = ctx.query_slot.unsqueeze(1)
+        else:
+            queries = text_query_slots(ctx.visual, ctx.valid)
+        probs = layer_query_probs(prev, ctx.layer_input, ctx.cos, ctx.sin, ctx.valid, queries)
+        scores = probs.sum(1) / (queries >= 0).sum(1, keepdim=True).clamp(min=1)
+        k = count_for_fraction(ctx.visual_in, self.ratio)
+        return topk_mask(scores, ctx.visual, k)
+
+
+
+def text_query_slots(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, Q]`` slots of the valid text tokens after each row's first visual token (-1 padded)."""
+    return slots_of(visual.long().cummax(1).values.bool() & ~visual & valid)

@@ -1,0 +1,420 @@
+"""The hooks that carry out a plan inside one model instance.
+
+Four hook points, all instance-level ``register_forward_pre_hook(..., with_kwargs=True)`` /
+``register_forward_hook`` handles recorded for exact removal:
+
+* outer model (``*ForConditionalGeneration``): publishes ``labels`` for training-mode scores;
+* multimodal model: starts a request at prefill (visual layouts) or finds it on the cache at a
+  decode step (and supplies original positions when the caller gave none);
+* language model: runs the vision stages and compacts ``inputs_embeds`` / mask / positions at
+  prefill, remaps the caller's 2-D mask onto layer 0's cache at decode; afterwards scatters the
+  final hidden states back to the caller's sequence length;
+* each decoder layer: runs prefill stages at their layer, and hands every later layer the
+  rotary tables, attention mask and (absent) position ids of the tokens it really holds.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from vtprune.integrations.base import GridSegment, ImageSpec
+from vtprune.stages import PrefillContext, PrefillStage, VisionContext, VisionStage
+from vtprune.stats import PruneStats
+
+from .state import ACTIVE, LABELS, REPLAY, RequestState, StepScratch, attach_to_cache, state_of_cache
+from .tokens import TokenSet, compact, gather_seq
+
+
+def _bind(fn, args, kwargs) -> dict:
+    """Named arguments of a call (``**kwargs`` flattened) so hooks can read and rewrite them."""
+    bound = inspect.signature(fn).bind(*args, **kwargs)
+    call = dict(bound.arguments)
+    for name, p in inspect.signature(fn).parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD and name in call:
+            call.update(call.pop(name))
+    return call
+
+
+class Runtime:
+    """Hooks for one model instance and one plan (vision stages + prefill stages by layer)."""
+
+    def __init__(self, model, adapter, stages: list):
+        self.model = model
+        self.adapter = adapter
+        self.vision_stages = [s for s in stages if isinstance(s, VisionStage)]
+        self.prefill_stages: dict[int, list[PrefillStage]] = {}
+        for s in stages:
+            if isinstance(s, PrefillStage):
+                self.prefill_stages.setdefault(s.layer, []).append(s)
+        self.capture_layers = {
+            s.layer - 1 for group in self.prefill_stages.values() for s in group if s.needs_previous_input
+        }
+        self.handles: list = []
+        self.patched_methods: list[str] = []
+        self.last_stats: PruneStats | None = None
+        self._mm_forward = adapter.mm_model.forward
+
+    # -- installation ---------------------------------------------------------------------
+    def install(self) -> None:
+        a = self.adapter
+        if a.outer is not None:
+            self.handles.append(a.outer.register_forward_pre_hook(self._outer_pre, with_kwargs=True))
+            self.handles.append(a.outer.register_forward_hook(self._outer_post, always_call=True))
+        self.handles.append(a.mm_model.register_forward_pre_hook(self._mm_pre, with_kwargs=True))
+        self.handles.append(a.mm_model.register_forward_hook(self._mm_post, always_call=True))
+        self.handles.append(a.language_model.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
+        self.handles.append(a.language_model.register_forward_hook(self._lm_post, with_kwargs=True))
+        for i, layer in enumerate(a.layers):
+            hook = self._make_layer_hook(i)
+            self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        for name in a.encoder_methods():
+            if hasattr(a.mm_model, name):
+                setattr(a.mm_model, name, self._wrap_encoder(getattr(a.mm_model, name)))
+                self.patched_methods.append(name)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for name in self.patched_methods:
+            # the wrapper is an instance attribute shadowing the class method: deleting restores it
+            self.adapter.mm_model.__dict__.pop(name, None)
+        self.patched_methods.clear()
+
+    def _wrap_encoder(self, method):
+        """Record each encoded image's token structure on the encoder output.
+
+        ``generate`` encodes images before prefill and pops ``pixel_values`` / ``image_sizes`` /
+        ``image_grid_thw``; the forward then only sees ``mm_encoder_outputs``. The structure is
+        keyed by the identity of each image's feature tensor, which survives generate's
+        per-beam repetition of the feature list.
+        """
+        signature_of = method
+
+        def encode(*args, **kwargs):
+            out = method(*args, **kwargs)
+            feats = getattr(out, "pooler_output", None)
+            if isinstance(feats, (list, tuple)):
+                specs = self.adapter.image_specs(_bind(signature_of, args, kwargs))
+                if len(specs) == len(feats):
+                    out._vtprune_specs = {id(f): spec for f, spec in zip(feats, specs)}
+            return out
+
+        encode.__wrapped__ = method
+        return encode
+
+    def _specs_for_call(self, call: dict) -> list:
+        """Token structure of every image in a forward call, in placeholder order."""
+        encoded = call.get("mm_encoder_outputs") or {}
+        specs = []
+        for modality in ("image", "video"):
+            out = encoded.get(modality)
+            if out is None:
+                continue
+            table = getattr(out, "_vtprune_specs", {})
+            for feat in out.pooler_output:
+                spec = table.get(id(feat))
+                if spec is None:
+                    n = len(feat)
+                    spec = ImageSpec(n, (GridSegment(offset=0, rows=1, cols=n, row_stride=n, name="unknown"),))
+                specs.append(spec)
+        if specs:
+            return specs
+        return self.adapter.image_specs(call)
+
+    # -- outer / multimodal model ---------------------------------------------------------
+    def _outer_pre(self, module, args, kwargs):
+        LABELS.set(kwargs.get("labels"))
+
+    def _outer_post(self, module, args, output):
+        LABELS.set(None)
+
+    def _mm_post(self, module, args, output):
+        ACTIVE.set(None)
+
+    def _mine(self, state) -> bool:
+        return state is not None and state.owner == id(self.model)
+
+    def _mm_pre(self, module, args, kwargs):
+        _refuse_unsupported(kwargs.get("past_key_values"))
+        call = _bind(self._mm_forward, args, kwargs)
+        cache = call.get("past_key_values")
+        state = state_of_cache(cache)
+        if self._mine(state) and cache.get_seq_length() > 0:
+            return self._start_decode(state, call, cache)
+        if cache is not None and cache.get_seq_length() > 0:
+            raise NotImplementedError(
+                "vtprune: continuing from a KV cache filled without this pruning plan (prefix caching, "
+                "multi-turn cache reuse) is not supported; start generation from an empty cache"
+            )
+        self._start_prefill(call)
+        return None
+
+    def _start_prefill(self, call: dict) -> None:
+        ids = call.get("input_ids")
+        embeds = call.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        state = RequestState(owner=id(self.model), batch=ref.shape[0], orig_len=ref.shape[1])
+        state.prefilling = True
+        if ids is not None:
+            state.layouts = self.adapter.layouts(ids, self._specs_for_call(call))
+        else:
+            # without input_ids the placeholders cannot be located reliably: prune nothing
+            state.layouts = [[] for _ in range(ref.shape[0])]
+        labels = LABELS.get()
+        if labels is not None and labels.shape[-1] == ref.shape[1]:
+            answer = labels != -100
+            before = torch.zeros_like(answer)
+            before[:, :-1] = answer[:, 1:] & ~answer[:, :-1]
+            state.answer_query = before
+        ACTIVE.set(state)
+
+    def _start_decode(self, state: RequestState, call: dict, cache):
+        ids = call.get("input_ids")
+        ref = ids if ids is not None else call["inputs_embeds"]
+        q_len = ref.shape[1]
+        if q_len != 1:
+            raise NotImplementedError(
+                f"vtprune: a {q_len}-token step on a pruned KV cache (chunked prefill, assisted or "
+                "speculative decoding, prompt continuation) is not supported; decode one token per step"
+            )
+        state.prefilling = False
+        state.step = StepScratch()
+        ACTIVE.set(state)
+        if call.get("position_ids") is None:
+            seen = state.orig_len + cache.get_seq_length() - state.sets[0].length
+            call["position_ids"] = self.adapter.decode_position_ids(seen, q_len, ref.shape[0], ref.device)
+            return (), call
+        return None
+
+    # -- language model ------------------------------------------------------------------
+    def _lm_pre(self, module, args, kwargs):
+        state = ACTIVE.get()
+        if not self._mine(state):
+            return None
+        if state.prefilling:
+            return self._lm_prefill(state, args, kwargs)
+        return self._lm_decode(state, args, kwargs)
+
+    def _lm_prefill(self, state: RequestState, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            raise ValueError("vtprune: the language model was called without inputs_embeds")
+        b, n, _ = embeds.shape
+        dev = embeds.device
+        mask2d = kwargs.get("attention_mask")
+        if mask2d is not None and (isinstance(mask2d, dict) or mask2d.dim() != 2):
+            raise NotImplementedError("vtprune: pre-built 4-D / per-layer-type attention masks are not supported")
+        valid = mask2d.bool() if mask2d is not None else torch.ones(b, n, dtype=torch.bool, device=dev)
+        visual = torch.zeros(b, n, dtype=torch.bool, device=dev)
+        for row in state.layouts:
+            for img in row:
+                visual[img.row, img.positions.to(dev)] = True
+        idx = torch.arange(n, device=dev).expand(b, n)
+        base = TokenSet(0, idx, idx, torch.ones_like(valid), valid, visual)
+        state.visual_in = visual.sum(1)
+        state.sets = [base]
+        state.layer_set = [0] * len(self.adapter.layers)
+        changed = False
+        for stage in self.vision_stages:
+            with state.timed():
+                cur = state.sets[0]
+                keep_vis = self._select(state, stage, cur, lambda s=stage, c=cur: s.select(
+                    VisionContext(embeds=embeds, visual=c.visual, layouts=state.layouts)))
+                keep = cur.present & (~cur.visual | keep_vis)
+                if bool((keep == cur.present).all()):
+                    continue
+                slots, present = compact(keep)
+                new = cur.select(slots, present, 0)
+                if not changed:
+                    pos = kwargs.get("position_ids")
+                    if pos is None:
+                        pos = self.adapter.prefill_position_ids(embeds)
+                    kwargs["position_ids"] = pos
+                embeds = gather_seq(embeds, slots, present)
+                kwargs["position_ids"] = gather_seq(kwargs["position_ids"], slots, dim=kwargs["position_ids"].dim() - 1)
+                # the compacted sequence is the language model's input from here on
+                new.lm_index = torch.arange(new.length, device=dev).expand(b, new.length)
+                state.sets = [new]
+                changed = True
+        if changed:
+            kwargs["inputs_embeds"] = embeds
+            kwargs["attention_mask"] = state.sets[0].valid.long()
+        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", self.adapter.text_config.use_cache):
+            kwargs["past_key_values"] = DynamicCache(config=self.adapter.text_config)
+        if kwargs.get("past_key_values") is not None:
+            attach_to_cache(kwargs["past_key_values"], state)
+        return args, kwargs
+
+    def _lm_decode(self, state: RequestState, args, kwargs):
+        mask2d = kwargs.get("attention_mask")
+        if mask2d is not None and (isinstance(mask2d, dict) or mask2d.dim() != 2):
+            raise NotImplementedError("vtprune: pre-built 4-D / per-layer-type attention masks are not supported")
+        if mask2d is not None:
+            state.step.decode_tail = mask2d[:, state.orig_len :].bool()
+        first = state.sets[0]
+        if first.length == state.orig_len and not first.has_padding:
+            return None
+        cache = kwargs.get("past_key_values")
+        kwargs["attention_mask"] = self._decode_mask2d_for(state, first, kwargs["inputs_embeds"], cache, 0)
+        return args, kwargs
+
+    def _lm_post(self, module, args, kwargs, output):
+        state = ACTIVE.get()
+        if not self._mine(state) or not state.prefilling:
+            return None
+        self.last_stats = PruneStats.from_state(state, len(self.adapter.layers))
+        final = state.sets[-1]
+        if final.length == state.orig_len and not final.has_padding:
+            return None
+        with state.timed():
+            h = output.last_hidden_state
+            b, _, d = h.shape
+            dest = torch.where(final.present, final.orig_index, state.orig_len).to(h.device)
+            full = h.new_zeros(b, state.orig_len + 1, d)
+            full.scatter_(1, dest.unsqueeze(-1).expand(-1, -1, d), h)
+            output.last_hidden_state = full[:, : state.orig_len]
+        self.last_stats.overhead_s = state.overhead_s
+        return output
+
+    # -- decoder layers -------------------------------------------------------------------
+    def _make_layer_hook(self, i: int):
+        def hook(module, args, kwargs):
+            state = ACTIVE.get()
+            if not self._mine(state):
+                return None
+            if state.prefilling:
+                return self._layer_prefill(state, i, args, kwargs)
+            return self._layer_decode(state, i, args, kwargs)
+
+        return hook
+
+    def _layer_prefill(self, state: RequestState, i: int, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        if state.step.lm_rotary is None:
+            state.step.lm_rotary = kwargs["position_embeddings"]
+        for stage in self.prefill_stages.get(i, ()):
+            with state.timed():
+                hidden = self._run_prefill_stage(state, stage, i, hidden, kwargs)
+        if i in self.capture_layers:
+            state.step.captured_input = hidden
+        s = state.layer_set[i]
+        if s == 0:
+            return (hidden,) + tuple(args[1:]), kwargs
+        kwargs["attention_mask"] = state.step.masks[s]
+        kwargs["position_embeddings"] = state.step.rotary[s]
+        kwargs["position_ids"] = None  # gapped ids would read as packed sequences
+        return (hidden,) + tuple(args[1:]), kwargs
+
+    def _rotary_for(self, state: RequestState, s: int):
+        if s == 0:
+            return state.step.lm_rotary
+        if s not in state.step.rotary:
+            cos, sin = state.step.lm_rotary
+            idx = state.sets[s].lm_index
+            state.step.rotary[s] = (gather_seq(cos, idx), gather_seq(sin, idx))
+        return state.step.rotary[s]
+
+    def _run_prefill_stage(self, state: RequestState, stage: PrefillStage, i: int, hidden, kwargs):
+        s_cur = len(state.sets) - 1
+        cur = state.sets[s_cur].to(hidden.device)
+        cos, sin = self._rotary_for(state, s_cur)
+        answer = None
+        if state.answer_query is not None:
+            answer = state.answer_query.to(hidden.device).gather(1, cur.orig_index.clamp(min=0)) & cur.present
+        ctx = PrefillContext(
+            layer=i,
+            hidden=hidden,
+            visual=cur.visual,
+            valid=cur.valid,
+            query_slot=cur.query_slot(),
+            visual_in=state.sets[0].visual_counts().to(hidden.device),
+            layers=self.adapter.layers,
+            cos=cos,
+            sin=sin,
+            layer_input=state.step.captured_input,
+            answer_query=answer,
+        )
+        keep_vis = self._select(state, stage, cur, lambda: stage.select(ctx))
+        keep = cur.present & (~cur.visual | keep_vis)
+        if bool((keep == cur.present).all()):
+            return hidden
+        slots, present = compact(keep)
+        new = cur.select(slots, present, i)
+        hidden = gather_seq(hidden, slots, present)
+        state.sets.append(new)
+        s_new = len(state.sets) - 1
+        state.layer_set[i:] = [s_new] * (len(state.layer_set) - i)
+        self._rotary_for(state, s_new)
+        state.step.masks[s_new] = create_causal_mask(
+            config=self.adapter.text_config,
+            inputs_embeds=hidden,
+            attention_mask=new.valid.long(),
+            past_key_values=kwargs.get("past_key_values"),
+            position_ids=None,
+            layer_idx=i,
+        )
+        if state.step.captured_input is not None:
+            state.step.captured_input = None
+        return hidden
+
+    def _select(self, state: RequestState, stage, token_set: TokenSet, compute) -> torch.Tensor:
+        """A stage's kept visual slots: computed, or replayed from an earlier selection."""
+        replay = REPLAY.get()
+        if replay is not None and stage.key in replay:
+            keep_vis = _replayed(replay[stage.key], token_set, state.orig_len)
+        else:
+            keep_vis = compute()
+        keep_vis = keep_vis.to(token_set.visual.device) & token_set.visual
+        state.record_selection(stage.key, token_set, keep_vis)
+        return keep_vis
+
+    def _layer_decode(self, state: RequestState, i: int, args, kwargs):
+        s = state.layer_set[i]
+        if s == 0:
+            return None
+        if s not in state.step.masks:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            token_set = state.sets[s]
+            state.step.masks[s] = create_causal_mask(
+                config=self.adapter.text_config,
+                inputs_embeds=hidden,
+                attention_mask=self._decode_mask2d_for(state, token_set, hidden, kwargs.get("past_key_values"), i),
+                past_key_values=kwargs.get("past_key_values"),
+                position_ids=None,
+                layer_idx=i,
+            )
+        kwargs["attention_mask"] = state.step.masks[s]
+        return args, kwargs
+
+    def _decode_mask2d_for(self, state, token_set, hidden, cache, layer_idx):
+        """The caller's 2-D mask re-indexed onto the cache of a layer holding ``token_set``."""
+        tail = state.step.decode_tail
+        if tail is None:
+            decoded = cache.layers[layer_idx].get_seq_length() - token_set.length
+            tail = torch.ones(state.batch, decoded + hidden.shape[1], dtype=torch.bool, device=hidden.device)
+        return torch.cat([token_set.valid.to(tail.device), tail], dim=1).long()
+
+
+def _replayed(rows: list[torch.Tensor], token_set: TokenSet, orig_len: int) -> torch.Tensor:
+    """Boolean keep mask over ``token_set``'s slots from stored original positions per row."""
+    dev = token_set.orig_index.device
+    n_orig = max(orig_len, int(token_set.orig_index.max()) + 1)
+    table = torch.zeros(len(rows), n_orig + 1, dtype=torch.bool, device=dev)
+    for b, kept in enumerate(rows):
+        table[b, kept.to(dev)] = True
+    return table.gather(1, token_set.orig_index.clamp(min=0)) & token_set.present
+
+
+def _refuse_unsupported(cache) -> None:
+    if cache is not None and getattr(cache, "is_compileable", False):
+        raise NotImplementedError(
+            f"vtprune: {type(cache).__name__} is not supported (pruned layers hold different cache "
+            "lengths, which static caches cannot); use the default DynamicCache"
+        )
+    if torch.compiler.is_compiling():
+        raise NotImplementedError("vtprune: compiled forward/decode (torch.compile) is not supported yet")

@@ -1,0 +1,86 @@
+"""Attention scores computed beside the model's attention backend (rule 5: no eager switch).
+
+The few probability rows a method needs (the last query, the text queries, the tokens before
+an answer) are recomputed from a layer's own norm, q/k projections and rotary tables: O(H*Q*L*D)
+work instead of materialising the whole attention matrix in eager mode.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+
+def query_key_probs_ref(q, k, key_valid, query_pos, scaling, key_range=None):
+    """Softmax probabilities of a few query rows onto keys, mean over heads (fp32 ``[B, Q, L]``).
+
+    ``q [B, H, Q, D]``, ``k [B, H_kv, L, D]`` (GQA: heads grouped, never repeated in memory),
+    ``key_valid [B, L]``, ``query_pos [B, Q]`` sequence index of each query (key ``j`` visible
+    iff ``j <= query_pos`` and valid; ``-1`` gives an all-zero row).
+    """
+    b, h, nq, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = h // hkv
+    qf = q.float().reshape(b, hkv, g * nq, d)
+    s = torch.matmul(qf, k.float().transpose(-1, -2)) * scaling  # [B, Hkv, G*Q, L]
+    s = s.view(b, hkv, g, nq, n)
+    j = torch.arange(n, device=q.device)
+    visible = key_valid[:, None, :] & (j[None, None, :] <= query_pos[:, :, None])  # [B, Q, L]
+    s = s.masked_fill(~visible[:, None, None], float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    p = p.mean(dim=(1, 2))
+    if key_range is not None:
+        p = p[..., key_range[0] : key_range[1]]
+    return p
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding as Llama/Qwen2 apply it: ``x [B, H, L, D]``, ``cos/sin [B, L, D]``."""
+    return x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+
+
+def _gather_rows(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, slots.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def layer_query_probs(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    valid: torch.Tensor,
+    query_slots: torch.Tensor,
+) -> torch.Tensor:
+    """Attention probabilities of chosen query rows at decoder ``layer``, mean over heads.
+
+    Args:
+        layer: a decoder layer (``input_layernorm`` + ``self_attn`` with q/k projections).
+        hidden: the layer's input ``[B, L, D]``.
+        cos, sin: rotary tables at these slots ``[B or 1, L, head_dim]``.
+        valid: ``[B, L]`` slots that may be attended (padding excluded).
+        query_slots: ``[B, Q]`` slot of each query row; ``-1`` marks a missing query (all zeros out).
+
+    Returns:
+        ``[B, Q, L]`` float32 probabilities (causal: key ``j`` visible to query ``i`` iff ``j <= i``).
+
+    Example:
+        >>> # probs = layer_query_probs(model.model.language_model.layers[1], h, cos, sin, valid, last)
+    """
+    attn = layer.self_attn
+    b, n, _ = hidden.shape
+    hd = attn.head_dim
+    cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+    qs = query_slots.clamp(min=0)
+    normed = layer.input_layernorm(hidden)
+    q = attn.q_proj(_gather_rows(normed, qs)).view(b, qs.shape[1], -1, hd).transpose(1, 2)
+    k = attn.k_proj(normed).view(b, n, -1, hd).transpose(1, 2)
+    q = apply_rope(q, _gather_rows(cos, qs), _gather_rows(sin, qs))
+    k = apply_rope(k, cos, sin)
+    query_pos = query_slots.masked_fill(query_slots < 0, -1)
+    return query_key_probs_ref(q, k, valid, query_pos, attn.scaling)

@@ -1,0 +1,146 @@
+"""Selection math: pure functions from tensors / numbers to indices, masks and budgets.
+
+Stages call these; nothing here knows about models or hooks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def topk_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per row, mark the ``k[b]`` highest-scoring candidate slots.
+
+    Ties break towards the earlier slot, so equal scores give a deterministic choice.
+
+    Example:
+        >>> s = torch.tensor([[0.1, 0.9, 0.5, 0.7]])
+        >>> topk_mask(s, torch.tensor([[True, True, True, False]]), torch.tensor([2])).tolist()
+        [[False, True, True, False]]
+    """
+    masked = scores.float().masked_fill(~candidates, float("-inf"))
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (rank < k.to(rank.device).unsqueeze(1)) & candidates
+
+
+def count_for_fraction(n: torch.Tensor, fraction: float, mode: str = "round") -> torch.Tensor:
+    """How many of ``n`` tokens a fraction keeps: ``round`` or ``floor`` (PyramidDrop's ``int``)."""
+    x = n.double() * fraction
+    out = torch.floor(x + 1e-9) if mode == "floor" else torch.floor(x + 0.5)
+    return out.long().clamp(min=0).minimum(n)
+
+
+def fastv_ratio(keep: float, layer: int, num_layers: int) -> float:
+    """Fraction kept from ``layer`` on so that the layer-average keep equals ``keep``.
+
+    Layers ``0..layer-1`` see every token: ``keep = (layer + (L - layer) * ratio) / L``.
+
+    Example:
+        >>> round(fastv_ratio(171 / 576, 2, 32), 4)  # FastV K=2 keeping 25%: 171 equivalent tokens
+        0.25
+    """
+    return (keep * num_layers - layer) / (num_layers - layer)
+
+
+def pyramid_average(layers: list[int], ratio: float, num_layers: int) -> float:
+    """Layer-average keep fraction of a pyramid that multiplies by ``ratio`` at each boundary."""
+    bounds = [0, *layers, num_layers]
+    return sum((bounds[s + 1] - bounds[s]) * ratio**s for s in range(len(bounds) - 1)) / num_layers
+
+
+def pyramid_ratio(keep: float, layers: list[int], num_layers: int) -> float:
+    """Solve ``pyramid_average(layers, ratio) == keep`` for ratio in (0, 1] by bisection.
+
+    Example:
+        >>> round(pyramid_ratio(pyramid_average([8, 16, 24], 0.5, 32), [8, 16, 24], 32), 6)
+        0.5
+    """
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if pyramid_average(layers, mid, num_layers) < keep:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def scale_layers(layers: list[int], num_layers: int, reference_layers: int = 32) -> list[int]:
+    """Scale boundaries given for a ``reference_layers``-deep model to ``num_layers``, kept distinct."""
+    out: list[int] = []
+    for layer in layers:
+        x = max(1, min(num_layers - 1, round(layer * num_layers / reference_layers)))
+        if out and x <= out[-1]:
+            x = out[-1] + 1
+        if x < num_layers:
+            out.append(x)
+    return out
+
+
+def strided_grid(rows: int, cols: int, k: int) -> torch.Tensor:
+    """``k`` cells of a ``rows x cols`` grid spread evenly in 2-D, as row-major indices.
+
+    Picks an ``r x c`` lattice with the grid's aspect ratio and ``r * c >= k``, then keeps ``k``
+    lattice points evenly spaced along it.
+
+    Example:
+        >>> strided_grid(4, 4, 4).tolist()
+        [0, 2, 8, 10]
+    """
+    n = rows * cols
+    k = max(0, min(k, n))
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if k == n:
+        return torch.arange(n)
+    r = max(1, min(rows, round(math.sqrt(k * rows / cols))))
+    c = max(1, min(cols, math.ceil(k / r)))
+    while r * c < k:
+        r = min(rows, r + 1)
+        c = max(1, min(cols, math.ceil(k / r)))
+    # lattice lines at the start of equal-width strips: a stride, like strided pooling
+    rr = torch.div(torch.arange(r) * rows, r, rounding_mode="floor")
+    cc = torch.div(torch.arange(c) * cols, c, rounding_mode="floor")
+    lattice = (rr.unsqueeze(1) * cols + cc.unsqueeze(0)).flatten()
+    pick = torch.div(torch.arange(k) * lattice.numel(), k, rounding_mode="floor")
+    return lattice[pick]
+
+
+def split_budget(total: int, sizes: list[int]) -> list[int]:
+    """Split ``total`` over parts in proportion to ``sizes`` (largest remainders), capped by size.
+
+    Example:
+        >>> split_budget(5, [4, 4, 2])
+        [2, 2, 1]
+    """
+    s = sum(sizes)
+    if s == 0:
+        return [0] * len(sizes)
+    total = min(total, s)
+    exact = [total * x / s for x in sizes]
+    out = [min(int(e), x) for e, x in zip(exact, sizes)]
+    order = sorted(range(len(sizes)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+    i = 0
+    while sum(out) < total:
+        j = order[i % len(order)]
+        if out[j] < sizes[j]:
+            out[j] += 1
+        i += 1
+    return out
+
+
+def slots_of(flags: torch.Tensor) -> torch.Tensor:
+    """``[B, Q]`` slot indices of the True entries of each row, in order, ``-1`` padded.
+
+    Example:
+        >>> slots_of(torch.tensor([[False, True, True], [True, False, False]])).tolist()
+        [[1, 2], [0, -1]]
+    """
+    n = flags.sum(1)
+    q = max(1, int(n.max()))
+    order = torch.sort(flags.long(), dim=1, descending=True, stable=True).indices[:, :q]
+    return torch.where(torch.arange(q, device=flags.device) < n.unsqueeze(1), order, -1)

@@ -1,0 +1,85 @@
+"""Stages: where a method acts, and what it sees there.
+
+A method is a small list of stages. The runtime calls each stage with a context object and
+expects a boolean mask over the current visual tokens saying which survive; it then removes
+the others physically (hidden states, positions, masks, KV cache).
+
+* :class:`VisionStage` acts once, before the language model, on the projected image tokens.
+* :class:`PrefillStage` acts before decoder layer ``layer`` during prefill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from vtprune.integrations.base import ImageLayout
+
+
+@dataclass
+class VisionContext:
+    """What a vision stage sees (one batched call).
+
+    ``visual`` marks the image tokens among the language model's input slots;
+    ``layouts[b]`` describes the images of row ``b`` (positions, grids, newline flags).
+    """
+
+    embeds: torch.Tensor
+    visual: torch.Tensor
+    layouts: list[list[ImageLayout]]
+    generator: torch.Generator | None = None
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class PrefillContext:
+    """What a prefill stage sees before decoder layer ``layer``.
+
+    ``hidden`` is the output of layer ``layer - 1`` for the tokens still present;
+    ``visual``/``valid`` flag visual slots and attendable slots; ``query_slot[b]`` is the slot
+    of the row's last real token; ``visual_in[b]`` counts the row's visual tokens at the
+    language model's input (the N of the papers); ``layers`` are the decoder layers;
+    ``cos``/``sin`` the rotary tables at the present slots; ``answer_query`` (training) marks
+    the slots just before an answer span.
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    visual: torch.Tensor
+    valid: torch.Tensor
+    query_slot: torch.Tensor
+    visual_in: torch.Tensor
+    layers: nn.ModuleList
+    cos: torch.Tensor
+    sin: torch.Tensor
+    layer_input: torch.Tensor | None = None
+    answer_query: torch.Tensor | None = None
+
+
+class Stage:
+    point: str = "?"
+    key: str = "?"
+
+    def describe(self) -> str:
+        return self.key
+
+
+class VisionStage(Stage):
+    point = "vision"
+
+    def select(self, ctx: VisionContext) -> torch.Tensor:
+        """Boolean ``[B, L]`` mask: which visual slots to keep."""
+        raise NotImplementedError
+
+
+class PrefillStage(Stage):
+    point = "prefill"
+    layer: int = 0
+    #: a stage that scores with layer ``layer - 1``'s own attention needs that layer's input
+    needs_previous_input: bool = False
+
+    def select(self, ctx: PrefillContext) -> torch.Tensor:
+        """Boolean ``[B, L]`` mask over the present slots: which visual slots to keep."""
+        raise NotImplementedError
