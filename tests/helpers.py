@@ -1,0 +1,57 @@
+"""Reference computations shared by the runtime tests."""
+
+from __future__ import annotations
+
+import torch
+
+import vtprune
+
+ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
+# random tiny models may emit any id; special ids (image placeholders...) from 100 on are banned
+BANNED = list(range(100, 128))
+
+
+def greedy(model, kw, steps: int, **gen) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.generate(**kw, max_new_tokens=steps, do_sample=False, suppress_tokens=BANNED, **gen)
+    return out[:, kw["input_ids"].shape[1] :]
+
+
+def uncached_greedy(model, kw, selections, steps: int) -> torch.Tensor:
+    """Step the pruned model without a KV cache, replaying the prefill's selection each step."""
+    ids = kw["input_ids"]
+    extra = {k: v for k, v in kw.items() if k not in ROW_KEYS}
+    mtt = kw.get("mm_token_type_ids")
+    out = []
+    for _ in range(steps):
+        call = dict(extra, input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
+        if mtt is not None:
+            call["mm_token_type_ids"] = torch.cat([mtt, mtt.new_zeros(1, ids.shape[1] - mtt.shape[1])], 1)
+        with vtprune.replay(selections), torch.no_grad():
+            logits = model(**call).logits[:, -1]
+            logits[:, BANNED] = float("-inf")
+            nxt = logits.argmax(-1, keepdim=True)
+        out.append(nxt)
+        ids = torch.cat([ids, nxt], 1)
+    return torch.cat(out, 1)
+
+
+def row_alone(family: str, kw: dict, b: int, images_per_row: list[int]) -> dict:
+    """Row ``b`` of a padded batch as its own unpadded prompt with its own images."""
+    real = kw["attention_mask"][b].bool()
+    one = {k: kw[k][b : b + 1, real] for k in ROW_KEYS if k in kw}
+    first = sum(images_per_row[:b])
+    n = images_per_row[b]
+    if n == 0:
+        return one
+    if family == "qwen2_vl":
+        grid = kw["image_grid_thw"]
+        patches = grid.prod(-1)
+        start = int(patches[:first].sum())
+        one["pixel_values"] = kw["pixel_values"][start : start + int(patches[first : first + n].sum())]
+        one["image_grid_thw"] = grid[first : first + n]
+    else:
+        one["pixel_values"] = kw["pixel_values"][first : first + n]
+        if "image_sizes" in kw:
+            one["image_sizes"] = kw["image_sizes"][first : first + n]
+    return one
