@@ -163,3 +163,22 @@ def inputs(family: str, model, images_per_row: list[int], *, side: str = "left",
         for key in ("pixel_values", "image_sizes", "image_grid_thw"):
             kw.pop(key, None)
     return kw
+
+
+def llava_shaped(layers: int = 32, seed: int = 0):
+    """LLaVA-1.5 token geometry (336 px / 14 = 576 visual tokens, 32 layers) at a tiny width."""
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=336, patch_size=14
+    )
+    text = LlamaConfig(**_text(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
+                               num_key_value_heads=2, max_position_embeddings=1024))
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-2)
+    return _finish(LlavaForConditionalGeneration(cfg), "sdpa")
+
+
+def llava_shaped_inputs(batch: int = 1, seed: int = 0, text: int = 24):
+    gen = torch.Generator().manual_seed(seed)
+    rows = [_prompt([576], pre=4, post=text - 6, gen=gen, vstart=False) for _ in range(batch)]
+    ids, mask = _pad(rows, "left")
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(batch, 3, 336, 336, generator=gen)}

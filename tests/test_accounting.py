@@ -1,0 +1,106 @@
+"""Tokens per layer, KV-cache lengths, keep targets and counted FLOPs match the configuration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import tiny
+
+import vtprune
+from vtprune.config import ModelInfo
+from vtprune.flops import count_flops, decoder_linear_flops, paper_flops
+
+N = 576
+
+
+@pytest.fixture(scope="module")
+def shaped():
+    model = tiny.llava_shaped()
+    return model, tiny.llava_shaped_inputs(seed=1)
+
+
+def _run(model, kw):
+    with torch.no_grad():
+        return model(**kw)
+
+
+def test_fastv_tokens_per_layer_and_kv_lengths(shaped):
+    model, kw = shaped
+    text = int(kw["attention_mask"].sum()) - N
+    with vtprune.pruned(model, "fastv", layer=3, ratio=0.25):
+        out = _run(model, kw)
+        st = vtprune.stats(model)
+    assert st.visual_tokens_in == N
+    assert st.visual_tokens_per_layer == [N] * 3 + [144] * 29
+    assert st.kv_cache_lengths == [N + text] * 3 + [144 + text] * 29
+    cache = out.past_key_values
+    assert [cache.layers[i].keys.shape[-2] for i in range(32)] == st.kv_cache_lengths
+    assert st.keep_ratio == pytest.approx((3 * 576 + 29 * 144) / 32 / 576)
+
+
+def test_pdrop_pyramid_tokens_per_layer(shaped):
+    model, kw = shaped
+    with vtprune.pruned(model, "pdrop", layers=[8, 16, 24], ratio=0.5):
+        _run(model, kw)
+        st = vtprune.stats(model)
+    assert st.visual_tokens_per_layer == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
+    assert st.equivalent_tokens == 270
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "random", "uniform"])
+@pytest.mark.parametrize("keep", [0.5, 0.25, 0.11])
+def test_keep_target_within_two_percent(shaped, method, keep):
+    model, kw = shaped
+    with vtprune.pruned(model, method, keep=keep):
+        _run(model, kw)
+        got = vtprune.stats(model).keep_ratio
+    assert abs(got - keep) / keep <= 0.02, (method, keep, got)
+
+
+def test_counted_flops_fall_by_the_expected_amount(shaped):
+    model, kw = shaped
+    cfg = model.config.text_config
+    text = int(kw["attention_mask"].sum()) - N
+    full, _ = count_flops(_run, model, kw)
+    with vtprune.pruned(model, "pdrop", layers=[8, 16, 24], ratio=0.5):
+        pruned, _ = count_flops(_run, model, kw)
+        per_layer = vtprune.stats(model).visual_tokens_per_layer
+    expected_saving = decoder_linear_flops(cfg, [N + text] * 32) - decoder_linear_flops(cfg, [n + text for n in per_layer])
+    saving = full - pruned
+    # the saving is the decoder's projections on the dropped tokens, minus the scoring's extra work
+    assert saving == pytest.approx(expected_saving, rel=0.03)
+    assert saving < expected_saving
+
+
+def test_paper_formula_reproduces_pyramiddrop_table():
+    n_full = [576] * 32
+    n_pdrop = [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
+    assert paper_flops(n_full, 4096, 11008) / 1e12 == pytest.approx(3.82, abs=0.005)
+    assert paper_flops(n_pdrop, 4096, 11008) / 1e12 == pytest.approx(1.78, abs=0.005)
+
+
+@pytest.mark.parametrize(
+    "cfg, layers",
+    [
+        (vtprune.PyramidDrop(keep=0.25), [2, 8, 16]),
+        (vtprune.PyramidDrop(), [8, 16, 24]),
+        (vtprune.PyramidDrop(layers=[10, 20]), [10, 20]),
+    ],
+)
+def test_pdrop_resolution(cfg, layers):
+    got, _ = cfg.resolve(ModelInfo(num_layers=32, family="llava"))
+    assert got == layers
+    got28, _ = vtprune.PyramidDrop().resolve(ModelInfo(num_layers=28, family="qwen2_vl"))
+    assert got28 == [7, 14, 21]
+
+
+def test_stats_cover_batches_with_imageless_rows():
+    model = tiny.llava()
+    kw = tiny.inputs("llava", model, [1, 0], seed=3)
+    with vtprune.pruned(model, "uniform", keep=0.25):
+        _run(model, kw)
+        st = vtprune.stats(model)
+    assert st.visual_tokens_in_per_sample == [64, 0]
+    assert st.visual_tokens_per_layer == [8.0] * tiny.LAYERS
+    assert st.selections["uniform"][1].numel() == 0
+    assert st.overhead_s > 0

@@ -1,0 +1,88 @@
+"""Bad input gets a clear error naming the option, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import tiny
+from transformers import DynamicCache
+
+import vtprune
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny.llava()
+
+
+@pytest.mark.parametrize(
+    "method, opts, match",
+    [
+        ("nope", {}, "unknown method 'nope'; available: fastv, pdrop"),
+        ("fastv", {"kep": 0.5}, "unknown option"),
+        ("fastv", {"keep": 0}, r"'keep'=0 is invalid; allowed: a number in \(0, 1\]"),
+        ("pdrop", {"keep": 1.5}, r"'keep'=1.5 is invalid"),
+        ("random", {"keep": "half"}, r"'keep'='half' is invalid"),
+        ("fastv", {"layer": 0}, r"'layer'=0 is out of range; allowed: an integer in 1..7"),
+        ("fastv", {"layer": 40}, r"'layer'=40 is out of range"),
+        ("fastv", {"keep": 0.5, "ratio": 0.5}, "either 'keep' or 'ratio'"),
+        ("fastv", {"score": "max"}, r"'score'='max' is invalid; allowed: 'last', 'mean'"),
+        ("fastv", {"keep": 0.1, "layer": 4}, r"keep=0.1 is unreachable with layer=4"),
+        ("pdrop", {"layers": [4, 2]}, "strictly increasing"),
+        ("pdrop", {"layers": [2, 9]}, r"'layers'=9 is out of range"),
+        ("pdrop", {"ratio": 0}, r"'ratio'=0 is invalid"),
+        ("pdrop", {"keep": 0.3, "layers": [4, 6]}, "unreachable with layers"),
+    ],
+)
+def test_bad_options_raise_value_error(model, method, opts, match):
+    with pytest.raises(ValueError, match=match):
+        vtprune.apply(model, method, **opts)
+    assert vtprune.api.handle_of(model) is None
+
+
+def test_unsupported_model_lists_supported():
+    with pytest.raises(TypeError, match="does not support Linear; supported: LlavaForConditionalGeneration"):
+        vtprune.apply(torch.nn.Linear(2, 2), "fastv")
+
+
+def test_static_cache_is_refused(model):
+    kw = tiny.inputs("llava", model, [1])
+    with vtprune.pruned(model, "fastv"), pytest.raises(NotImplementedError, match="StaticCache is not supported"):
+        model.generate(**kw, max_new_tokens=2, cache_implementation="static")
+
+
+def test_compiled_forward_is_refused(model, monkeypatch):
+    kw = tiny.inputs("llava", model, [1])
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with vtprune.pruned(model, "fastv"), pytest.raises(NotImplementedError, match="torch.compile"):
+        model(**kw)
+
+
+def test_multi_token_step_on_pruned_cache_is_refused(model):
+    kw = tiny.inputs("llava", model, [1])
+    with torch.no_grad(), vtprune.pruned(model, "fastv"):
+        out = model(**kw)
+        nxt = torch.tensor([[5, 6]])
+        mask = torch.cat([kw["attention_mask"], torch.ones(1, 2, dtype=torch.long)], 1)
+        with pytest.raises(NotImplementedError, match="2-token step on a pruned KV cache"):
+            model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values)
+
+
+def test_cache_filled_without_plan_is_refused(model):
+    kw = tiny.inputs("llava", model, [1])
+    with torch.no_grad():
+        cache = model(**kw).past_key_values
+        assert isinstance(cache, DynamicCache)
+        with vtprune.pruned(model, "fastv"), pytest.raises(NotImplementedError, match="filled without this pruning"):
+            model(**kw, past_key_values=cache)
+
+
+def test_stats_without_plan_is_a_clear_error():
+    with pytest.raises(ValueError, match="no pruning plan is applied"):
+        vtprune.stats(tiny.llava())
+
+
+def test_options_with_config_object_are_refused(model):
+    with pytest.raises(ValueError, match="either a name"):
+        vtprune.apply(model, vtprune.FastV(), keep=0.5)
+
