@@ -26,4 +26,3 @@ class LlavaAdapter(Adapter):
         tokens, side, lead = self.tokens_per_image()
         seg = GridSegment(offset=lead, rows=side, cols=side, row_stride=side, name="image")
         return [ImageSpec(num_tokens=tokens, segments=(seg,)) for _ in range(n_images)]
-

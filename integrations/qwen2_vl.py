@@ -46,7 +46,9 @@ class Qwen2VLAdapter(Adapter):
             for t, h, w in torch.as_tensor(grid).tolist():
                 rows, cols = h // merge, w // merge
                 segs = tuple(
-                    GridSegment(offset=f * rows * cols, rows=rows, cols=cols, row_stride=cols, name=f"frame{f}")
+                    GridSegment(
+                        offset=f * rows * cols, rows=rows, cols=cols, row_stride=cols, name=f"frame{f}"
+                    )
                     for f in range(t)
                 )
                 specs.append(ImageSpec(t * rows * cols, segs))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import tiny
+import torch
 
 import vtprune
 from vtprune.config import ModelInfo
@@ -65,7 +65,9 @@ def test_counted_flops_fall_by_the_expected_amount(shaped):
     with vtprune.pruned(model, "pdrop", layers=[8, 16, 24], ratio=0.5):
         pruned, _ = count_flops(_run, model, kw)
         per_layer = vtprune.stats(model).visual_tokens_per_layer
-    expected_saving = decoder_linear_flops(cfg, [N + text] * 32) - decoder_linear_flops(cfg, [n + text for n in per_layer])
+    expected_saving = decoder_linear_flops(cfg, [N + text] * 32) - decoder_linear_flops(
+        cfg, [n + text for n in per_layer]
+    )
     saving = full - pruned
     # the saving is the decoder's projections on the dropped tokens, minus the scoring's extra work
     assert saving == pytest.approx(expected_saving, rel=0.03)

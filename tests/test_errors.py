@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import tiny
+import torch
 from transformers import DynamicCache
 
 import vtprune
@@ -47,7 +47,10 @@ def test_unsupported_model_lists_supported():
 
 def test_static_cache_is_refused(model):
     kw = tiny.inputs("llava", model, [1])
-    with vtprune.pruned(model, "fastv"), pytest.raises(NotImplementedError, match="StaticCache is not supported"):
+    with (
+        vtprune.pruned(model, "fastv"),
+        pytest.raises(NotImplementedError, match="StaticCache is not supported"),
+    ):
         model.generate(**kw, max_new_tokens=2, cache_implementation="static")
 
 
@@ -73,7 +76,10 @@ def test_cache_filled_without_plan_is_refused(model):
     with torch.no_grad():
         cache = model(**kw).past_key_values
         assert isinstance(cache, DynamicCache)
-        with vtprune.pruned(model, "fastv"), pytest.raises(NotImplementedError, match="filled without this pruning"):
+        with (
+            vtprune.pruned(model, "fastv"),
+            pytest.raises(NotImplementedError, match="filled without this pruning"),
+        ):
             model(**kw, past_key_values=cache)
 
 
@@ -85,4 +91,3 @@ def test_stats_without_plan_is_a_clear_error():
 def test_options_with_config_object_are_refused(model):
     with pytest.raises(ValueError, match="either a name"):
         vtprune.apply(model, vtprune.FastV(), keep=0.5)
-

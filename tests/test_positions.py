@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 import tiny
+import torch
+from vtprune.integrations.llava_next import LlavaNextAdapter
 
 import vtprune
-from vtprune.integrations.llava_next import LlavaNextAdapter
 
 
 def _capture_rotary(model, layer: int):
@@ -19,13 +19,18 @@ def _capture_rotary(model, layer: int):
     return seen, model.model.language_model.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
 
 
-@pytest.mark.parametrize("method, opts, layer", [("uniform", dict(keep=0.25), 0), ("pdrop", dict(ratio=0.5), 6)])
+@pytest.mark.parametrize(
+    "method, opts, layer", [("uniform", dict(keep=0.25), 0), ("pdrop", dict(ratio=0.5), 6)]
+)
 def test_qwen2_vl_kept_tokens_carry_original_3d_positions(method, opts, layer):
     model = tiny.qwen2_vl()
     kw = tiny.inputs("qwen2_vl", model, [1, 1], side="left", seed=7, sizes=[(16, 16), (8, 12)])
     mm = model.model
     positions, _ = mm.get_rope_index(
-        kw["input_ids"], kw["mm_token_type_ids"], image_grid_thw=kw["image_grid_thw"], attention_mask=kw["attention_mask"]
+        kw["input_ids"],
+        kw["mm_token_type_ids"],
+        image_grid_thw=kw["image_grid_thw"],
+        attention_mask=kw["attention_mask"],
     )
     x = torch.zeros(1, dtype=torch.float32)
     full_cos, _ = mm.language_model.rotary_emb(x, positions)
@@ -48,7 +53,9 @@ def test_qwen2_vl_kept_tokens_carry_original_3d_positions(method, opts, layer):
 def test_qwen2_vl_visual_positions_are_really_3d():
     model = tiny.qwen2_vl()
     kw = tiny.inputs("qwen2_vl", model, [1], seed=8)
-    pos, _ = model.model.get_rope_index(kw["input_ids"], kw["mm_token_type_ids"], image_grid_thw=kw["image_grid_thw"])
+    pos, _ = model.model.get_rope_index(
+        kw["input_ids"], kw["mm_token_type_ids"], image_grid_thw=kw["image_grid_thw"]
+    )
     vis = kw["input_ids"][0] == tiny.IMAGE
     # height and width rows differ on visual tokens: the test above would catch a 1-D remap
     assert not torch.equal(pos[1, 0, vis], pos[2, 0, vis])
@@ -63,9 +70,13 @@ def test_llava_next_newline_layout_matches_hf_packing(size):
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     n = image_size_to_num_patches(list(size), model.config.image_grid_pinpoints, 32)
-    feats = torch.arange(1, n * side * side + 1, dtype=torch.float32).view(n, side * side, 1).expand(-1, -1, 64)
+    feats = (
+        torch.arange(1, n * side * side + 1, dtype=torch.float32).view(n, side * side, 1).expand(-1, -1, 64)
+    )
     newline = torch.full((64,), -1.0)
-    packed, lens = mm.pack_image_features([feats.clone()], torch.tensor([size]), "default", image_newline=newline)
+    packed, lens = mm.pack_image_features(
+        [feats.clone()], torch.tensor([size]), "default", image_newline=newline
+    )
     packed = packed[0][:, 0]
     assert packed.numel() == spec.num_tokens
     hf_newlines = torch.nonzero(packed == -1).flatten().tolist()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 import tiny
+import torch
 from helpers import BANNED, greedy, row_alone, uncached_greedy
 
 import vtprune
@@ -51,7 +51,7 @@ def test_manual_decode_loop_without_position_ids(llava):
     with torch.no_grad(), vtprune.pruned(llava, "uniform", keep=0.25):
         ref = greedy(llava, kw, 4)
         out = llava(**kw)
-        ids, cache, mask, toks = kw["input_ids"], out.past_key_values, kw["attention_mask"], []
+        cache, mask, toks = out.past_key_values, kw["attention_mask"], []
         logits = out.logits[:, -1]
         for _ in range(4):
             logits[:, BANNED] = float("-inf")

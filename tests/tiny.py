@@ -45,7 +45,12 @@ def _text(**kw):
 
 def _clip():
     return CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32, patch_size=4
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=4,
     )
 
 
@@ -84,7 +89,13 @@ def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32):
     text = _text(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
     cfg = Qwen2VLConfig(
         vision_config=dict(
-            depth=2, embed_dim=32, hidden_size=64, num_heads=2, patch_size=4, spatial_merge_size=2, temporal_patch_size=2
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
         ),
         text_config=text,
         image_token_id=IMAGE,
@@ -119,7 +130,9 @@ def _pad(rows: list[list[int]], side: str):
     return ids, mask
 
 
-def inputs(family: str, model, images_per_row: list[int], *, side: str = "left", seed: int = 0, sizes=None, post=None):
+def inputs(
+    family: str, model, images_per_row: list[int], *, side: str = "left", seed: int = 0, sizes=None, post=None
+):
     """Processor-like kwargs: rows with ``images_per_row[b]`` images each (0 = text only).
 
     ``sizes`` (LLaVA-NeXT: (h, w) per image; Qwen2-VL: (h, w) patch grid per image) vary the
@@ -169,10 +182,23 @@ def llava_shaped(layers: int = 32, seed: int = 0):
     """LLaVA-1.5 token geometry (336 px / 14 = 576 visual tokens, 32 layers) at a tiny width."""
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=336, patch_size=14
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=336,
+        patch_size=14,
     )
-    text = LlamaConfig(**_text(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=2,
-                               num_key_value_heads=2, max_position_embeddings=1024))
+    text = LlamaConfig(
+        **_text(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+        )
+    )
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-2)
     return _finish(LlavaForConditionalGeneration(cfg), "sdpa")
 
@@ -181,4 +207,8 @@ def llava_shaped_inputs(batch: int = 1, seed: int = 0, text: int = 24):
     gen = torch.Generator().manual_seed(seed)
     rows = [_prompt([576], pre=4, post=text - 6, gen=gen, vstart=False) for _ in range(batch)]
     ids, mask = _pad(rows, "left")
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(batch, 3, 336, 336, generator=gen)}
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": torch.randn(batch, 3, 336, 336, generator=gen),
+    }

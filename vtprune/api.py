@@ -44,7 +44,9 @@ def _configs(method, options) -> list[MethodConfig]:
     if isinstance(method, str):
         return [config_from_name(method, **options)]
     if options:
-        raise ValueError("options are given inside the config object; pass either a name + options or a config")
+        raise ValueError(
+            "options are given inside the config object; pass either a name + options or a config"
+        )
     if isinstance(method, Compose):
         return list(method.configs)
     if isinstance(method, MethodConfig):

@@ -49,7 +49,9 @@ def config_from_name(name: str, **options) -> MethodConfig:
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(options) - fields)
     if unknown:
-        raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; options are: {', '.join(sorted(fields))}")
+        raise ValueError(
+            f"{name}: unknown option(s) {', '.join(unknown)}; options are: {', '.join(sorted(fields))}"
+        )
     return cls(**options)
 
 
@@ -98,7 +100,9 @@ def check_fraction(method: str, option: str, value, *, allow_zero: bool = False)
 
 def check_choice(method: str, option: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{method}: option {option!r}={value!r} is invalid; allowed: {', '.join(map(repr, choices))}")
+        raise ValueError(
+            f"{method}: option {option!r}={value!r} is invalid; allowed: {', '.join(map(repr, choices))}"
+        )
 
 
 def check_layer(method: str, option: str, value, num_layers: int) -> None:

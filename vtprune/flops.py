@@ -7,7 +7,6 @@ formula (PyramidDrop appendix) is per layer ``4nd^2 + 2n^2d + 3ndm`` with ``n`` 
 
 from __future__ import annotations
 
-import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 
-
 def query_key_probs_ref(q, k, key_valid, query_pos, scaling, key_range=None):
     """Softmax probabilities of a few query rows onto keys, mean over heads (fp32 ``[B, Q, L]``).
 

@@ -73,6 +73,10 @@ class VisionStage(Stage):
         """Boolean ``[B, L]`` mask: which visual slots to keep."""
         raise NotImplementedError
 
+    def expected_count(self, n_image: int) -> int:
+        """Tokens an image of ``n_image`` tokens keeps (for FLOPs without running the model)."""
+        raise NotImplementedError
+
 
 class PrefillStage(Stage):
     point = "prefill"
@@ -83,3 +87,29 @@ class PrefillStage(Stage):
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         """Boolean ``[B, L]`` mask over the present slots: which visual slots to keep."""
         raise NotImplementedError
+
+    def expected_count(self, n_in: int, n_current: int) -> int:
+        """Visual tokens left after this stage, given N at the LLM input and the current count."""
+        raise NotImplementedError
+
+
+def expected_tokens_per_layer(stages: list[Stage], n_visual: int, num_layers: int) -> list[int]:
+    """Visual tokens each decoder layer sees under ``stages`` for one image of ``n_visual`` tokens.
+
+    Example:
+        >>> from vtprune.methods.fastv import FastVStage
+        >>> expected_tokens_per_layer([FastVStage(layer=2, ratio=0.25, score="last")], 576, 4)
+        [576, 576, 144, 144]
+    """
+    n = n_visual
+    for s in stages:
+        if isinstance(s, VisionStage):
+            n = s.expected_count(n)
+    n_in, counts = n, []
+    by_layer = sorted((s for s in stages if isinstance(s, PrefillStage)), key=lambda s: s.layer)
+    for layer in range(num_layers):
+        for s in by_layer:
+            if s.layer == layer:
+                n = min(n, s.expected_count(n_in, n))
+        counts.append(n)
+    return counts

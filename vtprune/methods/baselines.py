@@ -35,7 +35,11 @@ class RandomPrune(MethodConfig):
     protect_newlines: bool = True
 
     def stages(self, info: ModelInfo) -> list:
-        return [ImageBudgetStage("random", 0.5 if self.keep is None else self.keep, self.protect_newlines, self.seed)]
+        return [
+            ImageBudgetStage(
+                "random", 0.5 if self.keep is None else self.keep, self.protect_newlines, self.seed
+            )
+        ]
 
 
 @register_method("uniform")
@@ -59,6 +63,9 @@ class ImageBudgetStage(VisionStage):
         self.kind, self.keep, self.protect_newlines, self.seed = kind, keep, protect_newlines, seed
         self.key = kind
 
+    def expected_count(self, n_image: int) -> int:
+        return int(n_image * self.keep + 0.5)
+
     def select(self, ctx: VisionContext) -> torch.Tensor:
         keep = torch.zeros_like(ctx.visual)
         for row in ctx.layouts:
@@ -74,7 +81,11 @@ class ImageBudgetStage(VisionStage):
         """Indices (within the image's tokens) to keep."""
         n = img.num_tokens
         budget = int(n * self.keep + 0.5)
-        fixed = torch.nonzero(img.newline).flatten() if self.protect_newlines else torch.zeros(0, dtype=torch.long)
+        fixed = (
+            torch.nonzero(img.newline).flatten()
+            if self.protect_newlines
+            else torch.zeros(0, dtype=torch.long)
+        )
         budget = max(0, budget - fixed.numel())
         if self.kind == "random":
             candidates = torch.nonzero(~img.newline).flatten()

@@ -8,6 +8,7 @@ wording; the official code uses the last row, our default).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,8 @@ from vtprune.scoring import layer_query_probs
 from vtprune.selection import count_for_fraction, fastv_ratio, slots_of, topk_mask
 from vtprune.stages import PrefillContext, PrefillStage
 
+DEFAULT_LAYER = 2  # the paper's K
+
 
 @register_method("fastv")
 @dataclass
@@ -24,7 +27,8 @@ class FastV(MethodConfig):
     """FastV (Chen et al., 2024).
 
     Args:
-        layer: K, the first decoder layer that sees the pruned sequence (default 2).
+        layer: K, the first decoder layer that sees the pruned sequence (default 2, lowered
+            automatically when ``keep`` is too small for it on a shallow model).
         ratio: fraction of visual tokens kept from layer K on (default 0.5 = the paper's R=50%).
         keep: target layer-average fraction; resolves ``ratio`` (give one of ``keep``/``ratio``).
         score: ``"last"`` (last query row, as the official code) or ``"mean"`` (all text queries).
@@ -34,7 +38,7 @@ class FastV(MethodConfig):
         (2, 0.53125)
     """
 
-    layer: int = 2
+    layer: int | None = None
     ratio: float | None = None
     score: str = "last"
 
@@ -46,17 +50,23 @@ class FastV(MethodConfig):
         check_choice(self.name, "score", self.score, ("last", "mean"))
 
     def resolve(self, info: ModelInfo) -> tuple[int, float]:
-        check_layer(self.name, "layer", self.layer, info.num_layers)
+        n = info.num_layers
+        layer = self.layer
+        if layer is None:
+            layer = DEFAULT_LAYER
+            if self.keep is not None and self.keep * n <= layer:
+                layer = max(1, math.ceil(self.keep * n) - 1)  # the deepest K that still reaches keep
+        check_layer(self.name, "layer", layer, n)
         if self.keep is None:
-            return self.layer, 0.5 if self.ratio is None else self.ratio
-        ratio = fastv_ratio(self.keep, self.layer, info.num_layers)
+            return layer, 0.5 if self.ratio is None else self.ratio
+        ratio = fastv_ratio(self.keep, layer, n)
         if ratio <= 0:
             raise ValueError(
-                f"fastv: keep={self.keep} is unreachable with layer={self.layer} on {info.num_layers} layers "
-                f"(layers before K keep everything: keep must exceed {self.layer / info.num_layers:.4f}); "
+                f"fastv: keep={self.keep} is unreachable with layer={layer} on {n} layers "
+                f"(layers before K keep everything: keep must exceed {layer / n:.4f}); "
                 "lower 'layer' or raise 'keep'"
             )
-        return self.layer, ratio
+        return layer, ratio
 
     def stages(self, info: ModelInfo) -> list:
         layer, ratio = self.resolve(info)
@@ -70,6 +80,9 @@ class FastVStage(PrefillStage):
         self.layer, self.ratio, self.score = layer, ratio, score
         self.key = f"fastv@{layer}"
 
+    def expected_count(self, n_in: int, n_current: int) -> int:
+        return int(count_for_fraction(torch.tensor([n_in]), self.ratio))
+
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         prev = ctx.layers[self.layer - 1]
         if self.score == "last":
@@ -80,7 +93,6 @@ class FastVStage(PrefillStage):
         scores = probs.sum(1) / (queries >= 0).sum(1, keepdim=True).clamp(min=1)
         k = count_for_fraction(ctx.visual_in, self.ratio)
         return topk_mask(scores, ctx.visual, k)
-
 
 
 def text_query_slots(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,9 @@ class PyramidDrop(MethodConfig):
                 raise ValueError("pdrop: give either 'keep' or 'ratio', not both")
         if self.layers is not None:
             if not isinstance(self.layers, (list, tuple)) or not self.layers:
-                raise ValueError(f"pdrop: option 'layers'={self.layers!r} is invalid; allowed: a non-empty list of layers")
+                raise ValueError(
+                    f"pdrop: option 'layers'={self.layers!r} is invalid; allowed: a non-empty list of layers"
+                )
             if list(self.layers) != sorted(set(self.layers)):
                 raise ValueError(f"pdrop: option 'layers'={self.layers!r} must be strictly increasing")
 
@@ -80,6 +82,9 @@ class PyramidDropStage(PrefillStage):
         self.layer, self.fraction = layer, fraction
         self.key = f"pdrop@{layer}"
 
+    def expected_count(self, n_in: int, n_current: int) -> int:
+        return int(count_for_fraction(torch.tensor([n_in]), self.fraction, mode="floor"))
+
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         queries = ctx.query_slot.unsqueeze(1)
         if ctx.answer_query is not None and bool(ctx.answer_query.any()):
@@ -88,4 +93,3 @@ class PyramidDropStage(PrefillStage):
         scores = probs.sum(1) / (queries >= 0).sum(1, keepdim=True).clamp(min=1)
         k = count_for_fraction(ctx.visual_in, self.fraction, mode="floor")
         return topk_mask(scores, ctx.visual, k)
-

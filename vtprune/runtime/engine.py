@@ -15,6 +15,7 @@ Four hook points, all instance-level ``register_forward_pre_hook(..., with_kwarg
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -120,7 +121,9 @@ class Runtime:
                 spec = table.get(id(feat))
                 if spec is None:
                     n = len(feat)
-                    spec = ImageSpec(n, (GridSegment(offset=0, rows=1, cols=n, row_stride=n, name="unknown"),))
+                    spec = ImageSpec(
+                        n, (GridSegment(offset=0, rows=1, cols=n, row_stride=n, name="unknown"),)
+                    )
                 specs.append(spec)
         if specs:
             return specs
@@ -208,7 +211,9 @@ class Runtime:
         dev = embeds.device
         mask2d = kwargs.get("attention_mask")
         if mask2d is not None and (isinstance(mask2d, dict) or mask2d.dim() != 2):
-            raise NotImplementedError("vtprune: pre-built 4-D / per-layer-type attention masks are not supported")
+            raise NotImplementedError(
+                "vtprune: pre-built 4-D / per-layer-type attention masks are not supported"
+            )
         valid = mask2d.bool() if mask2d is not None else torch.ones(b, n, dtype=torch.bool, device=dev)
         visual = torch.zeros(b, n, dtype=torch.bool, device=dev)
         for row in state.layouts:
@@ -219,41 +224,45 @@ class Runtime:
         state.visual_in = visual.sum(1)
         state.sets = [base]
         state.layer_set = [0] * len(self.adapter.layers)
-        changed = False
-        for stage in self.vision_stages:
+        if self.vision_stages:
             with state.timed():
-                cur = state.sets[0]
-                keep_vis = self._select(state, stage, cur, lambda s=stage, c=cur: s.select(
-                    VisionContext(embeds=embeds, visual=c.visual, layouts=state.layouts)))
-                keep = cur.present & (~cur.visual | keep_vis)
-                if bool((keep == cur.present).all()):
-                    continue
-                slots, present = compact(keep)
-                new = cur.select(slots, present, 0)
-                if not changed:
-                    pos = kwargs.get("position_ids")
-                    if pos is None:
-                        pos = self.adapter.prefill_position_ids(embeds)
-                    kwargs["position_ids"] = pos
-                embeds = gather_seq(embeds, slots, present)
-                kwargs["position_ids"] = gather_seq(kwargs["position_ids"], slots, dim=kwargs["position_ids"].dim() - 1)
-                # the compacted sequence is the language model's input from here on
-                new.lm_index = torch.arange(new.length, device=dev).expand(b, new.length)
-                state.sets = [new]
-                changed = True
-        if changed:
-            kwargs["inputs_embeds"] = embeds
-            kwargs["attention_mask"] = state.sets[0].valid.long()
-        if kwargs.get("past_key_values") is None and kwargs.get("use_cache", self.adapter.text_config.use_cache):
+                self._run_vision_stages(state, base, embeds, kwargs)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = self.adapter.text_config.use_cache
+        if kwargs.get("past_key_values") is None and use_cache:
             kwargs["past_key_values"] = DynamicCache(config=self.adapter.text_config)
         if kwargs.get("past_key_values") is not None:
             attach_to_cache(kwargs["past_key_values"], state)
         return args, kwargs
 
+    def _run_vision_stages(self, state: RequestState, base: TokenSet, embeds, kwargs) -> None:
+        """Keep the visual tokens every vision stage keeps; compact the LM input once."""
+        ctx = VisionContext(embeds=embeds, visual=base.visual, layouts=state.layouts)
+        keep_vis = base.visual.clone()
+        for stage in self.vision_stages:
+            keep_vis &= self._select(state, stage, base, functools.partial(stage.select, ctx))
+        keep = ~base.visual | keep_vis
+        if bool(keep.all()):
+            return
+        slots, present = compact(keep)
+        new = base.select(slots, present, 0)
+        # the compacted sequence is the language model's input from here on
+        new.lm_index = torch.arange(new.length, device=embeds.device).expand_as(new.lm_index)
+        state.sets = [new]
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = self.adapter.prefill_position_ids(embeds)
+        kwargs["position_ids"] = gather_seq(pos, slots, dim=pos.dim() - 1)
+        kwargs["attention_mask"] = new.valid.long()
+        kwargs["inputs_embeds"] = gather_seq(embeds, slots, present)
+
     def _lm_decode(self, state: RequestState, args, kwargs):
         mask2d = kwargs.get("attention_mask")
         if mask2d is not None and (isinstance(mask2d, dict) or mask2d.dim() != 2):
-            raise NotImplementedError("vtprune: pre-built 4-D / per-layer-type attention masks are not supported")
+            raise NotImplementedError(
+                "vtprune: pre-built 4-D / per-layer-type attention masks are not supported"
+            )
         if mask2d is not None:
             state.step.decode_tail = mask2d[:, state.orig_len :].bool()
         first = state.sets[0]
@@ -383,7 +392,9 @@ class Runtime:
             state.step.masks[s] = create_causal_mask(
                 config=self.adapter.text_config,
                 inputs_embeds=hidden,
-                attention_mask=self._decode_mask2d_for(state, token_set, hidden, kwargs.get("past_key_values"), i),
+                attention_mask=self._decode_mask2d_for(
+                    state, token_set, hidden, kwargs.get("past_key_values"), i
+                ),
                 past_key_values=kwargs.get("past_key_values"),
                 position_ids=None,
                 layer_idx=i,

@@ -64,8 +64,11 @@ class RequestState:
         idx = beam_idx.to(self.sets[0].lm_index.device)
         for i, s in enumerate(self.sets):
             self.sets[i] = TokenSet(
-                s.start_layer, *(t.index_select(0, idx.to(t.device)) for t in
-                                 (s.lm_index, s.orig_index, s.present, s.valid, s.visual))
+                s.start_layer,
+                *(
+                    t.index_select(0, idx.to(t.device))
+                    for t in (s.lm_index, s.orig_index, s.present, s.valid, s.visual)
+                ),
             )
         cpu_idx = beam_idx.cpu().tolist()
         for key, rows in self.selections.items():

@@ -66,7 +66,8 @@ class TokenSet:
         if self.lm_index.device == torch.device(device):
             return self
         return TokenSet(
-            self.start_layer, *(t.to(device) for t in (self.lm_index, self.orig_index, self.present, self.valid, self.visual))
+            self.start_layer,
+            *(t.to(device) for t in (self.lm_index, self.orig_index, self.present, self.valid, self.visual)),
         )
 
 

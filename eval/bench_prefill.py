@@ -1,0 +1,227 @@
+"""Prefill benchmark: measured speedup of each plan next to the speedup its FLOPs allow.
+
+A LLaVA-1.5-shaped model (576 visual tokens, 32 decoder layers, reduced width so it runs on
+a CPU, random weights) runs prefill (``logits_to_keep=1``, as ``generate`` does) unpruned and
+under each plan, batch 1 and 4. Runs are interleaved in one process, warmed up, and the median
+of the repeats is reported with the thread settings, because CPU timings on small machines are
+only meaningful that way (see EVAL.md).
+
+Run: ``python -m vtprune.eval.bench_prefill --out results/prefill`` (``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import vtprune
+from vtprune.flops import attention_flops, count_flops
+
+DEFAULT_PLANS = [
+    "baseline",
+    "fastv:layer=2,keep=0.25",
+    "pdrop:layers=8+16+24,ratio=0.5",
+]
+
+
+def parse_plan(text: str):
+    """``"pdrop:layers=8+16+24,ratio=0.5"`` -> ``("pdrop", {"layers": [8, 16, 24], "ratio": 0.5})``.
+
+    Example:
+        >>> parse_plan("fastv:layer=2,keep=0.25")
+        ('fastv', {'layer': 2, 'keep': 0.25})
+    """
+    name, _, rest = text.partition(":")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        opts[key] = _value(value)
+    return name, opts
+
+
+def _value(v: str):
+    if "+" in v:
+        return [_value(x) for x in v.split("+")]
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(v.lower(), v)
+
+
+def build_model(width: int, layers: int, seed: int = 0):
+    """LLaVA-1.5 token geometry at a reduced width (random weights)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    heads = max(1, width // 64)
+    vision = CLIPVisionConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=336,
+        patch_size=14,
+    )
+    text = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=width,
+        intermediate_size=int(width * 11008 / 4096),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=2048,
+    )
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=999, vision_feature_layer=-2)
+    model = LlavaForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def build_inputs(batch: int, text_tokens: int = 64, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    pre = torch.randint(3, 900, (batch, 5), generator=gen)
+    post = torch.randint(3, 900, (batch, text_tokens - 5), generator=gen)
+    ids = torch.cat([pre, torch.full((batch, 576), 999), post], 1)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": torch.randn(batch, 3, 336, 336, generator=gen),
+    }
+
+
+def _prefill(model, kw):
+    with torch.inference_mode():
+        return model(**kw, logits_to_keep=1, use_cache=True)
+
+
+def measure(model, kw, plans: list[str], repeats: int, warmup: int) -> dict:
+    """Interleaved timing of every plan; FLOPs and token counts of each."""
+    results = {p: {"times": [], "overheads": []} for p in plans}
+    for p in plans:
+        _apply(model, p)
+        flops, _ = count_flops(_prefill, model, kw)
+        st = vtprune.stats(model) if p != "baseline" else None
+        n_text = kw["input_ids"].shape[1] - 576
+        per_layer = st.visual_tokens_per_layer if st else [576.0] * model.config.text_config.num_hidden_layers
+        attn = attention_flops(model.config.text_config, [n + n_text for n in per_layer]) / 2  # causal half
+        results[p].update(
+            counted_flops=flops,
+            attention_flops=attn * kw["input_ids"].shape[0],
+            visual_tokens_per_layer=per_layer,
+        )
+        for _ in range(warmup):
+            _prefill(model, kw)
+    for _ in tqdm(range(repeats), desc=f"batch {kw['input_ids'].shape[0]}", leave=False):
+        for p in plans:
+            _apply(model, p)
+            t0 = time.perf_counter()
+            _prefill(model, kw)
+            results[p]["times"].append(time.perf_counter() - t0)
+            if p != "baseline":
+                results[p]["overheads"].append(vtprune.stats(model).overhead_s)
+    vtprune.remove(model)
+    base = results["baseline"]
+    base_t = statistics.median(base["times"])
+    base_f = base["counted_flops"] + base["attention_flops"]
+    for p in plans:
+        r = results[p]
+        r["median_s"] = statistics.median(r["times"])
+        r["measured_speedup"] = base_t / r["median_s"]
+        r["flops_speedup"] = base_f / (r["counted_flops"] + r["attention_flops"])
+        r["share_of_allowed"] = r["measured_speedup"] / r["flops_speedup"]
+        r["overhead_share"] = statistics.median(r["overheads"]) / r["median_s"] if r["overheads"] else 0.0
+    return results
+
+
+def _apply(model, plan: str) -> None:
+    if plan == "baseline":
+        vtprune.remove(model)
+    else:
+        name, opts = parse_plan(plan)
+        vtprune.apply(model, name, **opts)
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Prefill benchmark ({report['machine']})",
+        "",
+        f"Model: LLaVA-1.5 geometry (576 visual tokens, {report['layers']} layers), width {report['width']}, "
+        f"random weights; threads={report['threads']}, OMP_WAIT_POLICY={report['omp_wait_policy']}; "
+        f"median of {report['repeats']} interleaved repeats after {report['warmup']} warm-up runs.",
+        "",
+        "| batch | plan | visual tokens / layer (mean) | median prefill (s) | measured speedup | FLOPs-allowed speedup | share of allowed | method overhead |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for batch, res in report["results"].items():
+        for plan, r in res.items():
+            eq = sum(r["visual_tokens_per_layer"]) / len(r["visual_tokens_per_layer"])
+            lines.append(
+                f"| {batch} | `{plan}` | {eq:.0f} | {r['median_s']:.3f} | {r['measured_speedup']:.2f}x | "
+                f"{r['flops_speedup']:.2f}x | {100 * r['share_of_allowed']:.1f}% | {100 * r['overhead_share']:.2f}% |"
+            )
+    lines += [
+        "",
+        "FLOPs-allowed speedup = (counted matmul FLOPs + causal attention FLOPs by formula) of the unpruned "
+        "prefill / the same for the plan; `torch.utils.flop_counter` does not count CPU SDPA kernels, hence the formula.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--plans",
+        default=";".join(DEFAULT_PLANS),
+        help="plans separated by ';' (e.g. 'baseline;fastv:layer=2,keep=0.25')",
+    )
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--out", default=None, help="folder for prefill_bench.json / .md")
+    ap.add_argument("--quick", action="store_true", help="tiny width, 2 repeats: a smoke run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.width, args.repeats, args.warmup, args.batches = 64, 2, 1, "1"
+    plans = [p for p in args.plans.split(";") if p]
+    if "baseline" not in plans:
+        plans.insert(0, "baseline")
+    model = build_model(args.width, args.layers)
+    report = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "width": args.width,
+        "layers": args.layers,
+        "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "results": {},
+    }
+    for b in (int(x) for x in args.batches.split(",")):
+        report["results"][b] = measure(model, build_inputs(b), plans, args.repeats, args.warmup)
+    for res in report["results"].values():
+        for r in res.values():
+            r.pop("overheads")
+    md = markdown(report)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "prefill_bench.json").write_text(json.dumps(report, indent=2))
+        (out / "prefill_bench.md").write_text(md)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""``vtprune demo``: the main job on the embedded default model, no download needed.
+
+Loads the tiny LLaVA-1.5-architecture model shipped with the package (trained on the offline
+synthetic VQA task), asks image questions with and without pruning for each method, and prints
+the answers, visual tokens per decoder layer, counted prefill FLOPs and prefill time saved.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from tqdm import tqdm
+
+import vtprune
+from vtprune.flops import count_flops
+
+DEFAULT_METHODS = ["fastv", "pdrop", "random", "uniform"]
+
+
+def load_default(arch: str = "llava"):
+    """The shipped trained checkpoint, or (if assets are missing) a freshly built random one."""
+    from vtprune.eval.tiny_models import asset_dir, build_tiny, load_tiny
+
+    try:
+        model, processor = load_tiny(arch)
+        return model, processor, f"shipped checkpoint {asset_dir(arch)}"
+    except (OSError, ValueError):
+        model, processor = build_tiny(arch)
+        return model.eval(), processor, "randomly initialised tiny model (no shipped checkpoint found)"
+
+
+def _encode(processor, items, arch: str):
+    from vtprune.eval.synthvqa import build_prompt
+
+    processor.tokenizer.padding_side = "left"
+    return processor(
+        images=[it["image"] for it in items],
+        text=[build_prompt(it["question"], arch) for it in items],
+        return_tensors="pt",
+        padding=True,
+    )
+
+
+def _answers(model, processor, enc) -> list[str]:
+    with torch.inference_mode():
+        out = model.generate(**enc, max_new_tokens=3, do_sample=False)
+    return [
+        a.strip()
+        for a in processor.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    ]
+
+
+def _prefill(model, enc):
+    with torch.inference_mode():
+        return model(**enc, logits_to_keep=1)
+
+
+def _prefill_time(model, enc, repeats: int = 5) -> float:
+    _prefill(model, enc)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _prefill(model, enc)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def compress_counts(counts: list[float]) -> str:
+    """``[64, 64, 16, 16, 16]`` -> ``"64x2 16x3"``: tokens per layer, run-length encoded.
+
+    Example:
+        >>> compress_counts([64.0, 64.0, 16.0])
+        '64x2 16x1'
+    """
+    runs: list[list] = []
+    for c in counts:
+        c = round(c, 1)
+        if runs and runs[-1][0] == c:
+            runs[-1][1] += 1
+        else:
+            runs.append([c, 1])
+    return " ".join(f"{c:g}x{k}" for c, k in runs)
+
+
+def run_demo(arch: str = "llava", keep: float = 0.5, methods=None, n: int = 32, seed: int = 1) -> list[dict]:
+    """Compare the unpruned model with each method at ``keep`` on ``n`` held-out questions."""
+    from vtprune.eval.synthvqa import generate_synthvqa, score_synthvqa
+
+    methods = methods or DEFAULT_METHODS
+    model, processor, source = load_default(arch)
+    items = generate_synthvqa(n, seed=seed, split="demo")
+    enc = _encode(processor, items, arch)
+    one = _encode(processor, items[:1], arch)
+    print(f"vtprune demo: {type(model).__name__} ({source})")
+    print(f"question 1: {items[0]['question']!r}  (truth: {items[0]['answer']})")
+    rows = []
+    for plan in ["baseline", *methods]:
+        if plan == "baseline":
+            vtprune.remove(model)
+        else:
+            vtprune.apply(model, plan, keep=keep)
+        answers = []
+        for i in tqdm(range(0, n, 16), desc=plan, leave=False):
+            answers += _answers(model, processor, _encode(processor, items[i : i + 16], arch))
+        acc = score_synthvqa(items, answers)["accuracy"]
+        flops, _ = count_flops(_prefill, model, one)
+        seconds = _prefill_time(model, enc)
+        if plan == "baseline":
+            n_visual = int((one["input_ids"][0] == model.config.image_token_id).sum())
+            per_layer = [n_visual] * model.config.text_config.num_hidden_layers
+        else:
+            per_layer = vtprune.stats(model).visual_tokens_per_layer
+        rows.append(
+            dict(
+                plan=plan, answer=answers[0], accuracy=acc, flops=flops, seconds=seconds, per_layer=per_layer
+            )
+        )
+    vtprune.remove(model)
+    _print(rows, keep, n)
+    return rows
+
+
+def _print(rows: list[dict], keep: float, n: int) -> None:
+    base = rows[0]
+    print(
+        f"\nkeep={keep}; accuracy on {n} held-out questions; FLOPs and time: one prefill (batch of {n} for time)\n"
+    )
+    head = f"{'plan':<10} {'answer 1':<10} {'accuracy':>8} {'GFLOPs':>8} {'saved':>6} {'prefill ms':>10} {'saved':>6}  visual tokens per layer"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        fl_saved = 1 - r["flops"] / base["flops"]
+        t_saved = 1 - r["seconds"] / base["seconds"]
+        layers = compress_counts(r["per_layer"])
+        print(
+            f"{r['plan']:<10} {r['answer']:<10} {r['accuracy']:>8.2%} {r['flops'] / 1e9:>8.3f} {fl_saved:>6.0%} "
+            f"{1e3 * r['seconds']:>10.1f} {t_saved:>6.0%}  {layers}"
+        )
