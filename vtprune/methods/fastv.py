@@ -34,8 +34,9 @@ class FastV(MethodConfig):
         score: ``"last"`` (last query row, as the official code) or ``"mean"`` (all text queries).
 
     Example:
-        >>> FastV(layer=2, keep=0.5).resolve(ModelInfo(num_layers=32, family="llava"))
-        (2, 0.53125)
+        >>> layer, ratio = FastV(layer=2, keep=0.5).resolve(ModelInfo(num_layers=32, family="llava"))
+        >>> layer, round(ratio, 4)  # (2 + 30 * ratio) / 32 == 0.5
+        (2, 0.4667)
     """
 
     layer: int | None = None

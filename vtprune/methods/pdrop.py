@@ -37,7 +37,7 @@ class PyramidDrop(MethodConfig):
     Example:
         >>> layers, ratio = PyramidDrop(keep=0.25).resolve(ModelInfo(num_layers=32, family="llava"))
         >>> layers, round(ratio, 3)
-        ([2, 8, 16], 0.434)
+        ([2, 8, 16], 0.46)
     """
 
     layers: list[int] | None = None
