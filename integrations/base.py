@@ -63,6 +63,9 @@ class ImageLayout:
     segments: list[GridSegment]
     newline: torch.Tensor
     extra: dict = field(default_factory=dict)
+    source: torch.Tensor | None = None
+    crops: int = 1
+    vision: dict = field(default_factory=dict)  # tower layer -> captured scores of this image
 
     @property
     def num_tokens(self) -> int:
@@ -71,12 +74,20 @@ class ImageLayout:
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """Token structure of one image, before it is placed in a row."""
+    """Token structure of one image, before it is placed in a row.
+
+    ``crops`` is how many vision-tower inputs the image used (LLaVA-NeXT: base + grid crops);
+    ``source[i]`` says where token ``i`` came from in the tower's output, flattened over
+    ``(crop, tower token)`` (CLS included at tower token 0), or -1 for tokens with no tower
+    origin (newlines). Vision-side scores (CLS attention) are read through it.
+    """
 
     num_tokens: int
     segments: tuple[GridSegment, ...]
     newline_offsets: tuple[int, ...] = ()
     extra: tuple = ()
+    crops: int = 1
+    source: torch.Tensor | None = field(default=None, compare=False, hash=False)
 
 
 class Adapter:
@@ -109,6 +120,18 @@ class Adapter:
 
     def visual_token_ids(self) -> tuple[int, ...]:
         return (int(self.config.image_token_id),)
+
+    def vision_attention(self, layer: int) -> nn.Module:
+        """The attention module of vision-tower layer ``layer`` (for CLS-attention probes)."""
+        raise NotImplementedError(f"{self.family}: vision-tower attention probes are not available")
+
+    @property
+    def vision_layers_count(self) -> int:
+        raise NotImplementedError
+
+    def vision_feature_layer(self) -> int:
+        """Index of the tower layer whose output becomes the image features."""
+        raise NotImplementedError
 
     # -- visual layout --------------------------------------------------------------------
     def image_specs(self, call: dict) -> list[ImageSpec]:
@@ -153,6 +176,8 @@ class Adapter:
                     segments=list(spec.segments),
                     newline=newline,
                     extra=dict(spec.extra),
+                    source=spec.source,
+                    crops=spec.crops,
                 )
             )
             start += spec.num_tokens

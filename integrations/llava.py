@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .base import Adapter, GridSegment, ImageSpec
 
 
@@ -18,6 +20,23 @@ class LlavaAdapter(Adapter):
         lead = 0 if self.config.vision_feature_select_strategy == "default" else 1
         return side * side + lead, side, lead
 
+    def _tower_layers(self):
+        tower = self.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers
+
+    def vision_attention(self, layer: int):
+        return self._tower_layers()[layer].self_attn
+
+    @property
+    def vision_layers_count(self) -> int:
+        return len(self._tower_layers())
+
+    def vision_feature_layer(self) -> int:
+        """hidden_states[k] is the output of layer k-1: LLaVA's -2 is the output of layer L-2."""
+        k = self.config.vision_feature_layer
+        k = k if isinstance(k, int) else k[-1]
+        return (k % (self.vision_layers_count + 1)) - 1
+
     def image_specs(self, call: dict) -> list[ImageSpec]:
         pixel_values = call.get("pixel_values")
         if pixel_values is None:
@@ -25,4 +44,6 @@ class LlavaAdapter(Adapter):
         n_images = pixel_values.shape[0]
         tokens, side, lead = self.tokens_per_image()
         seg = GridSegment(offset=lead, rows=side, cols=side, row_stride=side, name="image")
-        return [ImageSpec(num_tokens=tokens, segments=(seg,)) for _ in range(n_images)]
+        # the tower emits CLS + patches; "default" drops CLS, so token i comes from tower token i+1
+        source = torch.arange(tokens) + (1 - lead)
+        return [ImageSpec(num_tokens=tokens, segments=(seg,), source=source) for _ in range(n_images)]

@@ -15,11 +15,17 @@ import torch
 from transformers.models.llava_next import modeling_llava_next as hf_next
 
 from .base import Adapter, GridSegment, ImageSpec
+from .llava import LlavaAdapter
 
 
 class LlavaNextAdapter(Adapter):
     family = "llava_next"
     supported_classes = ("LlavaNextForConditionalGeneration", "LlavaNextModel")
+
+    _tower_layers = LlavaAdapter._tower_layers
+    vision_attention = LlavaAdapter.vision_attention
+    vision_layers_count = LlavaAdapter.vision_layers_count
+    vision_feature_layer = LlavaAdapter.vision_feature_layer
 
     def image_specs(self, call: dict) -> list[ImageSpec]:
         if call.get("pixel_values") is None:
@@ -36,13 +42,25 @@ class LlavaNextAdapter(Adapter):
         lead = 0 if cfg.vision_feature_select_strategy == "default" else 1
         base_tokens = side * side + lead
         base = GridSegment(offset=lead, rows=side, cols=side, row_stride=side, name="base")
+        per_crop = side * side + 1  # tower tokens per crop, CLS first
+        base_source = torch.arange(base_tokens) + (1 - lead)
         n_crops = hf_next.image_size_to_num_patches(image_size, cfg.image_grid_pinpoints, vc.image_size) - 1
         if n_crops == 0:
-            return ImageSpec(base_tokens + 1, (base,), newline_offsets=(base_tokens,))
+            source = torch.cat([base_source, torch.tensor([-1])])
+            return ImageSpec(base_tokens + 1, (base,), newline_offsets=(base_tokens,), source=source)
         gh, gw = hf_next.get_anyres_image_grid_shape(image_size, cfg.image_grid_pinpoints, vc.image_size)
-        # unpad_image only slices, so running it on an empty-channel tensor gives the shape cheaply
-        rows, cols = hf_next.unpad_image(torch.empty(0, gh * side, gw * side), image_size).shape[1:]
+        # unpad_image only slices: run it on a map of (row, col) cell ids to know which cells survive
+        cells = torch.arange(gh * side * gw * side).view(1, gh * side, gw * side)
+        kept = hf_next.unpad_image(cells, image_size)[0]
+        rows, cols = kept.shape
+        big_r, big_c = kept // (gw * side), kept % (gw * side)
+        crop = 1 + (big_r // side) * gw + big_c // side
+        local = (big_r % side) * side + big_c % side
+        crop_source = torch.cat([crop * per_crop + 1 + local, torch.full((rows, 1), -1)], dim=1).flatten()
         crops = GridSegment(offset=base_tokens, rows=rows, cols=cols, row_stride=cols + 1, name="crops")
         newlines = tuple(base_tokens + r * (cols + 1) + cols for r in range(rows))
         extra = (("crop_grid", (gh, gw)), ("crop_side", side))
-        return ImageSpec(base_tokens + rows * (cols + 1), (base, crops), newlines, extra)
+        source = torch.cat([base_source, crop_source])
+        return ImageSpec(
+            base_tokens + rows * (cols + 1), (base, crops), newlines, extra, crops=1 + n_crops, source=source
+        )
