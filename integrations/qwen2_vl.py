@@ -25,6 +25,16 @@ class Qwen2VLAdapter(Adapter):
     def vision_tower(self):
         return self.mm_model.visual
 
+    def vision_attention(self, layer: int):
+        return self.mm_model.visual.blocks[layer].attn
+
+    @property
+    def vision_layers_count(self) -> int:
+        return len(self.mm_model.visual.blocks)
+
+    def vision_feature_layer(self) -> int:
+        return self.vision_layers_count - 1
+
     def visual_token_ids(self) -> tuple[int, ...]:
         ids = [int(self.config.image_token_id)]
         if getattr(self.config, "video_token_id", None) is not None:
@@ -51,7 +61,8 @@ class Qwen2VLAdapter(Adapter):
                     )
                     for f in range(t)
                 )
-                specs.append(ImageSpec(t * rows * cols, segs))
+                n = t * rows * cols
+                specs.append(ImageSpec(n, segs, source=torch.arange(n)))
         return specs
 
     def prefill_position_ids(self, inputs_embeds: torch.Tensor) -> torch.Tensor:

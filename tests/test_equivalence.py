@@ -15,12 +15,16 @@ PLANS = {
     "pdrop": dict(keep=0.4),
     "random": dict(keep=0.3),
     "uniform": dict(keep=0.25),
+    "hired": dict(keep=0.3),
+    "visionzip": dict(keep=0.3),
 }
 KEEP_ALL = {
     "fastv": dict(keep=1.0),
     "pdrop": dict(keep=1.0),
     "random": dict(keep=1.0),
     "uniform": dict(keep=1.0),
+    "hired": dict(keep=1.0),
+    "visionzip": dict(keep=1.0),
 }
 
 

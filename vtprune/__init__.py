@@ -16,7 +16,7 @@ from vtprune import methods as _methods  # noqa: E402,F401  (registers the built
 from vtprune.api import Handle, apply, pruned, remove, stats  # noqa: E402
 from vtprune.compose import Compose  # noqa: E402
 from vtprune.config import REGISTRY, MethodConfig, method_names, register_method  # noqa: E402
-from vtprune.methods import FastV, PyramidDrop, RandomPrune, UniformPrune  # noqa: E402
+from vtprune.methods import FastV, HiRED, PyramidDrop, RandomPrune, UniformPrune  # noqa: E402
 from vtprune.runtime.state import replay  # noqa: E402
 from vtprune.stats import PruneStats  # noqa: E402
 
@@ -26,12 +26,14 @@ __all__ = [
     "REGISTRY",
     "Compose",
     "FastV",
+    "HiRED",
     "Handle",
     "MethodConfig",
     "PruneStats",
     "PyramidDrop",
     "RandomPrune",
     "UniformPrune",
+    "VisionZip",
     "apply",
     "method_names",
     "pruned",

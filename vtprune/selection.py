@@ -144,3 +144,35 @@ def slots_of(flags: torch.Tensor) -> torch.Tensor:
     q = max(1, int(n.max()))
     order = torch.sort(flags.long(), dim=1, descending=True, stable=True).indices[:, :q]
     return torch.where(torch.arange(q, device=flags.device) < n.unsqueeze(1), order, -1)
+
+
+def allocate(total: int, weights: list[float], caps: list[int]) -> list[int]:
+    """Split ``total`` in proportion to ``weights`` (largest remainders), never above ``caps``.
+
+    What a part cannot take (its cap) goes to the others, still by weight.
+
+    Example:
+        >>> allocate(10, [3, 1, 0, 0], [4, 10, 10, 10])
+        [4, 6, 0, 0]
+    """
+    out = [0] * len(weights)
+    total = min(total, sum(caps))
+    active = [i for i, c in enumerate(caps) if c > 0]
+    while sum(out) < total:
+        w = [float(weights[i]) for i in active]
+        if sum(w) <= 0:
+            w = [1.0] * len(active)
+        for i, share in zip(active, _largest_remainder(total - sum(out), w)):
+            out[i] = min(caps[i], out[i] + share)
+        active = [i for i in active if out[i] < caps[i]]
+    return out
+
+
+def _largest_remainder(total: int, weights: list[float]) -> list[int]:
+    s = float(sum(weights))
+    exact = [total * w / s for w in weights]
+    out = [int(e) for e in exact]
+    order = sorted(range(len(weights)), key=lambda i: exact[i] - out[i], reverse=True)
+    for i in order[: total - sum(out)]:
+        out[i] += 1
+    return out

@@ -31,6 +31,11 @@ class VisionContext:
     layouts: list[list[ImageLayout]]
     generator: torch.Generator | None = None
     extras: dict = field(default_factory=dict)
+    replacements: list = field(default_factory=list)
+
+    def replace(self, row: int, position, vector: torch.Tensor) -> None:
+        """Give a kept visual token a new input embedding (a merge result)."""
+        self.replacements.append((row, position, vector))
 
 
 @dataclass
@@ -68,6 +73,12 @@ class Stage:
 
 class VisionStage(Stage):
     point = "vision"
+    #: the stage reads vision-tower keys (VisionZip's similarity), not only attention scores
+    needs_keys: bool = False
+
+    def vision_layers(self, adapter) -> list[int]:
+        """Vision-tower layers whose CLS attention (or substitute) this stage reads."""
+        return []
 
     def select(self, ctx: VisionContext) -> torch.Tensor:
         """Boolean ``[B, L]`` mask: which visual slots to keep."""

@@ -28,6 +28,7 @@ from vtprune.stats import PruneStats
 
 from .state import ACTIVE, LABELS, REPLAY, RequestState, StepScratch, attach_to_cache, state_of_cache
 from .tokens import TokenSet, compact, gather_seq
+from .vision import CAPTURE, make_probe, split_per_image
 
 
 def _bind(fn, args, kwargs) -> dict:
@@ -56,6 +57,10 @@ class Runtime:
         }
         self.handles: list = []
         self.patched_methods: list[str] = []
+        layers = sorted({layer for st in self.vision_stages for layer in st.vision_layers(adapter)})
+        self.probe = (
+            make_probe(adapter, layers, any(st.needs_keys for st in self.vision_stages)) if layers else None
+        )
         self.last_stats: PruneStats | None = None
         self._mm_forward = adapter.mm_model.forward
 
@@ -72,6 +77,8 @@ class Runtime:
         for i, layer in enumerate(a.layers):
             hook = self._make_layer_hook(i)
             self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        if self.probe is not None:
+            self.handles += self.probe.install()
         for name in a.encoder_methods():
             if hasattr(a.mm_model, name):
                 setattr(a.mm_model, name, self._wrap_encoder(getattr(a.mm_model, name)))
@@ -97,26 +104,47 @@ class Runtime:
         signature_of = method
 
         def encode(*args, **kwargs):
-            out = method(*args, **kwargs)
+            token = CAPTURE.set({}) if self.probe is not None else None
+            try:
+                out = method(*args, **kwargs)
+            finally:
+                raw = CAPTURE.get() if token is not None else None
+                if token is not None:
+                    CAPTURE.reset(token)
             feats = getattr(out, "pooler_output", None)
             if isinstance(feats, (list, tuple)):
                 specs = self.adapter.image_specs(_bind(signature_of, args, kwargs))
                 if len(specs) == len(feats):
                     out._vtprune_specs = {id(f): spec for f, spec in zip(feats, specs)}
+                    if raw:
+                        vision = split_per_image(self.probe.finish(raw), specs, self.adapter.family)
+                        out._vtprune_vision = {id(f): v for f, v in zip(feats, vision)}
+                        self._attach_vision_to_active(vision)
             return out
 
         encode.__wrapped__ = method
         return encode
 
-    def _specs_for_call(self, call: dict) -> list:
-        """Token structure of every image in a forward call, in placeholder order."""
+    def _attach_vision_to_active(self, vision: list[dict]) -> None:
+        """Direct forward path: the tower runs inside the forward, after the request started."""
+        state = ACTIVE.get()
+        if not self._mine(state) or not getattr(state, "prefilling", False):
+            return
+        images = [img for row in state.layouts for img in row]
+        if len(images) == len(vision):
+            for img, v in zip(images, vision):
+                img.vision = v
+
+    def _specs_for_call(self, call: dict) -> tuple[list, list[dict]]:
+        """Token structure (and captured tower scores) of every image of a call, in placeholder order."""
         encoded = call.get("mm_encoder_outputs") or {}
-        specs = []
+        specs, vision = [], []
         for modality in ("image", "video"):
             out = encoded.get(modality)
             if out is None:
                 continue
             table = getattr(out, "_vtprune_specs", {})
+            captured = getattr(out, "_vtprune_vision", {})
             for feat in out.pooler_output:
                 spec = table.get(id(feat))
                 if spec is None:
@@ -125,9 +153,11 @@ class Runtime:
                         n, (GridSegment(offset=0, rows=1, cols=n, row_stride=n, name="unknown"),)
                     )
                 specs.append(spec)
+                vision.append(captured.get(id(feat), {}))
         if specs:
-            return specs
-        return self.adapter.image_specs(call)
+            return specs, vision
+        specs = self.adapter.image_specs(call)
+        return specs, [{} for _ in specs]
 
     # -- outer / multimodal model ---------------------------------------------------------
     def _outer_pre(self, module, args, kwargs):
@@ -164,7 +194,11 @@ class Runtime:
         state = RequestState(owner=id(self.model), batch=ref.shape[0], orig_len=ref.shape[1])
         state.prefilling = True
         if ids is not None:
-            state.layouts = self.adapter.layouts(ids, self._specs_for_call(call))
+            specs, vision = self._specs_for_call(call)
+            state.layouts = self.adapter.layouts(ids, specs)
+            images = [img for row in state.layouts for img in row]
+            for img, v in zip(images, vision):
+                img.vision = v
         else:
             # without input_ids the placeholders cannot be located reliably: prune nothing
             state.layouts = [[] for _ in range(ref.shape[0])]
@@ -243,6 +277,11 @@ class Runtime:
         for stage in self.vision_stages:
             keep_vis &= self._select(state, stage, base, functools.partial(stage.select, ctx))
         keep = ~base.visual | keep_vis
+        if ctx.replacements:
+            embeds = embeds.clone()
+            for row, pos, vec in ctx.replacements:
+                embeds[row, pos] = vec.to(embeds.dtype)
+            kwargs["inputs_embeds"] = embeds
         if bool(keep.all()):
             return
         slots, present = compact(keep)
@@ -374,7 +413,9 @@ class Runtime:
     def _select(self, state: RequestState, stage, token_set: TokenSet, compute) -> torch.Tensor:
         """A stage's kept visual slots: computed, or replayed from an earlier selection."""
         replay = REPLAY.get()
-        if replay is not None and stage.key in replay:
+        # vision stages depend only on the images, so they recompute (and redo their merges);
+        # prefill stages depend on the prompt, whose growth replay must not see
+        if replay is not None and stage.key in replay and isinstance(stage, PrefillStage):
             keep_vis = _replayed(replay[stage.key], token_set, state.orig_len)
         else:
             keep_vis = compute()

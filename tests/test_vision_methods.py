@@ -1,0 +1,110 @@
+"""HiRED and VisionZip: budget split, merging, and the vision-side scores they read."""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+import torch
+
+import vtprune
+from vtprune.integrations.base import GridSegment, ImageLayout
+from vtprune.methods.hired import HiRED, HiREDStage, crop_shares
+from vtprune.methods.visionzip import zip_partition
+
+
+def _next_like_image(side=4, grid=(2, 2)):
+    """A hand-built LLaVA-NeXT-like image: base side x side, then a 2x2 crop grid, no unpadding."""
+    rows, cols = grid[0] * side, grid[1] * side
+    base = GridSegment(0, side, side, side, "base")
+    crops = GridSegment(side * side, rows, cols, cols + 1, "crops")
+    n = side * side + rows * (cols + 1)
+    per_crop = 1 + side * side
+    src = [1 + i for i in range(side * side)]
+    newline = torch.zeros(n, dtype=torch.bool)
+    for r in range(rows):
+        for c in range(cols):
+            crop = 1 + (r // side) * grid[1] + c // side
+            src.append(crop * per_crop + 1 + (r % side) * side + c % side)
+        src.append(-1)
+        newline[side * side + r * (cols + 1) + cols] = True
+    img = ImageLayout(row=0, positions=torch.arange(n), segments=[base, crops], newline=newline)
+    img.source, img.crops = torch.tensor(src), 1 + grid[0] * grid[1]
+    img.extra = {"crop_side": side, "crop_grid": grid}
+    return img, per_crop
+
+
+def test_hired_budget_split_on_hand_built_2x2_attention_map():
+    img, per_crop = _next_like_image()
+    # layer-0 CLS attention on the 4x4 base grid: 8 hot cells, 4 in the top-left quadrant,
+    # 3 in the top-right, none bottom-left, 1 bottom-right
+    hot = [(0, 0), (0, 1), (1, 0), (1, 1), (0, 2), (0, 3), (1, 2), (3, 3)]
+    split = torch.zeros(5 * per_crop)
+    for r, c in hot:
+        split[1 + r * 4 + c] = 1.0
+    select = torch.arange(5 * per_crop, dtype=torch.float32)
+    img.vision = {0: {"cls": split.view(5, per_crop)}, 1: {"cls": select.view(5, per_crop)}}
+    assert crop_shares(split[1:17], 4, (2, 2), 8) == [4, 3, 0, 1]
+    stage = HiREDStage(HiRED(budget=0.25, alpha=0.5, split_layer=0, select_layer=1), 0.25)
+    stage.select_layer = 1
+    kept = stage.pick(img)
+    # total = int(5 partitions * 16 * 0.25) = 20; the base gets int(20 * 0.5) = 10; the other 10
+    # go 4:3:0:1 -> 5, 3.75, 0, 1.25 -> largest remainders -> 5, 4, 0, 1
+    crop_of = torch.where(img.source >= 0, img.source // per_crop, -1)[kept]
+    assert [int((crop_of == j).sum()) for j in range(5)] == [10, 5, 4, 0, 1]
+    assert int(img.newline[kept].sum()) == int(img.newline.sum())  # newlines kept by default
+
+
+def test_hired_stats_and_newline_option():
+    model = tiny.llava_next()
+    kw = tiny.inputs("llava_next", model, [1], seed=30, sizes=[(64, 64)])
+    with torch.no_grad():
+        with vtprune.pruned(model, "hired", budget=0.2, drop_newlines=True):
+            model(**kw)
+            kept = vtprune.stats(model).selections["hired"][0]
+        ids = kw["input_ids"][0]
+        start = int(torch.nonzero(ids == tiny.IMAGE)[0])
+        from vtprune.integrations.llava_next import LlavaNextAdapter
+
+        spec = LlavaNextAdapter(model)._spec([64, 64])
+        newline_pos = {start + o for o in spec.newline_offsets}
+        assert not newline_pos & set(kept.tolist())
+        assert kept.numel() == int(5 * 64 * 0.2)
+
+
+def test_visionzip_merge_groups_follow_key_similarity():
+    scores = torch.tensor([9.0, 1, 2, 8, 3, 4, 0.5])
+    keys = torch.tensor([[1.0, 0], [0, 1], [0, 1], [1, 0], [1, 0.1], [0.1, 1], [1, 0]])
+    kept, groups = zip_partition(scores, keys, dominant=2, contextual=2)
+    # dominant: 0 and 3; the rest [1, 2, 4, 5, 6] gives targets 1 and 4 (evenly spaced);
+    # 2 and 5 point like target 1's key, 6 like target 4's
+    assert kept.tolist() == [0, 1, 3, 4]
+    assert [(t, m.tolist()) for t, m in groups] == [(1, [1, 2, 5]), (4, [4, 6])]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_visionzip_contextual_tokens_are_group_means(family):
+    model = tiny.BUILDERS[family]()
+    kw = tiny.inputs(family, model, [1], seed=31)
+    seen = {}
+
+    def grab(module, args, kwargs):  # the first decoder layer's input is the LM input, as pruned
+        seen["embeds"] = args[0] if args else kwargs["hidden_states"]
+
+    lm = model.model.language_model
+    with torch.no_grad():
+        h = lm.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+        model(**kw)
+        original = seen["embeds"][0]
+        with vtprune.pruned(model, "visionzip", dominant=6, contextual=2):
+            model(**kw)
+            st = vtprune.stats(model)
+        h.remove()
+    assert st.visual_tokens_per_layer[0] == 8
+    pruned = seen["embeds"][0]
+    # the pruned input holds 8 visual rows where the image began: 6 dominant rows copied
+    # unchanged, 2 contextual rows that are means of their groups
+    ids = kw["input_ids"][0]
+    first = int(torch.nonzero(ids == tiny.IMAGE)[0])
+    vis_orig = original[ids == tiny.IMAGE]
+    exact = [bool((vis_orig == v).all(-1).any()) for v in pruned[first : first + 8]]
+    assert sum(exact) == 6

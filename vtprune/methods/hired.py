@@ -1,0 +1,152 @@
+"""HiRED: a token budget spent where the vision encoder's CLS token looks, before the LLM.
+
+Partitions are the vision-tower inputs of an image (LLaVA-NeXT: the base image and each grid
+crop, ``N`` patch tokens each; LLaVA-1.5 and Qwen2-VL: one partition). The patch budget is
+``int(P * N * budget)`` (or follows ``keep``). The base image gets ``min(int(total * alpha), N)``
+tokens by its CLS attention at the selection layer (the layer LLaVA's features come from); the
+rest is shared by the crops in proportion to how many of the base image's top
+``N * (1 - alpha)`` tokens by CLS attention at the split layer (0) fall in each crop's region,
+the true ``rows x cols`` spatial blocks of the base grid (the official code cuts horizontal
+bands). Each crop keeps its top tokens by its own selection-layer score.
+
+Decisions: LLaVA-NeXT newline tokens are kept by default (``drop_newlines=True`` drops them as
+the official code does). Qwen2-VL has no CLS token: its score is the attention a token receives
+from all patches of its image in the chosen tower block (``vtprune.runtime.vision``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtprune.config import MethodConfig, ModelInfo, check_fraction, register_method
+from vtprune.integrations.base import ImageLayout
+from vtprune.selection import allocate
+from vtprune.stages import VisionContext, VisionStage
+
+
+@register_method("hired")
+@dataclass
+class HiRED(MethodConfig):
+    """HiRED (Arif et al., 2024).
+
+    Args:
+        budget: fraction of all partition tokens kept (official default 0.2); or use ``keep``.
+        alpha: share of the budget given to the base image (default 0.5).
+        split_layer: tower layer whose CLS attention splits the budget over crops (default 0).
+        select_layer: tower layer whose CLS attention selects tokens (default: the feature layer).
+        drop_newlines: drop LLaVA-NeXT row-newline tokens as the official code does.
+
+    Example:
+        >>> HiRED(budget=0.2).alpha
+        0.5
+    """
+
+    budget: float | None = None
+    alpha: float = 0.5
+    split_layer: int = 0
+    select_layer: int | None = None
+    drop_newlines: bool = False
+
+    def validate(self) -> None:
+        check_fraction(self.name, "alpha", self.alpha, allow_zero=True)
+        if self.budget is not None:
+            check_fraction(self.name, "budget", self.budget)
+            if self.keep is not None:
+                raise ValueError("hired: give either 'keep' or 'budget', not both")
+
+    def stages(self, info: ModelInfo) -> list:
+        budget = 0.2 if self.budget is None and self.keep is None else self.budget
+        return [HiREDStage(self, budget)]
+
+
+def token_scores(img: ImageLayout, layer: int, name: str = "cls") -> torch.Tensor:
+    """Per image token, a vision-side score at tower ``layer`` (``-inf`` for newline tokens).
+
+    CLS towers: the CLS attention of the tower token each image token came from. Qwen2-VL: the
+    mean attention received by the 2x2 patches merged into the token.
+    """
+    captured = img.vision.get(layer)
+    if captured is None:
+        raise RuntimeError(f"vtprune: no vision-tower scores captured at layer {layer} for this image")
+    if "received" in captured:
+        return captured["received"].view(img.num_tokens, -1).mean(1)
+    flat = captured[name].flatten()
+    src = img.source.to(flat.device)
+    return torch.where(src >= 0, flat[src.clamp(min=0)], torch.tensor(float("-inf"), device=flat.device))
+
+
+def crop_shares(base_scores: torch.Tensor, side: int, grid: tuple[int, int], top_n: int) -> list[int]:
+    """How many of the base image's ``top_n`` tokens fall in each crop's region (row-major crops).
+
+    Crop ``(i, j)`` of a ``rows x cols`` grid covers base-grid rows ``[i*side/rows, (i+1)*side/rows)``
+    and columns ``[j*side/cols, (j+1)*side/cols)``.
+
+    Example:
+        >>> s = torch.zeros(16); s[[0, 1, 4, 15]] = 1  # 3 top tokens top-left, 1 bottom-right
+        >>> crop_shares(s, 4, (2, 2), 4)
+        [3, 0, 0, 1]
+    """
+    rows, cols = grid
+    top = base_scores.topk(min(top_n, base_scores.numel())).indices
+    r, c = top // side, top % side
+    crop = (r * rows // side) * cols + (c * cols // side)
+    return torch.bincount(crop, minlength=rows * cols).tolist()
+
+
+class HiREDStage(VisionStage):
+    key = "hired"
+
+    def __init__(self, cfg: HiRED, budget: float | None):
+        self.cfg, self.budget = cfg, budget
+
+    def vision_layers(self, adapter) -> list[int]:
+        self.select_layer = (
+            adapter.vision_feature_layer() if self.cfg.select_layer is None else self.cfg.select_layer
+        )
+        return sorted({self.cfg.split_layer, self.select_layer})
+
+    def expected_count(self, n_image: int) -> int:
+        return int(n_image * (self.cfg.keep if self.cfg.keep is not None else self.budget) + 0.5)
+
+    def select(self, ctx: VisionContext) -> torch.Tensor:
+        keep = torch.zeros_like(ctx.visual)
+        for row in ctx.layouts:
+            for img in row:
+                local = self.pick(img)
+                keep[img.row, img.positions[local].to(keep.device)] = True
+        return keep
+
+    def pick(self, img: ImageLayout) -> torch.Tensor:
+        sel = token_scores(img, self.select_layer).cpu()
+        newlines = torch.nonzero(img.newline).flatten()
+        fixed = newlines if not self.cfg.drop_newlines else newlines[:0]
+        n_part = img.segments[0].size  # N: patch tokens of one partition
+        if self.cfg.keep is not None:
+            total = max(0, int(self.cfg.keep * img.num_tokens + 0.5) - fixed.numel())
+        else:
+            total = int(img.crops * n_part * self.budget)
+        if img.crops == 1 or len(img.segments) == 1:
+            chosen = _top(sel, torch.nonzero(~img.newline).flatten(), total)
+            return torch.cat([fixed, chosen]).sort().values
+        base_idx = img.segments[0].indices()
+        base_k = min(int(total * self.cfg.alpha), n_part)
+        chosen = [_top(sel, base_idx, base_k)]
+        split = token_scores(img, self.cfg.split_layer).cpu()
+        side = img.extra["crop_side"]
+        grid = img.extra["crop_grid"]
+        shares = crop_shares(split[base_idx], side, grid, int(n_part * (1 - self.cfg.alpha)))
+        per_crop = 1 + side * side
+        crop_of = torch.where(img.source >= 0, img.source // per_crop, -1)
+        members = [torch.nonzero(crop_of == j + 1).flatten() for j in range(len(shares))]
+        budgets = allocate(total - base_k, shares, [m.numel() for m in members])
+        chosen += [_top(sel, m, k) for m, k in zip(members, budgets)]
+        return torch.cat([fixed, *chosen]).sort().values
+
+
+def _top(scores: torch.Tensor, candidates: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or candidates.numel() == 0:
+        return candidates[:0]
+    order = torch.sort(scores[candidates], descending=True, stable=True).indices[:k]
+    return candidates[order]

@@ -1,0 +1,126 @@
+"""Vision-tower scores read beside the tower's own attention (rule 5: no eager switch).
+
+Vision-stage methods (HiRED, VisionZip, MustDrop's key set) need the attention of the CLS
+query onto the patch keys at chosen tower layers, and sometimes the keys themselves. A probe
+puts forward hooks on the q/k projections of exactly those layers and, only while an encoder
+call is being captured, keeps the CLS query row and the keys the tower computes anyway; the
+probabilities are O(heads * tokens * head_dim) extra work per crop.
+
+Qwen2-VL's tower has no CLS token. Its documented substitute is the mean attention each patch
+*receives* from all patches of its image in the chosen block (rotary applied as the tower
+does), averaged over the 2x2 patches merged into one language-model token.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+
+import torch
+
+CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vtprune_vision_capture", default=None)
+
+
+class ClsProbe:
+    """CLS-attention probe for CLIP-style towers (LLaVA, LLaVA-NeXT)."""
+
+    def __init__(self, adapter, layers: list[int], keys: bool):
+        self.adapter, self.layers, self.keys = adapter, layers, keys
+
+    def install(self) -> list:
+        handles = []
+        for layer in self.layers:
+            attn = self.adapter.vision_attention(layer)
+            handles.append(attn.q_proj.register_forward_hook(self._keep(layer, "q", attn)))
+            handles.append(attn.k_proj.register_forward_hook(self._keep(layer, "k", attn)))
+        return handles
+
+    def _keep(self, layer: int, what: str, attn):
+        def hook(module, args, output):
+            capture = CAPTURE.get()
+            if capture is not None:
+                slot = capture.setdefault(layer, {"attn": attn})
+                slot[what] = output[:, :1] if what == "q" else output
+
+        return hook
+
+    @staticmethod
+    def finish(raw: dict) -> dict:
+        """Per layer: ``cls`` ``[crops, tokens]`` (CLS attention summed over heads, softmax over
+        all keys including CLS) and ``keys`` ``[crops, tokens, head_dim]`` (mean over heads)."""
+        out = {}
+        for layer, slot in raw.items():
+            attn, q, k = slot["attn"], slot["q"], slot["k"]
+            n, t, _ = k.shape
+            h = attn.num_heads
+            qh = q.float().view(n, 1, h, -1).transpose(1, 2)  # [n, H, 1, d]
+            kh = k.float().view(n, t, h, -1).transpose(1, 2)  # [n, H, T, d]
+            probs = torch.softmax(qh @ kh.transpose(-1, -2) * attn.scale, dim=-1)[:, :, 0]  # [n, H, T]
+            out[layer] = {"cls": probs.sum(1), "cls_heads": probs, "keys": kh.mean(1)}
+        return out
+
+
+class ReceivedProbe:
+    """Mean attention received per patch, for towers without CLS (Qwen2-VL)."""
+
+    def __init__(self, adapter, layers: list[int], keys: bool):
+        self.adapter, self.layers, self.keys = adapter, layers, keys
+
+    def install(self) -> list:
+        return [
+            self.adapter.vision_attention(layer).register_forward_pre_hook(
+                self._keep(layer), with_kwargs=True
+            )
+            for layer in self.layers
+        ]
+
+    def _keep(self, layer: int):
+        def hook(module, args, kwargs):
+            capture = CAPTURE.get()
+            if capture is None:
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+            capture[layer] = _received_attention(module, hidden, cu, kwargs["position_embeddings"])
+
+        return hook
+
+    @staticmethod
+    def finish(raw: dict) -> dict:
+        return {layer: {"received": scores, "keys": keys} for layer, (scores, keys) in raw.items()}
+
+
+def _received_attention(attn, hidden, cu_seqlens, rotary):
+    """Per patch, the attention it receives averaged over its image's queries and the heads."""
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
+    n = hidden.shape[0]
+    q, k, _ = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = rope(q, k, *rotary)
+    scores, keys = [], []
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qi, ki = q[a:b].float().transpose(0, 1), k[a:b].float().transpose(0, 1)  # [H, n, d]
+        p = torch.softmax(qi @ ki.transpose(-1, -2) * attn.scaling, dim=-1)
+        scores.append(p.mean(dim=(0, 1)))
+        keys.append(ki.mean(0))
+    return torch.cat(scores), torch.cat(keys)
+
+
+def make_probe(adapter, layers: list[int], keys: bool):
+    probe = ReceivedProbe if adapter.family == "qwen2_vl" else ClsProbe
+    return probe(adapter, layers, keys)
+
+
+def split_per_image(finished: dict, specs: list, family: str) -> list[dict]:
+    """Cut the tower-batch tensors into one dict per image (crops of an image are consecutive)."""
+    per_image = [dict() for _ in specs]
+    for layer, tensors in finished.items():
+        start = 0
+        for i, spec in enumerate(specs):
+            if family == "qwen2_vl":
+                size = spec.num_tokens * 4  # patches before the 2x2 merge
+            else:
+                size = spec.crops
+            per_image[i][layer] = {name: t[start : start + size] for name, t in tensors.items()}
+            start += size
+    return per_image
