@@ -10,28 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def query_key_probs_ref(q, k, key_valid, query_pos, scaling, key_range=None):
-    """Softmax probabilities of a few query rows onto keys, mean over heads (fp32 ``[B, Q, L]``).
-
-    ``q [B, H, Q, D]``, ``k [B, H_kv, L, D]`` (GQA: heads grouped, never repeated in memory),
-    ``key_valid [B, L]``, ``query_pos [B, Q]`` sequence index of each query (key ``j`` visible
-    iff ``j <= query_pos`` and valid; ``-1`` gives an all-zero row).
-    """
-    b, h, nq, d = q.shape
-    hkv, n = k.shape[1], k.shape[2]
-    g = h // hkv
-    qf = q.float().reshape(b, hkv, g * nq, d)
-    s = torch.matmul(qf, k.float().transpose(-1, -2)) * scaling  # [B, Hkv, G*Q, L]
-    s = s.view(b, hkv, g, nq, n)
-    j = torch.arange(n, device=q.device)
-    visible = key_valid[:, None, :] & (j[None, None, :] <= query_pos[:, :, None])  # [B, Q, L]
-    s = s.masked_fill(~visible[:, None, None], float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
-    p = p.mean(dim=(1, 2))
-    if key_range is not None:
-        p = p[..., key_range[0] : key_range[1]]
-    return p
+import vtprune.kernels as kernels
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -82,4 +61,4 @@ def layer_query_probs(
     q = apply_rope(q, _gather_rows(cos, qs), _gather_rows(sin, qs))
     k = apply_rope(k, cos, sin)
     query_pos = query_slots.masked_fill(query_slots < 0, -1)
-    return query_key_probs_ref(q, k, valid, query_pos, attn.scaling)
+    return kernels.query_key_probs(q, k, valid, query_pos, attn.scaling)

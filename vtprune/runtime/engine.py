@@ -27,7 +27,7 @@ from vtprune.stages import PrefillContext, PrefillStage, VisionContext, VisionSt
 from vtprune.stats import PruneStats
 
 from .state import ACTIVE, LABELS, REPLAY, RequestState, StepScratch, attach_to_cache, state_of_cache
-from .tokens import TokenSet, compact, gather_seq
+from .tokens import TokenSet, compact, gather_many, gather_seq
 from .vision import CAPTURE, make_probe, split_per_image
 
 
@@ -364,7 +364,7 @@ class Runtime:
         if s not in state.step.rotary:
             cos, sin = state.step.lm_rotary
             idx = state.sets[s].lm_index
-            state.step.rotary[s] = (gather_seq(cos, idx), gather_seq(sin, idx))
+            state.step.rotary[s] = tuple(gather_many([cos, sin], idx))
         return state.step.rotary[s]
 
     def _run_prefill_stage(self, state: RequestState, stage: PrefillStage, i: int, hidden, kwargs):

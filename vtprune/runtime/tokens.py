@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+import vtprune.kernels as kernels
+
 
 @dataclass
 class TokenSet:
@@ -100,20 +102,22 @@ def compact(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def gather_seq(x: torch.Tensor, slots: torch.Tensor, present: torch.Tensor | None = None, dim: int = 1):
     """Gather ``x`` along sequence dim ``dim`` by per-row ``slots``; zero padding slots.
 
-    Handles ``[B, N, ...]`` (dim 1) and position tensors ``[k, B, N]`` (dim 2); a batch-1
-    ``x`` (broadcast rotary tables) is expanded to the batch of ``slots`` first.
+    Handles ``[B, N, ...]`` tensors (dim 1, through the gather kernel: Triton on CUDA) and
+    position tensors ``[k, B, N]`` (dim 2); a batch-1 ``x`` (broadcast rotary tables) is
+    expanded to the batch of ``slots``.
     """
+    if dim == 1 and x.dim() >= 3:
+        return gather_many([x], slots, present)[0]
     b = slots.shape[0]
     slots = slots.to(x.device)
-    if dim == 1:
-        if x.shape[0] != b:
-            x = x.expand(b, *x.shape[1:])
-        idx = slots.view(b, -1, *([1] * (x.dim() - 2))).expand(b, slots.shape[1], *x.shape[2:])
-        out = x.gather(1, idx)
-        if present is not None and not bool(present.all()):
-            out = out * present.to(out.device).view(b, -1, *([1] * (x.dim() - 2))).to(out.dtype)
-        return out
-    # positions [k, B, N]
-    if x.shape[1] != b:
+    if x.dim() == 2:  # positions [B, N]
+        return x.expand(b, x.shape[1]).gather(1, slots)
+    if x.shape[1] != b:  # positions [k, B, N]
         x = x.expand(x.shape[0], b, x.shape[2])
     return x.gather(2, slots.unsqueeze(0).expand(x.shape[0], -1, -1))
+
+
+def gather_many(xs: list[torch.Tensor], slots: torch.Tensor, present: torch.Tensor | None = None):
+    """Gather several ``[B, N, D]`` tensors sharing one index in one kernel call."""
+    index = slots if present is None else torch.where(present, slots, -1)
+    return kernels.gather_rows(list(xs), index.to(xs[0].device))
