@@ -24,6 +24,9 @@ class LlavaAdapter(Adapter):
         tower = self.vision_tower
         return getattr(tower, "vision_model", tower).encoder.layers
 
+    def vision_block(self, layer: int):
+        return self._tower_layers()[layer]
+
     def vision_attention(self, layer: int):
         return self._tower_layers()[layer].self_attn
 

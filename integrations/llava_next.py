@@ -24,6 +24,7 @@ class LlavaNextAdapter(Adapter):
 
     _tower_layers = LlavaAdapter._tower_layers
     vision_attention = LlavaAdapter.vision_attention
+    vision_block = LlavaAdapter.vision_block
     vision_layers_count = LlavaAdapter.vision_layers_count
     vision_feature_layer = LlavaAdapter.vision_feature_layer
 

@@ -25,6 +25,9 @@ class Qwen2VLAdapter(Adapter):
     def vision_tower(self):
         return self.mm_model.visual
 
+    def vision_block(self, layer: int):
+        return self.mm_model.visual.blocks[layer]
+
     def vision_attention(self, layer: int):
         return self.mm_model.visual.blocks[layer].attn
 

@@ -18,7 +18,7 @@ def model():
 @pytest.mark.parametrize(
     "method, opts, match",
     [
-        ("nope", {}, "unknown method 'nope'; available: fastv, hired, pdrop"),
+        ("nope", {}, "unknown method 'nope'; available: fastv, hired, mustdrop, pdrop"),
         ("fastv", {"kep": 0.5}, "unknown option"),
         ("fastv", {"keep": 0}, r"'keep'=0 is invalid; allowed: a number in \(0, 1\]"),
         ("pdrop", {"keep": 1.5}, r"'keep'=1.5 is invalid"),
@@ -32,6 +32,13 @@ def model():
         ("pdrop", {"layers": [2, 9]}, r"'layers'=9 is out of range"),
         ("pdrop", {"ratio": 0}, r"'ratio'=0 is invalid"),
         ("pdrop", {"keep": 0.3, "layers": [4, 6]}, "unreachable with layers"),
+        ("hired", {"alpha": 2}, r"'alpha'=2 is invalid"),
+        ("hired", {"keep": 0.3, "budget": 0.2}, "either 'keep' or 'budget'"),
+        ("visionzip", {"dominant": -1}, r"'dominant'=-1 is invalid; allowed: an integer >= 0"),
+        ("visionzip", {"keep": 0.3, "dominant": 5}, "either 'keep' or 'dominant'"),
+        ("mustdrop", {"preset": "100"}, r"'preset'='100' is invalid; allowed: '192', '128', '64'"),
+        ("mustdrop", {"window": 1}, r"'window'=1 is invalid"),
+        ("mustdrop", {"keep": 0.3, "preset": "64"}, "either 'keep' or thresholds"),
     ],
 )
 def test_bad_options_raise_value_error(model, method, opts, match):

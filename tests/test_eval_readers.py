@@ -9,6 +9,7 @@ import sys
 
 import pytest
 from PIL import Image
+
 from vtprune.eval.readers import (
     READERS,
     BenchmarkFileError,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from vtprune.eval.samples import Sample
 from vtprune.eval.scoring import MAIN_METRICS, SCORERS, score
 from vtprune.eval.scoring_choice import extract_choice, first_letter, parse_scienceqa

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
-from vtprune.integrations.llava_next import LlavaNextAdapter
 
 import vtprune
+from vtprune.integrations.llava_next import LlavaNextAdapter
 
 
 def _capture_rotary(model, layer: int):

@@ -180,3 +180,22 @@ def test_accelerate_cpu_and_disk_offload(tmp_path):
         out = greedy(dispatched, kw, 5)
         assert vtprune.stats(dispatched).keep_ratio < 0.5
     assert torch.equal(out, ref)
+
+
+def test_from_pretrained_local_folder_keeps_sdpa(tmp_path, llava):
+    from transformers import LlavaForConditionalGeneration
+
+    llava.save_pretrained(tmp_path)
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    kw = tiny.inputs("llava", model, [1], seed=23)
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append(module.config._attn_implementation)
+
+    hook = model.model.language_model.layers[-1].self_attn.register_forward_pre_hook(spy, with_kwargs=True)
+    with vtprune.pruned(model, "fastv", keep=0.5):
+        greedy(model, kw, 2)
+    hook.remove()
+    # scores are computed beside SDPA: the model never switches to eager attention
+    assert seen and set(seen) == {"sdpa"}

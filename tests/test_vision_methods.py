@@ -108,3 +108,55 @@ def test_visionzip_contextual_tokens_are_group_means(family):
     vis_orig = original[ids == tiny.IMAGE]
     exact = [bool((vis_orig == v).all(-1).any()) for v in pruned[first : first + 8]]
     assert sum(exact) == 6
+
+
+def test_mustdrop_window_merge_on_hand_built_grid():
+    from vtprune.methods.mustdrop import MustDrop, MustDropVisionStage
+
+    side = 6
+    img = ImageLayout(
+        row=0,
+        positions=torch.arange(36),
+        segments=[GridSegment(0, side, side, side)],
+        newline=torch.zeros(36, dtype=torch.bool),
+    )
+    img.source = torch.arange(36) + 1
+    feats = torch.randn(37, 8, generator=torch.Generator().manual_seed(0))
+    top_left = [1 + r * side + c for r in range(3) for c in range(3)]
+    feats[top_left] = torch.tensor([1.0] * 8)  # identical features: similarity 1 in that window
+    cls = torch.zeros(37)
+    cls[1 + 5 * side + 5] = 1.0  # key token in the bottom-right window: that window never merges
+    img.vision = {0: {"hidden": feats.unsqueeze(0)}, 3: {"cls": cls.unsqueeze(0)}}
+    stage = MustDropVisionStage(MustDrop(key_ratio=0.02))  # ceil(0.02 * 35) = 1 key token
+    stage.last = 3
+    kept, key_set, merges = stage.pick(img)
+    assert key_set.tolist() == [35]
+    assert len(merges) == 1 and merges[0][0] == 1 * side + 1  # the tile centre represents it
+    assert sorted(merges[0][1].tolist()) == [r * side + c for r in range(3) for c in range(3)]
+    assert kept.numel() == 36 - 8
+
+
+def test_mustdrop_decode_stage_reindexes_earlier_caches():
+    model = tiny.llava()
+    kw = tiny.inputs("llava", model, [1], seed=32)
+    with torch.no_grad():
+        with vtprune.pruned(model, "mustdrop", keep=0.4, decode=False):
+            plain = model(**kw).past_key_values
+            st = vtprune.stats(model)
+        with vtprune.pruned(model, "mustdrop", keep=0.4):
+            reindexed = model(**kw).past_key_values
+            st_dec = vtprune.stats(model)
+    first, final = 2, st.kv_cache_lengths[-1]
+    assert st_dec.kv_cache_lengths == st.kv_cache_lengths[:first] + [final] * (
+        len(st.kv_cache_lengths) - first
+    )
+    assert st_dec.visual_tokens_per_layer == st.visual_tokens_per_layer  # prefill compute unchanged
+    # layer 2's re-indexed cache holds exactly its own keys at the finally surviving positions
+    ids = kw["input_ids"][0]
+    kept_visual = set(st.selections[sorted(k for k in st.selections if "@" in k)[-1]][0].tolist())
+    layer2_visual = sorted(st.selections["mustdrop@2"][0].tolist())
+    text = torch.nonzero(ids != tiny.IMAGE).flatten().tolist()
+    layer2_positions = sorted(text + layer2_visual)
+    final_positions = sorted(text + sorted(kept_visual))
+    rows = [layer2_positions.index(p) for p in final_positions]
+    torch.testing.assert_close(reindexed.layers[2].keys, plain.layers[2].keys[:, :, rows], rtol=0, atol=0)

@@ -32,10 +32,15 @@ class VisionContext:
     generator: torch.Generator | None = None
     extras: dict = field(default_factory=dict)
     replacements: list = field(default_factory=list)
+    protected: list = field(default_factory=list)
 
     def replace(self, row: int, position, vector: torch.Tensor) -> None:
         """Give a kept visual token a new input embedding (a merge result)."""
         self.replacements.append((row, position, vector))
+
+    def protect(self, row: int, positions: torch.Tensor) -> None:
+        """Mark tokens (sequence positions) that no later stage may drop (MustDrop's key set)."""
+        self.protected.append((row, positions))
 
 
 @dataclass
@@ -61,6 +66,7 @@ class PrefillContext:
     sin: torch.Tensor
     layer_input: torch.Tensor | None = None
     answer_query: torch.Tensor | None = None
+    protected: torch.Tensor | None = None
 
 
 class Stage:
@@ -78,6 +84,10 @@ class VisionStage(Stage):
 
     def vision_layers(self, adapter) -> list[int]:
         """Vision-tower layers whose CLS attention (or substitute) this stage reads."""
+        return []
+
+    def vision_hidden_layers(self, adapter) -> list[int]:
+        """Vision-tower layers whose output features this stage reads."""
         return []
 
     def select(self, ctx: VisionContext) -> torch.Tensor:
@@ -102,6 +112,19 @@ class PrefillStage(Stage):
     def expected_count(self, n_in: int, n_current: int) -> int:
         """Visual tokens left after this stage, given N at the LLM input and the current count."""
         raise NotImplementedError
+
+
+class DecodeStage(Stage):
+    """After prefill, re-index the KV caches of layers ``first_layer``.. to the final token set.
+
+    Decoding then attends only to the tokens that survived every prefill stage, in every layer
+    from ``first_layer`` on (earlier layers keep what they saw at prefill).
+    """
+
+    point = "decode"
+
+    def __init__(self, first_layer: int, key: str = "decode"):
+        self.first_layer, self.key = first_layer, key
 
 
 def expected_tokens_per_layer(stages: list[Stage], n_visual: int, num_layers: int) -> list[int]:

@@ -3,7 +3,8 @@
 from .baselines import RandomPrune, UniformPrune
 from .fastv import FastV
 from .hired import HiRED
+from .mustdrop import MustDrop
 from .pdrop import PyramidDrop
 from .visionzip import VisionZip
 
-__all__ = ["FastV", "HiRED", "PyramidDrop", "RandomPrune", "UniformPrune", "VisionZip"]
+__all__ = ["FastV", "HiRED", "MustDrop", "PyramidDrop", "RandomPrune", "UniformPrune", "VisionZip"]

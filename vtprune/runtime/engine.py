@@ -22,8 +22,9 @@ import torch
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+import vtprune.kernels as kernels
 from vtprune.integrations.base import GridSegment, ImageSpec
-from vtprune.stages import PrefillContext, PrefillStage, VisionContext, VisionStage
+from vtprune.stages import DecodeStage, PrefillContext, PrefillStage, VisionContext, VisionStage
 from vtprune.stats import PruneStats
 
 from .state import ACTIVE, LABELS, REPLAY, RequestState, StepScratch, attach_to_cache, state_of_cache
@@ -48,6 +49,7 @@ class Runtime:
         self.model = model
         self.adapter = adapter
         self.vision_stages = [s for s in stages if isinstance(s, VisionStage)]
+        self.decode_stages = [s for s in stages if isinstance(s, DecodeStage)]
         self.prefill_stages: dict[int, list[PrefillStage]] = {}
         for s in stages:
             if isinstance(s, PrefillStage):
@@ -58,9 +60,9 @@ class Runtime:
         self.handles: list = []
         self.patched_methods: list[str] = []
         layers = sorted({layer for st in self.vision_stages for layer in st.vision_layers(adapter)})
-        self.probe = (
-            make_probe(adapter, layers, any(st.needs_keys for st in self.vision_stages)) if layers else None
-        )
+        hidden = sorted({layer for st in self.vision_stages for layer in st.vision_hidden_layers(adapter)})
+        keys = any(st.needs_keys for st in self.vision_stages)
+        self.probe = make_probe(adapter, layers, keys, hidden) if layers or hidden else None
         self.last_stats: PruneStats | None = None
         self._mm_forward = adapter.mm_model.forward
 
@@ -276,13 +278,18 @@ class Runtime:
         keep_vis = base.visual.clone()
         for stage in self.vision_stages:
             keep_vis &= self._select(state, stage, base, functools.partial(stage.select, ctx))
-        keep = ~base.visual | keep_vis
+        keep = _keep_mask(base, keep_vis)
+        if ctx.protected:
+            table = torch.zeros_like(base.visual)
+            for row, positions in ctx.protected:
+                table[row, positions.to(table.device)] = True
+            state.protected = table
         if ctx.replacements:
             embeds = embeds.clone()
             for row, pos, vec in ctx.replacements:
                 embeds[row, pos] = vec.to(embeds.dtype)
             kwargs["inputs_embeds"] = embeds
-        if bool(keep.all()):
+        if keep is None:
             return
         slots, present = compact(keep)
         new = base.select(slots, present, 0)
@@ -316,8 +323,14 @@ class Runtime:
         if not self._mine(state) or not state.prefilling:
             return None
         self.last_stats = PruneStats.from_state(state, len(self.adapter.layers))
+        cache = kwargs.get("past_key_values")
+        if self.decode_stages and cache is not None:
+            with state.timed():
+                self._run_decode_stages(state, cache)
+            self.last_stats.kv_cache_lengths = [state.sets[s].length for s in state.layer_set]
         final = state.sets[-1]
         if final.length == state.orig_len and not final.has_padding:
+            self.last_stats.overhead_s = state.overhead_s
             return None
         with state.timed():
             h = output.last_hidden_state
@@ -328,6 +341,20 @@ class Runtime:
             output.last_hidden_state = full[:, : state.orig_len]
         self.last_stats.overhead_s = state.overhead_s
         return output
+
+    def _run_decode_stages(self, state: RequestState, cache) -> None:
+        """Re-index the caches of later layers to the final token set (gathered per layer)."""
+        final_idx = len(state.sets) - 1
+        final = state.sets[final_idx]
+        for stage in self.decode_stages:
+            for i in range(stage.first_layer, len(state.layer_set)):
+                s = state.layer_set[i]
+                if s == final_idx:
+                    continue
+                layer = cache.layers[i]
+                idx = _slots_within(state.sets[s], final).to(layer.keys.device)
+                layer.keys, layer.values = kernels.gather_rows([layer.keys, layer.values], idx)
+                state.layer_set[i] = final_idx
 
     # -- decoder layers -------------------------------------------------------------------
     def _make_layer_hook(self, i: int):
@@ -386,10 +413,11 @@ class Runtime:
             sin=sin,
             layer_input=state.step.captured_input,
             answer_query=answer,
+            protected=_on_slots(state.protected, cur),
         )
         keep_vis = self._select(state, stage, cur, lambda: stage.select(ctx))
-        keep = cur.present & (~cur.visual | keep_vis)
-        if bool((keep == cur.present).all()):
+        keep = _keep_mask(cur, keep_vis)
+        if keep is None:
             return hidden
         slots, present = compact(keep)
         new = cur.select(slots, present, i)
@@ -450,6 +478,37 @@ class Runtime:
             decoded = cache.layers[layer_idx].get_seq_length() - token_set.length
             tail = torch.ones(state.batch, decoded + hidden.shape[1], dtype=torch.bool, device=hidden.device)
         return torch.cat([token_set.valid.to(tail.device), tail], dim=1).long()
+
+
+def _keep_mask(token_set: TokenSet, keep_visual: torch.Tensor) -> torch.Tensor | None:
+    """Slots that survive a stage, or ``None`` when the stage drops nothing.
+
+    When visual tokens go, the caller's padding goes too: it is never attended, and keeping
+    it would hold every row of a ragged batch at the longest padded length.
+    """
+    if bool((keep_visual == token_set.visual).all()):
+        return None
+    return token_set.present & ((token_set.valid & ~token_set.visual) | keep_visual)
+
+
+def _slots_within(outer: TokenSet, inner: TokenSet) -> torch.Tensor:
+    """For each slot of ``inner`` (a subset of ``outer``), its slot in ``outer``; -1 at padding."""
+    b = outer.orig_index.shape[0]
+    n = int(max(outer.orig_index.max(), inner.orig_index.max())) + 2
+    table = torch.full((b, n), -1, dtype=torch.long, device=outer.orig_index.device)
+    src = torch.where(outer.present, outer.orig_index, n - 1)
+    table.scatter_(1, src, torch.arange(outer.length, device=src.device).expand(b, -1))
+    table[:, n - 1] = -1
+    idx = table.gather(1, inner.orig_index.clamp(min=0).to(table.device))
+    return torch.where(inner.present.to(idx.device), idx, -1)
+
+
+def _on_slots(table: torch.Tensor | None, token_set: TokenSet) -> torch.Tensor | None:
+    """A per-original-position flag table read at ``token_set``'s slots (padding: False)."""
+    if table is None:
+        return None
+    table = table.to(token_set.orig_index.device)
+    return table.gather(1, token_set.orig_index.clamp(min=0)) & token_set.present
 
 
 def _replayed(rows: list[torch.Tensor], token_set: TokenSet, orig_len: int) -> torch.Tensor:

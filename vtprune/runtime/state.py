@@ -49,6 +49,7 @@ class RequestState:
     overhead_s: float = 0.0
     step: StepScratch = field(default_factory=StepScratch)
     answer_query: torch.Tensor | None = None  # [B, orig_len] bool (training-mode PDrop)
+    protected: torch.Tensor | None = None  # [B, orig_len] bool, tokens no stage may drop
 
     # -- token sets -----------------------------------------------------------------------
     def set_for_layer(self, layer: int) -> int:

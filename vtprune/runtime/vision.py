@@ -21,14 +21,37 @@ import torch
 CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vtprune_vision_capture", default=None)
 
 
-class ClsProbe:
+class _Probe:
+    def __init__(self, adapter, layers: list[int], keys: bool, hidden_layers: list[int] = ()):
+        self.adapter, self.layers, self.keys, self.hidden_layers = adapter, layers, keys, list(hidden_layers)
+
+    def install_hidden(self) -> list:
+        """Forward hooks keeping the output of chosen tower layers (features, e.g. MustDrop's)."""
+
+        def keep(layer):
+            def hook(module, args, output):
+                capture = CAPTURE.get()
+                if capture is not None:
+                    out = output[0] if isinstance(output, tuple) else output
+                    capture.setdefault(("hidden", layer), out)
+
+            return hook
+
+        return [
+            self.adapter.vision_block(layer).register_forward_hook(keep(layer))
+            for layer in self.hidden_layers
+        ]
+
+    @staticmethod
+    def split_hidden(raw: dict) -> dict:
+        return {key[1]: {"hidden": raw.pop(key)} for key in [k for k in raw if isinstance(k, tuple)]}
+
+
+class ClsProbe(_Probe):
     """CLS-attention probe for CLIP-style towers (LLaVA, LLaVA-NeXT)."""
 
-    def __init__(self, adapter, layers: list[int], keys: bool):
-        self.adapter, self.layers, self.keys = adapter, layers, keys
-
     def install(self) -> list:
-        handles = []
+        handles = self.install_hidden()
         for layer in self.layers:
             attn = self.adapter.vision_attention(layer)
             handles.append(attn.q_proj.register_forward_hook(self._keep(layer, "q", attn)))
@@ -44,10 +67,12 @@ class ClsProbe:
 
         return hook
 
-    @staticmethod
-    def finish(raw: dict) -> dict:
+    @classmethod
+    def finish(cls, raw: dict) -> dict:
         """Per layer: ``cls`` ``[crops, tokens]`` (CLS attention summed over heads, softmax over
-        all keys including CLS) and ``keys`` ``[crops, tokens, head_dim]`` (mean over heads)."""
+        all keys including CLS), ``cls_heads`` per head, ``keys`` ``[crops, tokens, head_dim]``
+        (mean over heads) and, for hidden layers, ``hidden`` (the layer's output)."""
+        hidden = cls.split_hidden(raw)
         out = {}
         for layer, slot in raw.items():
             attn, q, k = slot["attn"], slot["q"], slot["k"]
@@ -57,17 +82,20 @@ class ClsProbe:
             kh = k.float().view(n, t, h, -1).transpose(1, 2)  # [n, H, T, d]
             probs = torch.softmax(qh @ kh.transpose(-1, -2) * attn.scale, dim=-1)[:, :, 0]  # [n, H, T]
             out[layer] = {"cls": probs.sum(1), "cls_heads": probs, "keys": kh.mean(1)}
-        return out
+        return _merge_layers(out, hidden)
 
 
-class ReceivedProbe:
+def _merge_layers(a: dict, b: dict) -> dict:
+    for layer, tensors in b.items():
+        a.setdefault(layer, {}).update(tensors)
+    return a
+
+
+class ReceivedProbe(_Probe):
     """Mean attention received per patch, for towers without CLS (Qwen2-VL)."""
 
-    def __init__(self, adapter, layers: list[int], keys: bool):
-        self.adapter, self.layers, self.keys = adapter, layers, keys
-
     def install(self) -> list:
-        return [
+        return self.install_hidden() + [
             self.adapter.vision_attention(layer).register_forward_pre_hook(
                 self._keep(layer), with_kwargs=True
             )
@@ -85,9 +113,11 @@ class ReceivedProbe:
 
         return hook
 
-    @staticmethod
-    def finish(raw: dict) -> dict:
-        return {layer: {"received": scores, "keys": keys} for layer, (scores, keys) in raw.items()}
+    @classmethod
+    def finish(cls, raw: dict) -> dict:
+        hidden = cls.split_hidden(raw)
+        out = {layer: {"received": scores, "keys": keys} for layer, (scores, keys) in raw.items()}
+        return _merge_layers(out, hidden)
 
 
 def _received_attention(attn, hidden, cu_seqlens, rotary):
@@ -106,9 +136,9 @@ def _received_attention(attn, hidden, cu_seqlens, rotary):
     return torch.cat(scores), torch.cat(keys)
 
 
-def make_probe(adapter, layers: list[int], keys: bool):
+def make_probe(adapter, layers: list[int], keys: bool, hidden_layers: list[int] = ()):
     probe = ReceivedProbe if adapter.family == "qwen2_vl" else ClsProbe
-    return probe(adapter, layers, keys)
+    return probe(adapter, layers, keys, hidden_layers)
 
 
 def split_per_image(finished: dict, specs: list, family: str) -> list[dict]:

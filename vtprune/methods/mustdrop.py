@@ -1,0 +1,242 @@
+"""MustDrop: merge at the vision stage, filter at prefill, re-index the KV cache for decoding.
+
+* Vision: each image grid is cut into ``window x window`` tiles; a tile whose mean pairwise
+  cosine similarity (self-pairs excluded) of tower features after layer 0 reaches
+  ``merge_threshold`` becomes one token (the mean of the tile, at the tile's centre, keeping
+  spatial order). The key set, the top ``ceil(key_ratio * (N - 1))`` tokens by CLS attention
+  (mean over heads) at the last tower layer, is never merged or dropped later.
+* Prefill: at the configured layers (default [2, 6, 10, 14] of 32, scaled) the layer's own
+  attention from every text token after the image onto the visual tokens (mean over heads)
+  is read; a token goes when its summed attention is below ``global_thr`` x the total AND its
+  largest single attention is below ``individual_thr``. The tokens then leave from the next
+  layer on.
+* Decode: after prefill, the KV caches of the layers from the first prefill layer on are
+  re-indexed to the final surviving set, so decoding attends only to survivors.
+
+``keep`` (instead of thresholds) scales both thresholds per request and stage by bisection so
+each stage keeps its share of a pyramid that averages to ``keep``. Presets ``"192"``,
+``"128"``, ``"64"`` are the authors' threshold pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vtprune.config import MethodConfig, ModelInfo, check_choice, check_fraction, register_method
+from vtprune.integrations.base import ImageLayout
+from vtprune.methods.fastv import text_query_slots
+from vtprune.methods.hired import token_scores
+from vtprune.scoring import layer_query_probs
+from vtprune.selection import pyramid_average, pyramid_ratio, scale_layers
+from vtprune.stages import DecodeStage, PrefillContext, PrefillStage, VisionContext, VisionStage
+
+PRESETS = {"192": (0.001, 0.001), "128": (0.0012, 0.001), "64": (0.011, 0.01)}
+DEFAULT_LAYERS = [2, 6, 10, 14]
+
+
+@register_method("mustdrop")
+@dataclass
+class MustDrop(MethodConfig):
+    """MustDrop (Liu et al., 2024).
+
+    Args:
+        preset: ``"192"``, ``"128"`` or ``"64"`` (the authors' thresholds; default ``"192"``).
+        global_thr, individual_thr: explicit prefill thresholds (override the preset).
+        layers: prefill filtering layers (default [2, 6, 10, 14] scaled to the depth).
+        merge_threshold: window similarity for vision-stage merging (0.8); ``window`` size (3).
+        key_ratio: share of tokens in the protected key set (0.08).
+        decode: re-index earlier layers' KV caches to the final set after prefill (True).
+        keep: a target layer-average fraction instead of thresholds.
+
+    Example:
+        >>> MustDrop(preset="64").thresholds()
+        (0.011, 0.01)
+    """
+
+    preset: str | None = None
+    global_thr: float | None = None
+    individual_thr: float | None = None
+    layers: list[int] | None = None
+    merge_threshold: float = 0.8
+    window: int = 3
+    key_ratio: float = 0.08
+    decode: bool = True
+
+    def validate(self) -> None:
+        if self.preset is not None:
+            check_choice(self.name, "preset", self.preset, tuple(PRESETS))
+        for name in ("global_thr", "individual_thr", "key_ratio", "merge_threshold"):
+            if getattr(self, name) is not None:
+                check_fraction(self.name, name, getattr(self, name), allow_zero=True)
+        if not isinstance(self.window, int) or self.window < 2:
+            raise ValueError(
+                f"mustdrop: option 'window'={self.window!r} is invalid; allowed: an integer >= 2"
+            )
+        if self.keep is not None and (
+            self.preset or self.global_thr is not None or self.individual_thr is not None
+        ):
+            raise ValueError(
+                "mustdrop: give either 'keep' or thresholds ('preset', 'global_thr', 'individual_thr')"
+            )
+
+    def thresholds(self) -> tuple[float, float]:
+        g, i = PRESETS[self.preset or "192"]
+        return (self.global_thr if self.global_thr is not None else g), (
+            self.individual_thr if self.individual_thr is not None else i
+        )
+
+    def stages(self, info: ModelInfo) -> list:
+        layers = (
+            list(self.layers) if self.layers is not None else scale_layers(DEFAULT_LAYERS, info.num_layers)
+        )
+        g, i = self.thresholds()
+        # scores come from layer l's own attention, so tokens leave from layer l + 1
+        bounds = [min(layer + 1, info.num_layers - 1) for layer in layers]
+        fractions = [None] * len(bounds)
+        if self.keep is not None:
+            ratio = pyramid_ratio(self.keep, bounds, info.num_layers)
+            if pyramid_average(bounds, 1e-6, info.num_layers) >= self.keep:
+                raise ValueError(f"mustdrop: keep={self.keep} is unreachable with layers={layers}")
+            fractions = [ratio**s for s in range(1, len(bounds) + 1)]
+        stages: list = [MustDropVisionStage(self)]
+        stages += [MustDropPrefillStage(b, g, i, f) for b, f in zip(bounds, fractions)]
+        if self.decode:
+            stages.append(DecodeStage(first_layer=bounds[0], key="mustdrop-decode"))
+        return stages
+
+
+class MustDropVisionStage(VisionStage):
+    key = "mustdrop-vision"
+
+    def __init__(self, cfg: MustDrop):
+        self.cfg = cfg
+
+    def vision_layers(self, adapter) -> list[int]:
+        self.last = adapter.vision_layers_count - 1
+        return [self.last]
+
+    def vision_hidden_layers(self, adapter) -> list[int]:
+        return [0]
+
+    def expected_count(self, n_image: int) -> int:
+        return n_image  # data-dependent: merging never adds tokens
+
+    def select(self, ctx: VisionContext) -> torch.Tensor:
+        keep = torch.zeros_like(ctx.visual)
+        for row in ctx.layouts:
+            for img in row:
+                kept, key_set, merges = self.pick(img)
+                pos = img.positions.to(ctx.embeds.device)
+                for target, members in merges:
+                    ctx.replace(img.row, pos[target], ctx.embeds[img.row, pos[members]].mean(0))
+                keep[img.row, img.positions[kept].to(keep.device)] = True
+                ctx.protect(img.row, img.positions[key_set])
+        return keep
+
+    def pick(self, img: ImageLayout):
+        """Kept local indices, the key set, and (target, members) merges of one image."""
+        score = token_scores(img, self.last, name="cls").cpu()
+        n_patch = int((~img.newline).sum())
+        key_set = score.topk(min(n_patch, math.ceil(self.cfg.key_ratio * max(n_patch - 1, 0)))).indices
+        feats = _token_features(img).float()
+        dropped = torch.zeros(img.num_tokens, dtype=torch.bool)
+        merges = []
+        w = self.cfg.window
+        for seg in img.segments:
+            for r0 in range(0, seg.rows - w + 1, w):
+                for c0 in range(0, seg.cols - w + 1, w):
+                    tile = torch.tensor([seg.token_index(r0 + r, c0 + c) for r in range(w) for c in range(w)])
+                    if torch.isin(tile, key_set).any():
+                        continue
+                    if window_similarity(feats[tile]) >= self.cfg.merge_threshold:
+                        centre = tile[len(tile) // 2]
+                        merges.append((int(centre), tile))
+                        dropped[tile] = True
+                        dropped[centre] = False
+        return torch.nonzero(~dropped).flatten(), key_set, merges
+
+
+def window_similarity(x: torch.Tensor) -> float:
+    """Mean pairwise cosine similarity of the rows of ``x``, self-pairs excluded.
+
+    Example:
+        >>> window_similarity(torch.tensor([[1.0, 0], [1, 0], [0, 1]]))
+        0.3333333432674408
+    """
+    n = x.shape[0]
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    sim = xn @ xn.T
+    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+
+
+def _token_features(img: ImageLayout) -> torch.Tensor:
+    hidden = img.vision[0]["hidden"]
+    if img.source is None or hidden.dim() == 2:  # Qwen2-VL: per patch, 4 patches per token
+        return hidden.reshape(img.num_tokens, -1, hidden.shape[-1]).mean(1).cpu()
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return flat[img.source.clamp(min=0).to(flat.device)].cpu()
+
+
+class MustDropPrefillStage(PrefillStage):
+    needs_previous_input = True
+
+    def __init__(self, layer: int, global_thr: float, individual_thr: float, fraction: float | None):
+        self.layer, self.global_thr, self.individual_thr, self.fraction = (
+            layer,
+            global_thr,
+            individual_thr,
+            fraction,
+        )
+        self.key = f"mustdrop@{layer}"
+
+    def expected_count(self, n_in: int, n_current: int) -> int:
+        return n_current if self.fraction is None else min(n_current, int(n_in * self.fraction))
+
+    def select(self, ctx: PrefillContext) -> torch.Tensor:
+        queries = text_query_slots(ctx.visual, ctx.valid)
+        probs = layer_query_probs(
+            ctx.layers[self.layer - 1], ctx.layer_input, ctx.cos, ctx.sin, ctx.valid, queries
+        )
+        summed, largest = probs.sum(1), probs.max(1).values
+        keep = torch.zeros_like(ctx.visual)
+        for b in range(ctx.visual.shape[0]):
+            vis = ctx.visual[b]
+            if not bool(vis.any()):
+                continue
+            s, m = summed[b][vis], largest[b][vis]
+            total = s.sum()
+            protected = ctx.protected[b][vis] if ctx.protected is not None else torch.zeros_like(vis[vis])
+            if self.fraction is None:
+                scale = 1.0
+            else:
+                scale = _scale_for_count(
+                    s,
+                    m,
+                    total,
+                    protected,
+                    self.global_thr,
+                    self.individual_thr,
+                    int(ctx.visual_in[b] * self.fraction),
+                )
+            drop = (s < scale * self.global_thr * total) & (m < scale * self.individual_thr) & ~protected
+            keep[b, torch.nonzero(vis).flatten()[~drop]] = True
+        return keep
+
+
+def _scale_for_count(s, m, total, protected, g, i, target: int) -> float:
+    """Multiplier of both thresholds leaving about ``target`` tokens (bisection on a log scale)."""
+
+    def kept(c):
+        return int((~((s < c * g * total) & (m < c * i) & ~protected)).sum())
+
+    lo, hi = 1e-6, 1e6
+    for _ in range(60):
+        mid = math.sqrt(lo * hi)
+        if kept(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return hi if abs(kept(hi) - target) <= abs(kept(lo) - target) else lo
