@@ -20,6 +20,7 @@ PLANS = {
     # the decode stage makes decoding differ from an uncached recomputation by design; it is
     # checked on its own in test_vision_methods.py
     "mustdrop": dict(keep=0.4, decode=False),
+    "layerskip": dict(keep=0.5, thin_ffn=True),
 }
 KEEP_ALL = {
     "fastv": dict(keep=1.0),
@@ -29,6 +30,7 @@ KEEP_ALL = {
     "hired": dict(keep=1.0),
     "visionzip": dict(keep=1.0),
     "mustdrop": dict(keep=1.0),
+    "layerskip": dict(keep=1.0, thin_ffn=True, ffn_ratio=1),
 }
 
 

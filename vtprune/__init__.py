@@ -16,7 +16,7 @@ from vtprune import methods as _methods  # noqa: E402,F401  (registers the built
 from vtprune.api import Handle, apply, pruned, remove, stats  # noqa: E402
 from vtprune.compose import Compose  # noqa: E402
 from vtprune.config import REGISTRY, MethodConfig, method_names, register_method  # noqa: E402
-from vtprune.methods import FastV, HiRED, MustDrop, PyramidDrop, RandomPrune, UniformPrune  # noqa: E402
+from vtprune.methods import FastV, HiRED, LayerSkip, MustDrop, PyramidDrop, RandomPrune, UniformPrune  # noqa: E402
 from vtprune.runtime.state import replay  # noqa: E402
 from vtprune.stats import PruneStats  # noqa: E402
 
@@ -27,6 +27,7 @@ __all__ = [
     "Compose",
     "FastV",
     "HiRED",
+    "LayerSkip",
     "MustDrop",
     "Handle",
     "MethodConfig",

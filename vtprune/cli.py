@@ -1,4 +1,4 @@
-"""The ``vtprune`` command: ``demo``, ``bench``, ``flops``."""
+"""The ``vtprune`` command: ``demo``, ``eval``, ``bench``, ``flops``."""
 
 from __future__ import annotations
 
@@ -53,6 +53,9 @@ def main(argv=None) -> None:
     d.add_argument("--methods", default="fastv,pdrop,random,uniform")
     d.add_argument("--n", type=int, default=32, help="held-out questions for the accuracy column")
     d.set_defaults(fn=_demo)
+    from vtprune.eval.cli_eval import add_eval_parser
+
+    add_eval_parser(sub)
     b = sub.add_parser("bench", help="prefill benchmark (options: python -m vtprune.eval.bench_prefill -h)")
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(fn=_bench)

@@ -114,6 +114,18 @@ class PrefillStage(Stage):
         raise NotImplementedError
 
 
+class SkipStage(Stage):
+    """Spends less computation on visual rows in chosen layers during prefill (no tokens leave)."""
+
+    point = "skip"
+    layers: set[int] = set()
+
+    def mlp(self, mlp: nn.Module, x: torch.Tensor, visual: torch.Tensor, full) -> torch.Tensor:
+        """The MLP output for ``x [B, L, D]`` whose visual rows are ``visual [B, L]``; ``full``
+        is the module's own forward."""
+        return full(x)
+
+
 class DecodeStage(Stage):
     """After prefill, re-index the KV caches of layers ``first_layer``.. to the final token set.
 

@@ -3,8 +3,18 @@
 from .baselines import RandomPrune, UniformPrune
 from .fastv import FastV
 from .hired import HiRED
+from .layerskip import LayerSkip
 from .mustdrop import MustDrop
 from .pdrop import PyramidDrop
 from .visionzip import VisionZip
 
-__all__ = ["FastV", "HiRED", "MustDrop", "PyramidDrop", "RandomPrune", "UniformPrune", "VisionZip"]
+__all__ = [
+    "FastV",
+    "HiRED",
+    "LayerSkip",
+    "MustDrop",
+    "PyramidDrop",
+    "RandomPrune",
+    "UniformPrune",
+    "VisionZip",
+]

@@ -24,7 +24,7 @@ from transformers.masking_utils import create_causal_mask
 
 import vtprune.kernels as kernels
 from vtprune.integrations.base import GridSegment, ImageSpec
-from vtprune.stages import DecodeStage, PrefillContext, PrefillStage, VisionContext, VisionStage
+from vtprune.stages import DecodeStage, PrefillContext, PrefillStage, SkipStage, VisionContext, VisionStage
 from vtprune.stats import PruneStats
 
 from .state import ACTIVE, LABELS, REPLAY, RequestState, StepScratch, attach_to_cache, state_of_cache
@@ -50,6 +50,7 @@ class Runtime:
         self.adapter = adapter
         self.vision_stages = [s for s in stages if isinstance(s, VisionStage)]
         self.decode_stages = [s for s in stages if isinstance(s, DecodeStage)]
+        self.skip_stages = [s for s in stages if isinstance(s, SkipStage)]
         self.prefill_stages: dict[int, list[PrefillStage]] = {}
         for s in stages:
             if isinstance(s, PrefillStage):
@@ -59,6 +60,7 @@ class Runtime:
         }
         self.handles: list = []
         self.patched_methods: list[str] = []
+        self.patched_forwards: list = []
         layers = sorted({layer for st in self.vision_stages for layer in st.vision_layers(adapter)})
         hidden = sorted({layer for st in self.vision_stages for layer in st.vision_hidden_layers(adapter)})
         keys = any(st.needs_keys for st in self.vision_stages)
@@ -81,6 +83,10 @@ class Runtime:
             self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         if self.probe is not None:
             self.handles += self.probe.install()
+        for i, layer in enumerate(a.layers):
+            stages = [s for s in self.skip_stages if i in s.layers]
+            if stages:
+                self._patch_forward(layer.mlp, self._make_mlp_forward(i, layer.mlp, stages))
         for name in a.encoder_methods():
             if hasattr(a.mm_model, name):
                 setattr(a.mm_model, name, self._wrap_encoder(getattr(a.mm_model, name)))
@@ -94,6 +100,30 @@ class Runtime:
             # the wrapper is an instance attribute shadowing the class method: deleting restores it
             self.adapter.mm_model.__dict__.pop(name, None)
         self.patched_methods.clear()
+        for module, previous in self.patched_forwards:
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self.patched_forwards.clear()
+
+    def _patch_forward(self, module, forward) -> None:
+        """Shadow ``module.forward`` on this instance only, remembering what was there."""
+        self.patched_forwards.append((module, module.__dict__.get("forward")))
+        module.forward = forward
+
+    def _make_mlp_forward(self, i: int, mlp, stages):
+        full = mlp.forward
+
+        def forward(x):
+            state = ACTIVE.get()
+            if not self._mine(state) or not state.prefilling:
+                return full(x)
+            visual = state.sets[state.layer_set[i]].visual.to(x.device)
+            stage = stages[0]  # one skip stage per layer (apply refuses duplicate keys)
+            return stage.mlp(mlp, x, visual, full)
+
+        return forward
 
     def _wrap_encoder(self, method):
         """Record each encoded image's token structure on the encoder output.

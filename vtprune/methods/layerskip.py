@@ -1,0 +1,126 @@
+"""Visual computation skipping ("Treat Visual Tokens as Text? But Your MLLM Only Needs Fewer
+Efforts to See"): spend less of each layer on visual tokens, really skipping the work.
+
+Strategies available here, each switchable:
+
+* ``cut``: from layer ``L_cut`` on no query attends to visual tokens, so they are removed
+  entirely there (default L_cut: half the depth; 24 of 28 layers on Qwen2-VL).
+* ``thin_ffn``: during prefill, visual rows go through only the first ``1/ffn_ratio`` of the
+  MLP's intermediate neurons (gate/up rows and down columns); text rows use the full MLP.
+
+``keep`` sets ``L_cut`` (``round(keep * layers)``), since only the cut changes token counts.
+The official code simulates both with masks; here the removed rows and neurons are not computed
+(fewer FLOPs counted, less time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vtprune.config import MethodConfig, ModelInfo, check_layer, register_method
+from vtprune.stages import PrefillContext, PrefillStage, SkipStage
+
+QWEN_CUT = 24 / 28
+
+
+@register_method("layerskip")
+@dataclass
+class LayerSkip(MethodConfig):
+    """Visual computation skipping.
+
+    Args:
+        cut: remove visual tokens from layer ``cut_layer`` on (default True).
+        cut_layer: L_cut (default half the depth; 24/28 of the depth on Qwen2-VL).
+        thin_ffn: thin MLP for visual rows during prefill (default False).
+        ffn_ratio: r, visual rows use ``1/r`` of the MLP neurons (default 2).
+        ffn_layers: layers using the thin MLP (default: all layers before the cut).
+        keep: sets ``cut_layer = round(keep * layers)``.
+
+    Example:
+        >>> LayerSkip(keep=0.5).cut_at(ModelInfo(num_layers=32, family="llava"))
+        16
+    """
+
+    cut: bool = True
+    cut_layer: int | None = None
+    thin_ffn: bool = False
+    ffn_ratio: int = 2
+    ffn_layers: list[int] | None = None
+
+    def validate(self) -> None:
+        if isinstance(self.ffn_ratio, bool) or not isinstance(self.ffn_ratio, int) or self.ffn_ratio < 1:
+            raise ValueError(
+                f"layerskip: option 'ffn_ratio'={self.ffn_ratio!r} is invalid; allowed: an integer >= 1"
+            )
+        if not self.cut and not self.thin_ffn:
+            raise ValueError("layerskip: every strategy is off; set 'cut' and/or 'thin_ffn'")
+        if self.keep is not None and self.cut_layer is not None:
+            raise ValueError("layerskip: give either 'keep' or 'cut_layer', not both")
+
+    def cut_at(self, info: ModelInfo) -> int:
+        n = info.num_layers
+        if self.cut_layer is not None:
+            layer = self.cut_layer
+        elif self.keep is not None:
+            layer = max(1, min(n - 1, round(self.keep * n)))
+        else:
+            layer = round(n * QWEN_CUT) if info.family == "qwen2_vl" else n // 2
+        check_layer(self.name, "cut_layer", layer, n)
+        return layer
+
+    def stages(self, info: ModelInfo) -> list:
+        do_cut = self.cut and not (self.keep is not None and self.keep >= 1.0)  # keep=1: nothing removed
+        cut = self.cut_at(info) if do_cut else info.num_layers
+        stages: list = [CutStage(cut)] if do_cut else []
+        if self.thin_ffn:
+            layers = self.ffn_layers if self.ffn_layers is not None else list(range(cut))
+            for layer in layers:
+                if not isinstance(layer, int) or not 0 <= layer < info.num_layers:
+                    raise ValueError(
+                        f"layerskip: option 'ffn_layers' holds {layer!r}; allowed: integers in 0..{info.num_layers - 1}"
+                    )
+            stages.append(ThinFFNStage(set(layers), self.ffn_ratio))
+        return stages
+
+
+class CutStage(PrefillStage):
+    """Drops every visual token before ``layer``."""
+
+    def __init__(self, layer: int):
+        self.layer, self.key = layer, f"layerskip-cut@{layer}"
+
+    def expected_count(self, n_in: int, n_current: int) -> int:
+        return 0
+
+    def select(self, ctx: PrefillContext) -> torch.Tensor:
+        return torch.zeros_like(ctx.visual)
+
+
+class ThinFFNStage(SkipStage):
+    """Visual rows through the first ``1/ratio`` of the MLP neurons (prefill)."""
+
+    key = "layerskip-thin-ffn"
+
+    def __init__(self, layers: set[int], ratio: int):
+        self.layers, self.ratio = layers, ratio
+
+    def mlp(self, mlp, x: torch.Tensor, visual: torch.Tensor, full) -> torch.Tensor:
+        if not bool(visual.any()):
+            return full(x)
+        m = mlp.gate_proj.out_features // self.ratio
+        out = torch.empty_like(x)
+        text = ~visual
+        if bool(text.any()):
+            out[text] = full(x[text])
+        xv = x[visual]
+        gate = F.linear(xv, mlp.gate_proj.weight[:m], _rows(mlp.gate_proj.bias, m))
+        up = F.linear(xv, mlp.up_proj.weight[:m], _rows(mlp.up_proj.bias, m))
+        out[visual] = F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight[:, :m], mlp.down_proj.bias)
+        return out
+
+
+def _rows(bias, m):
+    return None if bias is None else bias[:m]
