@@ -14,6 +14,7 @@ check_transformers()
 
 from vtprune import methods as _methods  # noqa: E402,F401  (registers the built-in methods)
 from vtprune.api import Handle, apply, pruned, remove, stats  # noqa: E402
+from vtprune.calibration import HeadMask, calibrate  # noqa: E402
 from vtprune.compose import Compose  # noqa: E402
 from vtprune.config import REGISTRY, MethodConfig, method_names, register_method  # noqa: E402
 from vtprune.methods import FastV, HiRED, LayerSkip, MustDrop, PyramidDrop, RandomPrune, UniformPrune  # noqa: E402
@@ -30,6 +31,7 @@ __all__ = [
     "LayerSkip",
     "MustDrop",
     "Handle",
+    "HeadMask",
     "MethodConfig",
     "PruneStats",
     "PyramidDrop",
@@ -37,6 +39,7 @@ __all__ = [
     "UniformPrune",
     "VisionZip",
     "apply",
+    "calibrate",
     "method_names",
     "pruned",
     "register_method",

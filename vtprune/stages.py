@@ -119,6 +119,13 @@ class SkipStage(Stage):
 
     point = "skip"
     layers: set[int] = set()
+    attention_layers: set[int] = set()
+    #: whether ``attention`` also runs at decode steps (else the model's own backend does)
+    decode: bool = False
+
+    def attention(self, module, q, k, v, mask, scaling, state) -> torch.Tensor:
+        """Prefill attention output ``[B, L, H, D]`` for a layer in ``attention_layers``."""
+        raise NotImplementedError
 
     def mlp(self, mlp: nn.Module, x: torch.Tensor, visual: torch.Tensor, full) -> torch.Tensor:
         """The MLP output for ``x [B, L, D]`` whose visual rows are ``visual [B, L]``; ``full``

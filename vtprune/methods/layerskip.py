@@ -1,12 +1,14 @@
 """Visual computation skipping ("Treat Visual Tokens as Text? But Your MLLM Only Needs Fewer
 Efforts to See"): spend less of each layer on visual tokens, really skipping the work.
 
-Strategies available here, each switchable:
+Strategies, each switchable:
 
 * ``cut``: from layer ``L_cut`` on no query attends to visual tokens, so they are removed
   entirely there (default L_cut: half the depth; 24 of 28 layers on Qwen2-VL).
 * ``thin_ffn``: during prefill, visual rows go through only the first ``1/ffn_ratio`` of the
   MLP's intermediate neurons (gate/up rows and down columns); text rows use the full MLP.
+* ``window``: neighbour-window attention for visual queries (``vtprune.methods.visual_attention``).
+* ``head_mask``: inactive visual heads from ``vtprune.calibrate`` (a ``HeadMask`` or its JSON path).
 
 ``keep`` sets ``L_cut`` (``round(keep * layers)``), since only the cut changes token counts.
 The official code simulates both with masks; here the removed rows and neurons are not computed
@@ -20,7 +22,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from vtprune.calibration import HeadMask
 from vtprune.config import MethodConfig, ModelInfo, check_layer, register_method
+from vtprune.methods.visual_attention import InactiveHeadsStage, WindowAttentionStage
 from vtprune.stages import PrefillContext, PrefillStage, SkipStage
 
 QWEN_CUT = 24 / 28
@@ -37,6 +41,11 @@ class LayerSkip(MethodConfig):
         thin_ffn: thin MLP for visual rows during prefill (default False).
         ffn_ratio: r, visual rows use ``1/r`` of the MLP neurons (default 2).
         ffn_layers: layers using the thin MLP (default: all layers before the cut).
+        window: neighbour-window size w (odd) for visual queries' attention (off by default).
+        window_layers: layers using it (default: all layers before the cut).
+        head_mask: a ``HeadMask`` from ``vtprune.calibrate`` or the path of its JSON file.
+        renormalize: inactive heads renormalise text queries over text keys (default) or
+            drop the visual probability mass as the official code does.
         keep: sets ``cut_layer = round(keep * layers)``.
 
     Example:
@@ -49,13 +58,26 @@ class LayerSkip(MethodConfig):
     thin_ffn: bool = False
     ffn_ratio: int = 2
     ffn_layers: list[int] | None = None
+    window: int | None = None
+    window_layers: list[int] | None = None
+    head_mask: object = None
+    renormalize: bool = True
 
     def validate(self) -> None:
         if isinstance(self.ffn_ratio, bool) or not isinstance(self.ffn_ratio, int) or self.ffn_ratio < 1:
             raise ValueError(
                 f"layerskip: option 'ffn_ratio'={self.ffn_ratio!r} is invalid; allowed: an integer >= 1"
             )
-        if not self.cut and not self.thin_ffn:
+        if self.window is not None and (
+            isinstance(self.window, bool)
+            or not isinstance(self.window, int)
+            or self.window < 1
+            or self.window % 2 == 0
+        ):
+            raise ValueError(
+                f"layerskip: option 'window'={self.window!r} is invalid; allowed: an odd integer >= 1"
+            )
+        if not (self.cut or self.thin_ffn or self.window is not None or self.head_mask is not None):
             raise ValueError("layerskip: every strategy is off; set 'cut' and/or 'thin_ffn'")
         if self.keep is not None and self.cut_layer is not None:
             raise ValueError("layerskip: give either 'keep' or 'cut_layer', not both")
@@ -77,13 +99,32 @@ class LayerSkip(MethodConfig):
         stages: list = [CutStage(cut)] if do_cut else []
         if self.thin_ffn:
             layers = self.ffn_layers if self.ffn_layers is not None else list(range(cut))
-            for layer in layers:
-                if not isinstance(layer, int) or not 0 <= layer < info.num_layers:
-                    raise ValueError(
-                        f"layerskip: option 'ffn_layers' holds {layer!r}; allowed: integers in 0..{info.num_layers - 1}"
-                    )
-            stages.append(ThinFFNStage(set(layers), self.ffn_ratio))
+            stages.append(ThinFFNStage(set(_check_layers("ffn_layers", layers, info)), self.ffn_ratio))
+        if self.window is not None:
+            layers = self.window_layers if self.window_layers is not None else list(range(cut))
+            stages.append(
+                WindowAttentionStage(set(_check_layers("window_layers", layers, info)), self.window)
+            )
+        if self.head_mask is not None:
+            mask = (
+                HeadMask.load(self.head_mask) if not isinstance(self.head_mask, HeadMask) else self.head_mask
+            )
+            per_layer = mask.for_model(info.num_layers)
+            if self.window is not None and set(per_layer) & stages[-1].attention_layers:
+                raise ValueError(
+                    "layerskip: 'window' and 'head_mask' act on the same layers; give them disjoint 'window_layers'"
+                )
+            stages.append(InactiveHeadsStage(per_layer, self.renormalize))
         return stages
+
+
+def _check_layers(option: str, layers, info: ModelInfo) -> list[int]:
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < info.num_layers:
+            raise ValueError(
+                f"layerskip: option {option!r} holds {layer!r}; allowed: integers in 0..{info.num_layers - 1}"
+            )
+    return list(layers)
 
 
 class CutStage(PrefillStage):

@@ -27,6 +27,7 @@ from vtprune.integrations.base import GridSegment, ImageSpec
 from vtprune.stages import DecodeStage, PrefillContext, PrefillStage, SkipStage, VisionContext, VisionStage
 from vtprune.stats import PruneStats
 
+from .attention import wrapper_name
 from .state import ACTIVE, LABELS, REPLAY, RequestState, StepScratch, attach_to_cache, state_of_cache
 from .tokens import TokenSet, compact, gather_many, gather_seq
 from .vision import CAPTURE, make_probe, split_per_image
@@ -51,6 +52,9 @@ class Runtime:
         self.vision_stages = [s for s in stages if isinstance(s, VisionStage)]
         self.decode_stages = [s for s in stages if isinstance(s, DecodeStage)]
         self.skip_stages = [s for s in stages if isinstance(s, SkipStage)]
+        self.attention_handlers = {layer: s for s in self.skip_stages for layer in s.attention_layers}
+        self.owner = id(model)
+        self._attn_restore = None
         self.prefill_stages: dict[int, list[PrefillStage]] = {}
         for s in stages:
             if isinstance(s, PrefillStage):
@@ -83,8 +87,12 @@ class Runtime:
             self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         if self.probe is not None:
             self.handles += self.probe.install()
+        if self.attention_handlers:
+            cfg = a.text_config
+            self._attn_restore = cfg._attn_implementation
+            cfg._attn_implementation = wrapper_name(cfg._attn_implementation)
         for i, layer in enumerate(a.layers):
-            stages = [s for s in self.skip_stages if i in s.layers]
+            stages = [s for s in self.skip_stages if i in s.layers and type(s).mlp is not SkipStage.mlp]
             if stages:
                 self._patch_forward(layer.mlp, self._make_mlp_forward(i, layer.mlp, stages))
         for name in a.encoder_methods():
@@ -100,6 +108,9 @@ class Runtime:
             # the wrapper is an instance attribute shadowing the class method: deleting restores it
             self.adapter.mm_model.__dict__.pop(name, None)
         self.patched_methods.clear()
+        if self._attn_restore is not None:
+            self.adapter.text_config._attn_implementation = self._attn_restore
+            self._attn_restore = None
         for module, previous in self.patched_forwards:
             if previous is None:
                 module.__dict__.pop("forward", None)
@@ -223,7 +234,7 @@ class Runtime:
         ids = call.get("input_ids")
         embeds = call.get("inputs_embeds")
         ref = ids if ids is not None else embeds
-        state = RequestState(owner=id(self.model), batch=ref.shape[0], orig_len=ref.shape[1])
+        state = RequestState(owner=id(self.model), batch=ref.shape[0], orig_len=ref.shape[1], runtime=self)
         state.prefilling = True
         if ids is not None:
             specs, vision = self._specs_for_call(call)

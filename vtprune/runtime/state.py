@@ -33,6 +33,7 @@ class StepScratch:
     rotary: dict = field(default_factory=dict)  # set index -> (cos, sin) at its slots
     lm_rotary: tuple | None = None  # the language model's full-length (cos, sin)
     captured_input: torch.Tensor | None = None  # a layer's input kept for a later scorer
+    memo: dict = field(default_factory=dict)  # other per-call values shared by layers
 
 
 @dataclass
@@ -50,6 +51,13 @@ class RequestState:
     step: StepScratch = field(default_factory=StepScratch)
     answer_query: torch.Tensor | None = None  # [B, orig_len] bool (training-mode PDrop)
     protected: torch.Tensor | None = None  # [B, orig_len] bool, tokens no stage may drop
+    runtime: object = None  # the Runtime serving this request (its attention handlers)
+
+    def cached(self, key, build):
+        """A value built once per forward call (e.g. per-slot grid tables shared by layers)."""
+        if key not in self.step.memo:
+            self.step.memo[key] = build()
+        return self.step.memo[key]
 
     # -- token sets -----------------------------------------------------------------------
     def set_for_layer(self, layer: int) -> int:
