@@ -47,7 +47,7 @@ def test_pdrop_pyramid_tokens_per_layer(shaped):
     assert st.equivalent_tokens == 270
 
 
-@pytest.mark.parametrize("method", ["fastv", "pdrop", "random", "uniform"])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "random", "uniform", "hired", "visionzip", "mustdrop"])
 @pytest.mark.parametrize("keep", [0.5, 0.25, 0.11])
 def test_keep_target_within_two_percent(shaped, method, keep):
     model, kw = shaped
@@ -106,3 +106,22 @@ def test_stats_cover_batches_with_imageless_rows():
     assert st.visual_tokens_per_layer == [8.0] * tiny.LAYERS
     assert st.selections["uniform"][1].numel() == 0
     assert st.overhead_s > 0
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.25, 0.125])
+def test_layerskip_keep_is_quantised_to_whole_layers(shaped, keep):
+    """L_cut is a whole layer, so layerskip reaches multiples of 1/layers exactly."""
+    model, kw = shaped
+    with vtprune.pruned(model, "layerskip", keep=keep):
+        _run(model, kw)
+        assert vtprune.stats(model).keep_ratio == pytest.approx(keep)
+
+
+def test_hired_then_pdrop_stats_show_both(shaped):
+    model, kw = shaped
+    plan = vtprune.Compose(vtprune.HiRED(budget=0.5), vtprune.PyramidDrop(layers=[8, 16, 24], ratio=0.5))
+    with vtprune.pruned(model, plan):
+        _run(model, kw)
+        st = vtprune.stats(model)
+    assert set(st.selections) == {"hired", "pdrop@8", "pdrop@16", "pdrop@24"}
+    assert st.visual_tokens_per_layer == [288] * 8 + [144] * 8 + [72] * 8 + [36] * 8

@@ -14,7 +14,8 @@
   re-indexed to the final surviving set, so decoding attends only to survivors.
 
 ``keep`` (instead of thresholds) scales both thresholds per request and stage by bisection so
-each stage keeps its share of a pyramid that averages to ``keep``. Presets ``"192"``,
+each stage keeps its share of a pyramid that averages to ``keep``; the key set is then capped
+at the last stage's share. Presets ``"192"``,
 ``"128"``, ``"64"`` are the authors' threshold pairs.
 """
 
@@ -101,7 +102,10 @@ class MustDrop(MethodConfig):
             if pyramid_average(bounds, 1e-6, info.num_layers) >= self.keep:
                 raise ValueError(f"mustdrop: keep={self.keep} is unreachable with layers={layers}")
             fractions = [ratio**s for s in range(1, len(bounds) + 1)]
-        stages: list = [MustDropVisionStage(self)]
+        # with keep, the protected key set may not outgrow the last stage's budget, or it would
+        # hold every later stage above its share of the pyramid
+        key_cap = fractions[-1] if self.keep is not None else None
+        stages: list = [MustDropVisionStage(self, key_cap)]
         stages += [MustDropPrefillStage(b, g, i, f) for b, f in zip(bounds, fractions)]
         if self.decode:
             stages.append(DecodeStage(first_layer=bounds[0], key="mustdrop-decode"))
@@ -111,8 +115,8 @@ class MustDrop(MethodConfig):
 class MustDropVisionStage(VisionStage):
     key = "mustdrop-vision"
 
-    def __init__(self, cfg: MustDrop):
-        self.cfg = cfg
+    def __init__(self, cfg: MustDrop, key_cap: float | None = None):
+        self.cfg, self.key_cap = cfg, key_cap
 
     def vision_layers(self, adapter) -> list[int]:
         self.last = adapter.vision_layers_count - 1
@@ -140,7 +144,10 @@ class MustDropVisionStage(VisionStage):
         """Kept local indices, the key set, and (target, members) merges of one image."""
         score = token_scores(img, self.last, name="cls").cpu()
         n_patch = int((~img.newline).sum())
-        key_set = score.topk(min(n_patch, math.ceil(self.cfg.key_ratio * max(n_patch - 1, 0)))).indices
+        n_key = min(n_patch, math.ceil(self.cfg.key_ratio * max(n_patch - 1, 0)))
+        if self.key_cap is not None:
+            n_key = min(n_key, int(img.num_tokens * self.key_cap))
+        key_set = score.topk(n_key).indices
         feats = _token_features(img).float()
         dropped = torch.zeros(img.num_tokens, dtype=torch.bool)
         merges = []
