@@ -62,3 +62,28 @@ def layer_query_probs(
     k = apply_rope(k, cos, sin)
     query_pos = query_slots.masked_fill(query_slots < 0, -1)
     return kernels.query_key_probs(q, k, valid, query_pos, attn.scaling)
+
+
+def projected_query_probs(
+    attn: nn.Module,
+    q_out: torch.Tensor,
+    k_out: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    valid: torch.Tensor,
+    query_slots: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`layer_query_probs` from a layer's own q/k projection outputs (no recomputation).
+
+    ``q_out [B, L, H*D]`` and ``k_out [B, L, H_kv*D]`` are what ``attn.q_proj`` / ``attn.k_proj``
+    produced for the same slots; rotary tables are applied here, to the query rows only.
+    """
+    b, n, _ = k_out.shape
+    hd = attn.head_dim
+    cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
+    qs = query_slots.clamp(min=0)
+    q = _gather_rows(q_out, qs).view(b, qs.shape[1], -1, hd).transpose(1, 2)
+    k = k_out.view(b, n, -1, hd).transpose(1, 2)
+    q = apply_rope(q, _gather_rows(cos, qs), _gather_rows(sin, qs))
+    k = apply_rope(k, cos, sin)
+    return kernels.query_key_probs(q, k, valid, query_slots, attn.scaling)

@@ -51,8 +51,9 @@ class PrefillContext:
     ``visual``/``valid`` flag visual slots and attendable slots; ``query_slot[b]`` is the slot
     of the row's last real token; ``visual_in[b]`` counts the row's visual tokens at the
     language model's input (the N of the papers); ``layers`` are the decoder layers;
-    ``cos``/``sin`` the rotary tables at the present slots; ``answer_query`` (training) marks
-    the slots just before an answer span.
+    ``cos``/``sin`` the rotary tables at the present slots; ``previous_qk`` the q/k
+    projection outputs of layer ``layer - 1`` (for stages with ``needs_previous_input``);
+    ``answer_query`` (training) marks the slots just before an answer span.
     """
 
     layer: int
@@ -64,7 +65,7 @@ class PrefillContext:
     layers: nn.ModuleList
     cos: torch.Tensor
     sin: torch.Tensor
-    layer_input: torch.Tensor | None = None
+    previous_qk: tuple | None = None  # q/k projection outputs of layer ``layer - 1``
     answer_query: torch.Tensor | None = None
     protected: torch.Tensor | None = None
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.config import MethodConfig, ModelInfo, check_choice, check_fraction, check_layer, register_method
-from vtprune.scoring import layer_query_probs
+from vtprune.scoring import projected_query_probs
 from vtprune.selection import count_for_fraction, fastv_ratio, slots_of, topk_mask
 from vtprune.stages import PrefillContext, PrefillStage
 
@@ -90,7 +90,7 @@ class FastVStage(PrefillStage):
             queries = ctx.query_slot.unsqueeze(1)
         else:
             queries = text_query_slots(ctx.visual, ctx.valid)
-        probs = layer_query_probs(prev, ctx.layer_input, ctx.cos, ctx.sin, ctx.valid, queries)
+        probs = projected_query_probs(prev.self_attn, *ctx.previous_qk, ctx.cos, ctx.sin, ctx.valid, queries)
         scores = probs.sum(1) / (queries >= 0).sum(1, keepdim=True).clamp(min=1)
         k = count_for_fraction(ctx.visual_in, self.ratio)
         return topk_mask(scores, ctx.visual, k)

@@ -30,7 +30,7 @@ from vtprune.config import MethodConfig, ModelInfo, check_choice, check_fraction
 from vtprune.integrations.base import ImageLayout
 from vtprune.methods.fastv import text_query_slots
 from vtprune.methods.hired import token_scores
-from vtprune.scoring import layer_query_probs
+from vtprune.scoring import projected_query_probs
 from vtprune.selection import pyramid_average, pyramid_ratio, scale_layers
 from vtprune.stages import DecodeStage, PrefillContext, PrefillStage, VisionContext, VisionStage
 
@@ -204,9 +204,8 @@ class MustDropPrefillStage(PrefillStage):
 
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         queries = text_query_slots(ctx.visual, ctx.valid)
-        probs = layer_query_probs(
-            ctx.layers[self.layer - 1], ctx.layer_input, ctx.cos, ctx.sin, ctx.valid, queries
-        )
+        attn = ctx.layers[self.layer - 1].self_attn
+        probs = projected_query_probs(attn, *ctx.previous_qk, ctx.cos, ctx.sin, ctx.valid, queries)
         summed, largest = probs.sum(1), probs.max(1).values
         keep = torch.zeros_like(ctx.visual)
         for b in range(ctx.visual.shape[0]):

@@ -87,6 +87,10 @@ class Runtime:
             self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         if self.probe is not None:
             self.handles += self.probe.install()
+        for i in self.capture_layers:
+            attn = a.layers[i].self_attn
+            self.handles.append(attn.q_proj.register_forward_hook(self._keep_projection(0)))
+            self.handles.append(attn.k_proj.register_forward_hook(self._keep_projection(1)))
         if self.attention_handlers:
             cfg = a.text_config
             self._attn_restore = cfg._attn_implementation
@@ -117,6 +121,22 @@ class Runtime:
             else:
                 module.forward = previous
         self.patched_forwards.clear()
+
+    def _keep_projection(self, which: int):
+        """Keep the q (0) or k (1) projection output of a scoring layer during prefill.
+
+        FastV and MustDrop score with the attention of the layer before the pruning point; its
+        projections are computed anyway, so keeping them avoids recomputing any of them.
+        """
+
+        def hook(module, args, output):
+            state = ACTIVE.get()
+            if self._mine(state) and state.prefilling:
+                pair = list(state.step.captured_qk or (None, None))
+                pair[which] = output
+                state.step.captured_qk = tuple(pair)
+
+        return hook
 
     def _patch_forward(self, module, forward) -> None:
         """Shadow ``module.forward`` on this instance only, remembering what was there."""
@@ -416,8 +436,6 @@ class Runtime:
         for stage in self.prefill_stages.get(i, ()):
             with state.timed():
                 hidden = self._run_prefill_stage(state, stage, i, hidden, kwargs)
-        if i in self.capture_layers:
-            state.step.captured_input = hidden
         s = state.layer_set[i]
         if s == 0:
             return (hidden,) + tuple(args[1:]), kwargs
@@ -452,7 +470,7 @@ class Runtime:
             layers=self.adapter.layers,
             cos=cos,
             sin=sin,
-            layer_input=state.step.captured_input,
+            previous_qk=state.step.captured_qk,
             answer_query=answer,
             protected=_on_slots(state.protected, cur),
         )
@@ -475,8 +493,7 @@ class Runtime:
             position_ids=None,
             layer_idx=i,
         )
-        if state.step.captured_input is not None:
-            state.step.captured_input = None
+        state.step.captured_qk = None
         return hidden
 
     def _select(self, state: RequestState, stage, token_set: TokenSet, compute) -> torch.Tensor:

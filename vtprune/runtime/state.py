@@ -32,7 +32,7 @@ class StepScratch:
     masks: dict = field(default_factory=dict)  # set index -> attention mask for its layers
     rotary: dict = field(default_factory=dict)  # set index -> (cos, sin) at its slots
     lm_rotary: tuple | None = None  # the language model's full-length (cos, sin)
-    captured_input: torch.Tensor | None = None  # a layer's input kept for a later scorer
+    captured_qk: tuple | None = None  # q/k projection outputs of a scoring layer
     memo: dict = field(default_factory=dict)  # other per-call values shared by layers
 
 
