@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import vtprune
+from vtprune.eval.shapes import llava_config
 from vtprune.flops import attention_flops, count_flops
 
 DEFAULT_PLANS = [
@@ -60,29 +61,10 @@ def _value(v: str):
 
 def build_model(width: int, layers: int, seed: int = 0):
     """LLaVA-1.5 token geometry at a reduced width (random weights)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    heads = max(1, width // 64)
-    vision = CLIPVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=336,
-        patch_size=14,
-    )
-    text = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=width,
-        intermediate_size=int(width * 11008 / 4096),
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=2048,
-    )
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=999, vision_feature_layer=-2)
-    model = LlavaForConditionalGeneration(cfg).eval()
+    model = LlavaForConditionalGeneration(llava_config(width, layers)).eval()
     model.set_attn_implementation("sdpa")
     return model
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import doctest
 
 import pytest
-from transformers import AutoConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig
+from transformers import AutoConfig, LlavaConfig
 
 from vtprune.eval import flops_report as fr
+from vtprune.eval.shapes import llava_config
 from vtprune.flops import attention_flops, decoder_linear_flops
 
 # name -> (architecture, layers, hidden, intermediate, heads, kv heads, vocab, visual tokens per default image),
@@ -34,24 +35,18 @@ def test_llava_7b_paper_numbers():
 
 
 def _small_llava() -> LlavaConfig:
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+    return llava_config(
+        64,
+        4,
         image_size=56,
-        patch_size=14,
+        vision_hidden=32,
+        heads=4,
+        kv_heads=2,
+        intermediate=128,
+        vocab=100,
+        image_token_id=99,
+        max_positions=256,
     )
-    text = LlamaConfig(
-        vocab_size=100,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=99, vision_feature_layer=-2)
 
 
 def test_counted_decoder_equals_formula_small_config():

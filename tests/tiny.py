@@ -180,26 +180,22 @@ def inputs(
 
 def llava_shaped(layers: int = 32, seed: int = 0):
     """LLaVA-1.5 token geometry (336 px / 14 = 576 visual tokens, 32 layers) at a tiny width."""
+    from vtprune.eval.shapes import llava_config
+
     torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=336,
-        patch_size=14,
+    cfg = llava_config(
+        32,
+        layers,
+        vision_hidden=16,
+        heads=2,
+        intermediate=64,
+        vocab=VOCAB,
+        image_token_id=IMAGE,
+        max_positions=1024,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=2,
     )
-    text = LlamaConfig(
-        **_text(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-        )
-    )
-    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, vision_feature_layer=-2)
     return _finish(LlavaForConditionalGeneration(cfg), "sdpa")
 
 
