@@ -12,12 +12,6 @@ def _demo(args) -> None:
     run_demo(arch=args.model, keep=args.keep, methods=args.methods.split(","), n=args.n)
 
 
-def _bench(args) -> None:
-    from vtprune.eval.bench_prefill import main
-
-    main(args.rest)
-
-
 def _flops(args) -> None:
     from vtprune.eval.flops_report import flops_report, format_flops_table
 
@@ -45,6 +39,12 @@ def _split_plans(text: str) -> list[str]:
 
 
 def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the benchmark has its own option parser: hand it everything
+        from vtprune.eval.bench_prefill import main as bench_main
+
+        bench_main(argv[1:])
+        return
     ap = argparse.ArgumentParser(prog="vtprune", description="Visual token pruning for Hugging Face VLMs")
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="compare methods on the shipped tiny model (no download)")
@@ -56,9 +56,7 @@ def main(argv=None) -> None:
     from vtprune.eval.cli_eval import add_eval_parser
 
     add_eval_parser(sub)
-    b = sub.add_parser("bench", help="prefill benchmark (options: python -m vtprune.eval.bench_prefill -h)")
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(fn=_bench)
+    sub.add_parser("bench", help="prefill benchmark (options: vtprune bench -h)")
     f = sub.add_parser("flops", help="FLOPs of a model config on the meta device, no weights")
     f.add_argument("model", help="shipped config name (e.g. llava-1.5-7b), local folder or hub id")
     f.add_argument("--plans", default="baseline", help="e.g. baseline,pdrop:layers=8+16+24,ratio=0.5")
@@ -68,4 +66,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

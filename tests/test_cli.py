@@ -1,0 +1,53 @@
+"""The ``vtprune`` command: flops, bench and demo run end to end."""
+
+from __future__ import annotations
+
+import pytest
+import tiny
+import torch
+
+import vtprune
+from vtprune.cli import main
+
+
+def test_flops_command_prints_the_paper_numbers(capsys):
+    main(["flops", "llava-1.5-7b", "--plans", "baseline,pdrop:layers=8+16+24,ratio=0.5"])
+    out = capsys.readouterr().out
+    assert "| baseline | 576 | 576.0 | 3.82 |" in out
+    assert "| pdrop:layers=8+16+24,ratio=0.5 | 576 | 270.0 | 1.78 |" in out
+
+
+def test_bench_command_quick(tmp_path, capsys):
+    main(["bench", "--quick", "--plans", "baseline;fastv:layer=2,keep=0.25", "--out", str(tmp_path)])
+    assert (tmp_path / "prefill_bench.json").exists()
+    assert "FLOPs-allowed speedup" in capsys.readouterr().out
+
+
+def test_demo_prints_every_method(capsys):
+    main(["demo", "--n", "4", "--methods", "fastv,uniform"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    for plan in ("baseline", "fastv", "uniform"):
+        assert any(line.startswith(f"{plan} ") for line in lines), plan
+    assert "visual tokens per layer" in out
+
+
+def test_fastv_mean_score_uses_all_text_queries():
+    model = tiny.llava()
+    kw = tiny.inputs("llava", model, [1], seed=60, post=[12])
+    with torch.no_grad():
+        with vtprune.pruned(model, "fastv", keep=0.5):
+            model(**kw)
+            last = vtprune.stats(model).selections
+        with vtprune.pruned(model, "fastv", keep=0.5, score="mean"):
+            model(**kw)
+            mean = vtprune.stats(model).selections
+    (key,) = last
+    assert last[key][0].numel() == mean[key][0].numel()
+    assert not torch.equal(last[key][0], mean[key][0])
+
+
+@pytest.mark.parametrize("argv", [["flops", "no-such-model"]])
+def test_cli_errors_name_the_problem(argv):
+    with pytest.raises(ValueError, match="no-such-model"):
+        main(argv)

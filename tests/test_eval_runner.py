@@ -1,0 +1,239 @@
+"""The eval runner, meters, reports and CLI on a random tiny LLaVA saved to a folder (offline, CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vtprune.eval.meters import METER_KEYS
+from vtprune.eval.records import append_records, read_records, records_path
+from vtprune.eval.runner import run_eval
+
+PLANS = ["uniform:keep=1.0", "random:keep=0.5"]
+RUN = dict(limit=8, batch_size=4, max_new_tokens=1)  # synthvqa items 0..7, two batches per plan
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A random 2-layer tiny LLaVA whose head only says "yes" or "no", saved like a checkpoint.
+
+    A random head would answer nonsense and score 0, leaving "accuracy kept" undefined; a
+    yes/no head driven by the last hidden state scores on the yes/no questions and still
+    depends on the image.
+    """
+    from vtprune.eval.tiny_models import build_tiny, save_tiny
+
+    model, processor = build_tiny("llava", seed=0, text_layers=2, vision_layers=2)
+    tok = processor.tokenizer
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    with torch.no_grad():
+        w = model.lm_head.weight
+        direction = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(1))
+        w.zero_()
+        w[yes], w[no] = direction, -direction
+    path = tmp_path_factory.mktemp("tiny") / "llava"
+    save_tiny(model, processor, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run1(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval1")
+    results = run_eval(
+        str(tiny_dir), ["synthvqa"], None, PLANS, out, **RUN, meter_repeats=1, decode_tokens=3, progress=False
+    )
+    return out, results
+
+
+def _records(out: Path, plan: str) -> dict[str, dict]:
+    return read_records(records_path(out, "synthvqa", plan))
+
+
+def test_run_writes_results_and_records(run1):
+    out, results = run1
+    assert json.loads((out / "results.json").read_text())["tasks"]["synthvqa"]["plans"].keys() == {
+        "baseline",
+        *PLANS,
+    }
+    for plan in ["baseline", *PLANS]:
+        recs = _records(out, plan)
+        assert len(recs) == 8
+        rec = next(iter(recs.values()))
+        assert {"sample_id", "plan", "prompt", "prediction", "answers", "parser"} <= rec.keys()
+        assert rec["prompt"].startswith("USER: <image>\n") and rec["parser"] == "synthvqa_exact_match"
+        assert rec["prediction"] in ("yes", "no")
+    task = results["tasks"]["synthvqa"]
+    assert task["parser"] == "synthvqa_exact_match" and task["prompt_example"].endswith(" ASSISTANT:")
+
+
+def test_keep_all_plan_matches_baseline(run1):
+    out, results = run1
+    plans = results["tasks"]["synthvqa"]["plans"]
+    assert plans["baseline"]["main_score"] > 0
+    keep_all = plans["uniform:keep=1.0"]
+    assert keep_all["loyalty"] == 1.0 and keep_all["accuracy_kept"] == 1.0
+    base, same = _records(out, "baseline"), _records(out, "uniform:keep=1.0")
+    assert {k: r["prediction"] for k, r in base.items()} == {k: r["prediction"] for k, r in same.items()}
+
+
+def test_meters_are_positive_with_documented_keys(run1):
+    _, results = run1
+    plans = results["tasks"]["synthvqa"]["plans"]
+    for plan, p in plans.items():
+        m = p["meters"]
+        assert set(METER_KEYS) <= m.keys(), plan
+        for key in METER_KEYS:
+            values = m[key] if isinstance(m[key], list) else [m[key]]
+            floor = 0 if key in ("overhead_s", "overhead_share", "peak_memory_delta_bytes") else 1e-12
+            assert all(v >= floor for v in values), (plan, key, m[key])
+        assert m["timer"] == "perf_counter" and m["peak_memory_kind"].startswith("cpu_")
+    base, pruned = plans["baseline"]["meters"], plans["random:keep=0.5"]["meters"]
+    assert base["visual_tokens_per_layer"] == [144.0, 144.0] and pruned["equivalent_tokens"] == 72.0
+    assert pruned["flops_formula"] < base["flops_formula"] and pruned["flops_counted"] < base["flops_counted"]
+    assert pruned["kv_cache_bytes"] < base["kv_cache_bytes"]
+
+
+def test_interrupted_run_resumes_without_redoing_samples(tiny_dir, tmp_path, monkeypatch):
+    from transformers import LlavaForConditionalGeneration
+
+    class Interrupted(Exception):
+        pass
+
+    original = LlavaForConditionalGeneration.generate
+    calls = {"n": 0, "stop_at": 2}
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["stop_at"]:
+            raise Interrupted  # dies in the second batch, after the first was written
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "generate", counting)
+    kw = dict(**RUN, meters=False, progress=False)
+    with pytest.raises(Interrupted):
+        run_eval(str(tiny_dir), ["synthvqa"], None, PLANS[:1], tmp_path, **kw)
+    first = _records(tmp_path, "baseline")
+    assert len(first) == 4 and not records_path(tmp_path, "synthvqa", PLANS[0]).exists()
+
+    calls.update(n=0, stop_at=-1)
+    results = run_eval(str(tiny_dir), ["synthvqa"], None, PLANS[:1], tmp_path, **kw)
+    assert calls["n"] == 3  # the 2nd baseline batch + 2 batches of the plan; batch 1 is not redone
+    resumed = _records(tmp_path, "baseline")
+    assert len(resumed) == 8 and all(resumed[k] == v for k, v in first.items())
+    assert results["tasks"]["synthvqa"]["plans"][PLANS[0]]["loyalty"] == 1.0
+
+    calls.update(n=0)
+    run_eval(str(tiny_dir), ["synthvqa"], None, PLANS[:1], tmp_path, **kw)
+    assert calls["n"] == 0  # everything finished: nothing regenerated
+    with pytest.raises(ValueError, match="another run"):  # longer answers must not mix with these
+        run_eval(str(tiny_dir), ["synthvqa"], None, PLANS[:1], tmp_path, **{**kw, "max_new_tokens": 2})
+
+
+def test_torn_last_line_is_redone(tmp_path):
+    path = tmp_path / "t.jsonl"
+    append_records(path, [{"sample_id": "a", "prediction": "yes"}])
+    with open(path, "a") as f:
+        f.write('{"sample_id": "b", "predi')  # killed mid-write
+    assert list(read_records(path)) == ["a"]
+    append_records(path, [{"sample_id": "b", "prediction": "no"}])
+    assert read_records(path)["b"]["prediction"] == "no"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_merge_to_the_one_process_records(run1, tiny_dir, tmp_path):
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
+    if not Path(accelerate).exists():
+        pytest.skip("accelerate CLI not installed")
+    out1, _ = run1
+    out2 = tmp_path / "eval2"
+    # `accelerate launch --cpu --num_processes 2` starts ONE process unless an MPI hostfile is
+    # given (accelerate 1.x); the torchrun launcher behind --multi_gpu starts two, and the
+    # runner joins them in a CPU (gloo) group because no GPU is visible.
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           "-m", "vtprune.eval.cli_eval", "--model", str(tiny_dir), "--tasks", "synthvqa",
+           "--plans", ",".join(["baseline", *PLANS]), "--output", str(out2), "--limit", "8",
+           "--batch-size", "4", "--max-new-tokens", "1", "--no-meters", "--no-report", "--quiet"]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = ("prompt", "prediction", "answers", "parser")
+    for plan in ["baseline", *PLANS]:
+        shards = [read_records(records_path(out2, "synthvqa", plan, rank)) for rank in (0, 1)]
+        assert [len(s) for s in shards] == [4, 4]  # two ranks, strided shards
+        merged, single = _records(out2, plan), _records(out1, plan)
+        assert list(merged) == list(single)  # merged back into sample order
+        assert {k: [r[x] for x in keys] for k, r in merged.items()} == {
+            k: [r[x] for x in keys] for k, r in single.items()
+        }
+
+
+def test_reports_write_markdown_and_png(run1, tmp_path):
+    from vtprune.eval.reports import write_report
+
+    _, results = run1
+    paths = write_report(results, tmp_path)
+    md = paths["markdown"].read_text()
+    assert md.count("| synthvqa |") == 3 and "`random:keep=0.5`" in md and "acc. kept" in md
+    assert {p.name for p in paths["plots"]} == {
+        "synthvqa_accuracy_vs_tokens.png",
+        "synthvqa_token_pyramid.png",
+        "synthvqa_latency.png",
+    }
+    for p in paths["plots"]:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_parser_and_task_options():
+    import argparse
+
+    from vtprune.eval.cli_eval import _split, add_eval_parser
+    from vtprune.eval.tasks import parse_task
+
+    ap = argparse.ArgumentParser(prog="vtprune")
+    add_eval_parser(ap.add_subparsers(dest="command"))
+    args = ap.parse_args(["eval", "--model", "m", "--tasks", "pope,mme", "--output", "o", "--limit", "3"])
+    assert args.limit == 3 and args.batch_size == 8 and args.fn.__name__ == "run_from_args"
+    assert _split("baseline,pdrop:layers=8+16+24,ratio=0.5,fastv:keep=0.5") == [
+        "baseline",
+        "pdrop:layers=8+16+24,ratio=0.5",
+        "fastv:keep=0.5",
+    ]
+    assert _split("pope:parser=lenient,splits=random,mme") == ["pope:parser=lenient,splits=random", "mme"]
+    assert parse_task("pope:parser=lenient,splits=random") == (
+        "pope",
+        {"splits": ("random",)},
+        {"parser": "lenient"},
+    )
+    with pytest.raises(ValueError, match="unknown task"):
+        parse_task("nope")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["meters", "timers", "records", "tasks", "generation", "runner", "reports", "cli_eval", "lmms_plugin"],
+)
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    import vtprune
+
+    module = importlib.import_module(f"vtprune.eval.{name}")
+    result = doctest.testmod(
+        module, extraglobs={"torch": torch, "vtprune": vtprune}, optionflags=doctest.ELLIPSIS
+    )
+    assert result.failed == 0
