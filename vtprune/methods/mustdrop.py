@@ -153,30 +153,37 @@ class MustDropVisionStage(VisionStage):
         merges = []
         w = self.cfg.window
         for seg in img.segments:
-            for r0 in range(0, seg.rows - w + 1, w):
-                for c0 in range(0, seg.cols - w + 1, w):
-                    tile = torch.tensor([seg.token_index(r0 + r, c0 + c) for r in range(w) for c in range(w)])
-                    if torch.isin(tile, key_set).any():
-                        continue
-                    if window_similarity(feats[tile]) >= self.cfg.merge_threshold:
-                        centre = tile[len(tile) // 2]
-                        merges.append((int(centre), tile))
-                        dropped[tile] = True
-                        dropped[centre] = False
+            tiles = _tiles(seg, w)  # [T, w*w] token indices, row-major tiles of whole windows
+            if tiles.numel() == 0:
+                continue
+            sims = window_similarity(feats[tiles])
+            merge = (sims >= self.cfg.merge_threshold) & ~torch.isin(tiles, key_set).any(1)
+            centres = tiles[merge, (w * w) // 2]
+            dropped[tiles[merge].flatten()] = True
+            dropped[centres] = False
+            merges += list(zip(centres.tolist(), tiles[merge]))
         return torch.nonzero(~dropped).flatten(), key_set, merges
 
 
-def window_similarity(x: torch.Tensor) -> float:
-    """Mean pairwise cosine similarity of the rows of ``x``, self-pairs excluded.
+def window_similarity(x: torch.Tensor) -> torch.Tensor:
+    """Mean pairwise cosine similarity within each window ``x [T, n, D]``, self-pairs excluded.
 
     Example:
-        >>> window_similarity(torch.tensor([[1.0, 0], [1, 0], [0, 1]]))
-        0.3333333432674408
+        >>> window_similarity(torch.tensor([[[1.0, 0], [1, 0], [0, 1]]])).tolist()
+        [0.3333333432674408]
     """
-    n = x.shape[0]
-    xn = torch.nn.functional.normalize(x, dim=-1)
-    sim = xn @ xn.T
-    return float((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))
+    n = x.shape[1]
+    xn = torch.nn.functional.normalize(x.float(), dim=-1)
+    sim = xn @ xn.transpose(1, 2)
+    return (sim.sum((1, 2)) - sim.diagonal(dim1=1, dim2=2).sum(1)) / (n * (n - 1))
+
+
+def _tiles(seg, w: int) -> torch.Tensor:
+    rows, cols = seg.rows // w, seg.cols // w
+    if rows == 0 or cols == 0:
+        return torch.zeros(0, w * w, dtype=torch.long)
+    grid = seg.indices().view(seg.rows, seg.cols)[: rows * w, : cols * w]
+    return grid.reshape(rows, w, cols, w).permute(0, 2, 1, 3).reshape(rows * cols, w * w)
 
 
 def _token_features(img: ImageLayout) -> torch.Tensor:
@@ -216,9 +223,10 @@ class MustDropPrefillStage(PrefillStage):
             total = s.sum()
             protected = ctx.protected[b][vis] if ctx.protected is not None else torch.zeros_like(vis[vis])
             if self.fraction is None:
-                scale = 1.0
+                drop = (s < self.global_thr * total) & (m < self.individual_thr) & ~protected
+                kept = ~drop
             else:
-                scale = _scale_for_count(
+                kept = _keep_by_threshold_scale(
                     s,
                     m,
                     total,
@@ -227,22 +235,27 @@ class MustDropPrefillStage(PrefillStage):
                     self.individual_thr,
                     int(ctx.visual_in[b] * self.fraction),
                 )
-            drop = (s < scale * self.global_thr * total) & (m < scale * self.individual_thr) & ~protected
-            keep[b, torch.nonzero(vis).flatten()[~drop]] = True
+            keep[b, torch.nonzero(vis).flatten()[kept]] = True
         return keep
 
 
-def _scale_for_count(s, m, total, protected, g, i, target: int) -> float:
-    """Multiplier of both thresholds leaving about ``target`` tokens (bisection on a log scale)."""
+def _keep_by_threshold_scale(s, m, total, protected, g, i, target: int) -> torch.Tensor:
+    """Keep ``target`` tokens by scaling both thresholds by one factor ``c``.
 
-    def kept(c):
-        return int((~((s < c * g * total) & (m < c * i) & ~protected)).sum())
+    Token ``j`` is dropped when ``s_j < c*g*total`` and ``m_j < c*i``, i.e. when
+    ``c > t_j = max(s_j / (g*total), m_j / i)``: the survivors of some ``c`` are always the
+    tokens with the largest ``t_j``, so the factor that leaves ``target`` tokens is found by a
+    sort (protected tokens have ``t = inf``).
 
-    lo, hi = 1e-6, 1e6
-    for _ in range(60):
-        mid = math.sqrt(lo * hi)
-        if kept(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-    return hi if abs(kept(hi) - target) <= abs(kept(lo) - target) else lo
+    Example:
+        >>> s, m = torch.tensor([0.5, 0.1, 0.3]), torch.tensor([0.2, 0.9, 0.1])
+        >>> _keep_by_threshold_scale(s, m, 0.9, torch.zeros(3, dtype=torch.bool), 0.1, 0.1, 2).tolist()
+        [True, True, False]
+    """
+    t = torch.maximum(s / (g * total).clamp(min=1e-12), m / max(i, 1e-12)).masked_fill(
+        protected, float("inf")
+    )
+    order = torch.sort(t, descending=True, stable=True).indices
+    kept = torch.zeros_like(protected)
+    kept[order[: max(target, int(protected.sum()))]] = True
+    return kept
