@@ -27,6 +27,7 @@ def register_method(name: str):
         ...         return []
         >>> "noop" in REGISTRY
         True
+        >>> del REGISTRY["noop"]  # keep the example from leaking into the real registry
     """
 
     def deco(cls):

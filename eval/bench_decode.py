@@ -1,0 +1,72 @@
+"""Decode benchmark: KV-cache bytes and decoding speed per plan (MustDrop's decode stage).
+
+MustDrop re-indexes the KV caches of its earlier layers to the finally surviving tokens after
+prefill; this measures what that saves while decoding on the LLaVA-1.5-shaped model of the
+prefill benchmark (random weights, reduced width): KV-cache bytes and tokens/s, beside the
+unpruned model and MustDrop without its decode stage.
+
+Run: ``python -m vtprune.eval.bench_decode --out results/decode``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from vtprune.eval.bench_prefill import build_inputs, build_model
+from vtprune.eval.meters import measure_plans
+
+DEFAULT_PLANS = [
+    "baseline",
+    "mustdrop:keep=0.25,decode=false",
+    "mustdrop:keep=0.25",
+    "fastv:keep=0.25",
+    "pdrop:keep=0.25",
+]
+
+
+def markdown(results: dict, width: int, layers: int, tokens: int) -> str:
+    base = results["baseline"]
+    lines = [
+        f"# Decode benchmark (LLaVA-1.5 geometry, width {width}, {layers} layers, {tokens} new tokens, batch 1)",
+        "",
+        "| plan | KV-cache MB | KV saved | decode ms/token | tokens/s | speedup |",
+        "|---|---|---|---|---|---|",
+    ]
+    for plan, r in results.items():
+        kv, ms = r["kv_cache_bytes"], r["decode_s_per_token"] * 1e3
+        lines.append(
+            f"| `{plan}` | {kv / 2**20:.2f} | {1 - kv / base['kv_cache_bytes']:.0%} | {ms:.2f} | {1e3 / ms:.1f} | "
+            f"{base['decode_s_per_token'] * 1e3 / ms:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--plans", default=";".join(DEFAULT_PLANS))
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    model = build_model(args.width, args.layers)
+    plans = [p for p in args.plans.split(";") if p]
+    with torch.inference_mode():
+        results = measure_plans(model, build_inputs(1), plans, repeats=args.repeats, decode_tokens=args.tokens)
+    md = markdown(results, args.width, args.layers, args.tokens)
+    print(md)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "decode_bench.json").write_text(json.dumps(results, indent=2, default=str))
+        (out / "decode_bench.md").write_text(md)
+    return results
+
+
+if __name__ == "__main__":
+    main()
