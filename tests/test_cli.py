@@ -18,7 +18,7 @@ def test_flops_command_prints_the_paper_numbers(capsys):
 
 
 def test_bench_command_quick(tmp_path, capsys):
-    main(["bench", "--quick", "--plans", "baseline;fastv:layer=2,keep=0.25", "--out", str(tmp_path)])
+    main(["bench", "--quick", "--layers", "8", "--plans", "baseline;fastv:layer=1,keep=0.25", "--out", str(tmp_path)])
     assert (tmp_path / "prefill_bench.json").exists()
     assert "FLOPs-allowed speedup" in capsys.readouterr().out
 

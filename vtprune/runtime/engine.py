@@ -33,11 +33,10 @@ from .tokens import TokenSet, compact, gather_many, gather_seq
 from .vision import CAPTURE, make_probe, split_per_image
 
 
-def _bind(fn, args, kwargs) -> dict:
+def _bind(signature: inspect.Signature, args, kwargs) -> dict:
     """Named arguments of a call (``**kwargs`` flattened) so hooks can read and rewrite them."""
-    bound = inspect.signature(fn).bind(*args, **kwargs)
-    call = dict(bound.arguments)
-    for name, p in inspect.signature(fn).parameters.items():
+    call = dict(signature.bind(*args, **kwargs).arguments)
+    for name, p in signature.parameters.items():
         if p.kind is inspect.Parameter.VAR_KEYWORD and name in call:
             call.update(call.pop(name))
     return call
@@ -70,7 +69,7 @@ class Runtime:
         keys = any(st.needs_keys for st in self.vision_stages)
         self.probe = make_probe(adapter, layers, keys, hidden) if layers or hidden else None
         self.last_stats: PruneStats | None = None
-        self._mm_forward = adapter.mm_model.forward
+        self._mm_signature = inspect.signature(adapter.mm_model.forward)  # read once, bound per call
 
     # -- installation ---------------------------------------------------------------------
     def install(self) -> None:
@@ -164,7 +163,7 @@ class Runtime:
         keyed by the identity of each image's feature tensor, which survives generate's
         per-beam repetition of the feature list.
         """
-        signature_of = method
+        signature = inspect.signature(method)
 
         def encode(*args, **kwargs):
             token = CAPTURE.set({}) if self.probe is not None else None
@@ -176,7 +175,7 @@ class Runtime:
                     CAPTURE.reset(token)
             feats = getattr(out, "pooler_output", None)
             if isinstance(feats, (list, tuple)):
-                specs = self.adapter.image_specs(_bind(signature_of, args, kwargs))
+                specs = self.adapter.image_specs(_bind(signature, args, kwargs))
                 if len(specs) == len(feats):
                     out._vtprune_specs = {id(f): spec for f, spec in zip(feats, specs)}
                     if raw:
@@ -237,7 +236,7 @@ class Runtime:
 
     def _mm_pre(self, module, args, kwargs):
         _refuse_unsupported(kwargs.get("past_key_values"))
-        call = _bind(self._mm_forward, args, kwargs)
+        call = _bind(self._mm_signature, args, kwargs)
         cache = call.get("past_key_values")
         state = state_of_cache(cache)
         if self._mine(state) and cache.get_seq_length() > 0:
