@@ -18,7 +18,18 @@ def test_flops_command_prints_the_paper_numbers(capsys):
 
 
 def test_bench_command_quick(tmp_path, capsys):
-    main(["bench", "--quick", "--layers", "8", "--plans", "baseline;fastv:layer=1,keep=0.25", "--out", str(tmp_path)])
+    main(
+        [
+            "bench",
+            "--quick",
+            "--layers",
+            "8",
+            "--plans",
+            "baseline;fastv:layer=1,keep=0.25",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert (tmp_path / "prefill_bench.json").exists()
     assert "FLOPs-allowed speedup" in capsys.readouterr().out
 
@@ -51,3 +62,15 @@ def test_fastv_mean_score_uses_all_text_queries():
 def test_cli_errors_name_the_problem(argv):
     with pytest.raises(ValueError, match="no-such-model"):
         main(argv)
+
+
+def test_decode_benchmark_reports_kv_and_speed(tmp_path):
+    from vtprune.eval.bench_decode import main as decode_main
+
+    plans = "baseline;mustdrop:keep=0.25,decode=false;mustdrop:keep=0.25"
+    res = decode_main(
+        ["--width", "32", "--tokens", "2", "--repeats", "1", "--plans", plans, "--out", str(tmp_path)]
+    )
+    kv = [res[p]["kv_cache_bytes"] for p in plans.split(";")]
+    assert kv[0] > kv[1] > kv[2]  # the decode stage re-indexes earlier layers: less cache again
+    assert (tmp_path / "decode_bench.md").exists()
