@@ -23,23 +23,15 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 import vtprune.kernels as kernels
-from vtprune.integrations.base import GridSegment, ImageSpec
 from vtprune.stages import DecodeStage, PrefillContext, PrefillStage, SkipStage, VisionContext, VisionStage
 from vtprune.stats import PruneStats
 
 from .attention import wrapper_name
+from .encoder import EncoderTap
+from .plumbing import bind_call, keep_mask, on_slots, refuse_unsupported, replayed_keep, slots_within
 from .state import ACTIVE, LABELS, REPLAY, RequestState, StepScratch, attach_to_cache, state_of_cache
 from .tokens import TokenSet, compact, gather_many, gather_seq
-from .vision import CAPTURE, make_probe, split_per_image
-
-
-def _bind(signature: inspect.Signature, args, kwargs) -> dict:
-    """Named arguments of a call (``**kwargs`` flattened) so hooks can read and rewrite them."""
-    call = dict(signature.bind(*args, **kwargs).arguments)
-    for name, p in signature.parameters.items():
-        if p.kind is inspect.Parameter.VAR_KEYWORD and name in call:
-            call.update(call.pop(name))
-    return call
+from .vision import make_probe
 
 
 class Runtime:
@@ -68,6 +60,7 @@ class Runtime:
         hidden = sorted({layer for st in self.vision_stages for layer in st.vision_hidden_layers(adapter)})
         keys = any(st.needs_keys for st in self.vision_stages)
         self.probe = make_probe(adapter, layers, keys, hidden) if layers or hidden else None
+        self.encoder = EncoderTap(adapter, self.probe, self._mine)
         self.last_stats: PruneStats | None = None
         self._mm_signature = inspect.signature(adapter.mm_model.forward)  # read once, bound per call
 
@@ -100,7 +93,7 @@ class Runtime:
                 self._patch_forward(layer.mlp, self._make_mlp_forward(i, layer.mlp, stages))
         for name in a.encoder_methods():
             if hasattr(a.mm_model, name):
-                setattr(a.mm_model, name, self._wrap_encoder(getattr(a.mm_model, name)))
+                setattr(a.mm_model, name, self.encoder.wrap(getattr(a.mm_model, name)))
                 self.patched_methods.append(name)
 
     def remove(self) -> None:
@@ -155,72 +148,6 @@ class Runtime:
 
         return forward
 
-    def _wrap_encoder(self, method):
-        """Record each encoded image's token structure on the encoder output.
-
-        ``generate`` encodes images before prefill and pops ``pixel_values`` / ``image_sizes`` /
-        ``image_grid_thw``; the forward then only sees ``mm_encoder_outputs``. The structure is
-        keyed by the identity of each image's feature tensor, which survives generate's
-        per-beam repetition of the feature list.
-        """
-        signature = inspect.signature(method)
-
-        def encode(*args, **kwargs):
-            token = CAPTURE.set({}) if self.probe is not None else None
-            try:
-                out = method(*args, **kwargs)
-            finally:
-                raw = CAPTURE.get() if token is not None else None
-                if token is not None:
-                    CAPTURE.reset(token)
-            feats = getattr(out, "pooler_output", None)
-            if isinstance(feats, (list, tuple)):
-                specs = self.adapter.image_specs(_bind(signature, args, kwargs))
-                if len(specs) == len(feats):
-                    out._vtprune_specs = {id(f): spec for f, spec in zip(feats, specs)}
-                    if raw:
-                        vision = split_per_image(self.probe.finish(raw), specs, self.adapter.family)
-                        out._vtprune_vision = {id(f): v for f, v in zip(feats, vision)}
-                        self._attach_vision_to_active(vision)
-            return out
-
-        encode.__wrapped__ = method
-        return encode
-
-    def _attach_vision_to_active(self, vision: list[dict]) -> None:
-        """Direct forward path: the tower runs inside the forward, after the request started."""
-        state = ACTIVE.get()
-        if not self._mine(state) or not getattr(state, "prefilling", False):
-            return
-        images = [img for row in state.layouts for img in row]
-        if len(images) == len(vision):
-            for img, v in zip(images, vision):
-                img.vision = v
-
-    def _specs_for_call(self, call: dict) -> tuple[list, list[dict]]:
-        """Token structure (and captured tower scores) of every image of a call, in placeholder order."""
-        encoded = call.get("mm_encoder_outputs") or {}
-        specs, vision = [], []
-        for modality in ("image", "video"):
-            out = encoded.get(modality)
-            if out is None:
-                continue
-            table = getattr(out, "_vtprune_specs", {})
-            captured = getattr(out, "_vtprune_vision", {})
-            for feat in out.pooler_output:
-                spec = table.get(id(feat))
-                if spec is None:
-                    n = len(feat)
-                    spec = ImageSpec(
-                        n, (GridSegment(offset=0, rows=1, cols=n, row_stride=n, name="unknown"),)
-                    )
-                specs.append(spec)
-                vision.append(captured.get(id(feat), {}))
-        if specs:
-            return specs, vision
-        specs = self.adapter.image_specs(call)
-        return specs, [{} for _ in specs]
-
     # -- outer / multimodal model ---------------------------------------------------------
     def _outer_pre(self, module, args, kwargs):
         LABELS.set(kwargs.get("labels"))
@@ -235,8 +162,8 @@ class Runtime:
         return state is not None and state.owner == id(self.model)
 
     def _mm_pre(self, module, args, kwargs):
-        _refuse_unsupported(kwargs.get("past_key_values"))
-        call = _bind(self._mm_signature, args, kwargs)
+        refuse_unsupported(kwargs.get("past_key_values"))
+        call = bind_call(self._mm_signature, args, kwargs)
         cache = call.get("past_key_values")
         state = state_of_cache(cache)
         if self._mine(state) and cache.get_seq_length() > 0:
@@ -256,7 +183,7 @@ class Runtime:
         state = RequestState(owner=id(self.model), batch=ref.shape[0], orig_len=ref.shape[1], runtime=self)
         state.prefilling = True
         if ids is not None:
-            specs, vision = self._specs_for_call(call)
+            specs, vision = self.encoder.specs_for_call(call)
             state.layouts = self.adapter.layouts(ids, specs)
             images = [img for row in state.layouts for img in row]
             for img, v in zip(images, vision):
@@ -338,7 +265,7 @@ class Runtime:
         keep_vis = base.visual.clone()
         for stage in self.vision_stages:
             keep_vis &= self._select(state, stage, base, functools.partial(stage.select, ctx))
-        keep = _keep_mask(base, keep_vis)
+        keep = keep_mask(base, keep_vis)
         if ctx.protected:
             table = torch.zeros_like(base.visual)
             for row, positions in ctx.protected:
@@ -412,7 +339,7 @@ class Runtime:
                 if s == final_idx:
                     continue
                 layer = cache.layers[i]
-                idx = _slots_within(state.sets[s], final).to(layer.keys.device)
+                idx = slots_within(state.sets[s], final).to(layer.keys.device)
                 layer.keys, layer.values = kernels.gather_rows([layer.keys, layer.values], idx)
                 state.layer_set[i] = final_idx
 
@@ -471,10 +398,10 @@ class Runtime:
             sin=sin,
             previous_qk=state.step.captured_qk,
             answer_query=answer,
-            protected=_on_slots(state.protected, cur),
+            protected=on_slots(state.protected, cur),
         )
         keep_vis = self._select(state, stage, cur, lambda: stage.select(ctx))
-        keep = _keep_mask(cur, keep_vis)
+        keep = keep_mask(cur, keep_vis)
         if keep is None:
             return hidden
         slots, present = compact(keep)
@@ -501,7 +428,7 @@ class Runtime:
         # vision stages depend only on the images, so they recompute (and redo their merges);
         # prefill stages depend on the prompt, whose growth replay must not see
         if replay is not None and stage.key in replay and isinstance(stage, PrefillStage):
-            keep_vis = _replayed(replay[stage.key], token_set, state.orig_len)
+            keep_vis = replayed_keep(replay[stage.key], token_set, state.orig_len)
         else:
             keep_vis = compute()
         keep_vis = keep_vis.to(token_set.visual.device) & token_set.visual
@@ -535,54 +462,3 @@ class Runtime:
             decoded = cache.layers[layer_idx].get_seq_length() - token_set.length
             tail = torch.ones(state.batch, decoded + hidden.shape[1], dtype=torch.bool, device=hidden.device)
         return torch.cat([token_set.valid.to(tail.device), tail], dim=1).long()
-
-
-def _keep_mask(token_set: TokenSet, keep_visual: torch.Tensor) -> torch.Tensor | None:
-    """Slots that survive a stage, or ``None`` when the stage drops nothing.
-
-    When visual tokens go, the caller's padding goes too: it is never attended, and keeping
-    it would hold every row of a ragged batch at the longest padded length.
-    """
-    if bool((keep_visual == token_set.visual).all()):
-        return None
-    return token_set.present & ((token_set.valid & ~token_set.visual) | keep_visual)
-
-
-def _slots_within(outer: TokenSet, inner: TokenSet) -> torch.Tensor:
-    """For each slot of ``inner`` (a subset of ``outer``), its slot in ``outer``; -1 at padding."""
-    b = outer.orig_index.shape[0]
-    n = int(max(outer.orig_index.max(), inner.orig_index.max())) + 2
-    table = torch.full((b, n), -1, dtype=torch.long, device=outer.orig_index.device)
-    src = torch.where(outer.present, outer.orig_index, n - 1)
-    table.scatter_(1, src, torch.arange(outer.length, device=src.device).expand(b, -1))
-    table[:, n - 1] = -1
-    idx = table.gather(1, inner.orig_index.clamp(min=0).to(table.device))
-    return torch.where(inner.present.to(idx.device), idx, -1)
-
-
-def _on_slots(table: torch.Tensor | None, token_set: TokenSet) -> torch.Tensor | None:
-    """A per-original-position flag table read at ``token_set``'s slots (padding: False)."""
-    if table is None:
-        return None
-    table = table.to(token_set.orig_index.device)
-    return table.gather(1, token_set.orig_index.clamp(min=0)) & token_set.present
-
-
-def _replayed(rows: list[torch.Tensor], token_set: TokenSet, orig_len: int) -> torch.Tensor:
-    """Boolean keep mask over ``token_set``'s slots from stored original positions per row."""
-    dev = token_set.orig_index.device
-    n_orig = max(orig_len, int(token_set.orig_index.max()) + 1)
-    table = torch.zeros(len(rows), n_orig + 1, dtype=torch.bool, device=dev)
-    for b, kept in enumerate(rows):
-        table[b, kept.to(dev)] = True
-    return table.gather(1, token_set.orig_index.clamp(min=0)) & token_set.present
-
-
-def _refuse_unsupported(cache) -> None:
-    if cache is not None and getattr(cache, "is_compileable", False):
-        raise NotImplementedError(
-            f"vtprune: {type(cache).__name__} is not supported (pruned layers hold different cache "
-            "lengths, which static caches cannot); use the default DynamicCache"
-        )
-    if torch.compiler.is_compiling():
-        raise NotImplementedError("vtprune: compiled forward/decode (torch.compile) is not supported yet")

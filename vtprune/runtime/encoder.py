@@ -1,0 +1,88 @@
+"""Reading image structure (and tower scores) while images are encoded.
+
+``generate`` encodes images before prefill and pops ``pixel_values`` / ``image_sizes`` /
+``image_grid_thw``; the forward then only sees ``mm_encoder_outputs``. The encoder method is
+shadowed on the model instance by :meth:`EncoderTap.wrap`, which records each image's token
+structure (and, with a probe, its vision-side scores) on the encoder output.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from vtprune.integrations.base import GridSegment, ImageSpec
+
+from .plumbing import bind_call
+from .state import ACTIVE
+from .vision import CAPTURE, split_per_image
+
+
+class EncoderTap:
+    def __init__(self, adapter, probe, is_mine):
+        self.adapter, self.probe, self.is_mine = adapter, probe, is_mine
+
+    def wrap(self, method):
+        """Record each encoded image's token structure on the encoder output.
+
+        ``generate`` encodes images before prefill and pops ``pixel_values`` / ``image_sizes`` /
+        ``image_grid_thw``; the forward then only sees ``mm_encoder_outputs``. The structure is
+        keyed by the identity of each image's feature tensor, which survives generate's
+        per-beam repetition of the feature list.
+        """
+        signature = inspect.signature(method)
+
+        def encode(*args, **kwargs):
+            token = CAPTURE.set({}) if self.probe is not None else None
+            try:
+                out = method(*args, **kwargs)
+            finally:
+                raw = CAPTURE.get() if token is not None else None
+                if token is not None:
+                    CAPTURE.reset(token)
+            feats = getattr(out, "pooler_output", None)
+            if isinstance(feats, (list, tuple)):
+                specs = self.adapter.image_specs(bind_call(signature, args, kwargs))
+                if len(specs) == len(feats):
+                    out._vtprune_specs = {id(f): spec for f, spec in zip(feats, specs)}
+                    if raw:
+                        vision = split_per_image(self.probe.finish(raw), specs, self.adapter.family)
+                        out._vtprune_vision = {id(f): v for f, v in zip(feats, vision)}
+                        self._attach_vision_to_active(vision)
+            return out
+
+        encode.__wrapped__ = method
+        return encode
+
+    def _attach_vision_to_active(self, vision: list[dict]) -> None:
+        """Direct forward path: the tower runs inside the forward, after the request started."""
+        state = ACTIVE.get()
+        if not self.is_mine(state) or not getattr(state, "prefilling", False):
+            return
+        images = [img for row in state.layouts for img in row]
+        if len(images) == len(vision):
+            for img, v in zip(images, vision):
+                img.vision = v
+
+    def specs_for_call(self, call: dict) -> tuple[list, list[dict]]:
+        """Token structure (and captured tower scores) of every image of a call, in placeholder order."""
+        encoded = call.get("mm_encoder_outputs") or {}
+        specs, vision = [], []
+        for modality in ("image", "video"):
+            out = encoded.get(modality)
+            if out is None:
+                continue
+            table = getattr(out, "_vtprune_specs", {})
+            captured = getattr(out, "_vtprune_vision", {})
+            for feat in out.pooler_output:
+                spec = table.get(id(feat))
+                if spec is None:
+                    n = len(feat)
+                    spec = ImageSpec(
+                        n, (GridSegment(offset=0, rows=1, cols=n, row_stride=n, name="unknown"),)
+                    )
+                specs.append(spec)
+                vision.append(captured.get(id(feat), {}))
+        if specs:
+            return specs, vision
+        specs = self.adapter.image_specs(call)
+        return specs, [{} for _ in specs]
