@@ -35,6 +35,7 @@ from PIL import Image
 
 from .synthvqa_scenes import (
     ANSWER_SPACE,
+    AUX_QTYPES,
     MAX_OBJECTS,
     MIN_OBJECTS,
     QTYPES,
@@ -48,6 +49,7 @@ from .synthvqa_scenes import (
 __all__ = [
     "ANSWER_SPACE",
     "ARCHS",
+    "AUX_QTYPES",
     "DEFAULT_IMAGE_SIZE",
     "QTYPES",
     "build_prompt",
@@ -128,6 +130,7 @@ def generate_synthvqa(
     start: int = 0,
     questions_per_image: int = 1,
     n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
+    extra_qtypes: Sequence[str] = QTYPES,
 ) -> list[dict]:
     """Generate ``n`` items deterministically; item ``i`` depends only on (split, seed, i), not on ``n``.
 
@@ -136,7 +139,9 @@ def generate_synthvqa(
     choices (answer space), objects (shape, colour, size, row, col, bbox), focus (evidence objects)``.
     With ``questions_per_image > 1`` an item also has ``extra``: further {question, answer, qtype, focus}
     about the same image (used to pack several questions per image during training). ``n_objects``
-    (default 3..7) is lowered only for the training curriculum.
+    (default 3..7) is lowered only for the training curriculum; ``extra_qtypes`` may add the auxiliary
+    training-only types ``AUX_QTYPES`` ("what shape is the red object ?", "which row is the red circle in
+    ?") to the extra questions.
 
     Example:
         >>> item = generate_synthvqa(1, seed=3)[0]
@@ -160,18 +165,18 @@ def generate_synthvqa(
             "focus": focus,
         }
         if questions_per_image > 1:
-            item["extra"] = _extra_questions(objects, rng, questions_per_image - 1, skip=question)
+            item["extra"] = _extra_questions(objects, rng, questions_per_image - 1, question, extra_qtypes)
         items.append(item)
     return items
 
 
-def _extra_questions(objects, rng: random.Random, k: int, skip: str) -> list[dict]:
+def _extra_questions(objects, rng: random.Random, k: int, skip: str, qtypes: Sequence[str]) -> list[dict]:
     """Up to ``k`` distinct extra questions about one scene, question types in a shuffled cycle."""
     out, seen = [], {skip}
     for attempt in range(4 * k):
         if len(out) == k:
             break
-        qtype = QTYPES[(attempt + rng.randrange(len(QTYPES))) % len(QTYPES)]
+        qtype = qtypes[(attempt + rng.randrange(len(qtypes))) % len(qtypes)]
         built = ask(objects, rng, qtype)
         if built is None or built[0] in seen:
             continue

@@ -39,7 +39,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 # Four shapes whose silhouettes differ even at the 16-px patch granularity of the tiny models (a diamond
 # was too close to a cross/square there); enough for counts up to 4 with unique colour+shape objects.
 SHAPES = ("circle", "square", "triangle", "cross")
-SIZES = {"small": 0.6, "large": 0.9}  # object extent as a fraction of the cell side
+# Object extent as a fraction of the cell side: 29 or 43 px on the default 192-px canvas, i.e. about 2x2
+# or 3x3 of the 144 LLaVA patch tokens; objects are centred in their cell (no jitter by default).
+SIZES = {"small": 0.6, "large": 0.9}
 COUNTS = ("0", "1", "2", "3", "4")
 YES_NO = ("yes", "no")
 QTYPES = ("exist", "attribute", "count", "spatial")
@@ -50,7 +52,14 @@ ANSWER_SPACE: dict[str, tuple[str, ...]] = {
     "spatial": YES_NO,
 }
 # Every word a question or an answer can contain (the tiny models' word-level vocabulary is built on it).
-QUESTION_WORDS = "is there a what color the how many objects are of left above ?".split()
+# Auxiliary, training-only question types. They key on what tiny models learn first (colour) and ask for
+# what the benchmark questions then need (shape, absolute position), which pushes shape and position into
+# the visual tokens early; the benchmark itself only uses QTYPES.
+AUX_QTYPES = ("shape", "where")
+ROWS_COLS = ("1", "2", "3", "4")
+QUESTION_WORDS = (
+    "is there a what color the how many objects are of left above ? shape object which row column in".split()
+)
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,7 @@ def task_vocabulary() -> list[str]:
         True
     """
     words: list[str] = []
-    for group in (QUESTION_WORDS, SHAPES, tuple(COLOURS), COUNTS, YES_NO):
+    for group in (QUESTION_WORDS, SHAPES, tuple(COLOURS), COUNTS, ROWS_COLS, YES_NO):
         words.extend(w for w in group if w not in words)
     return words
 
@@ -176,6 +185,24 @@ def ask_spatial(objects: list[SceneObject], rng: random.Random, yes: bool):
     return f"is the {objects[i].name()} {relation} the {objects[j].name()} ?", "yes" if yes else "no", [i, j]
 
 
+def ask_shape(objects: list[SceneObject], rng: random.Random):
+    """(auxiliary) Shape of the only object of some colour (None when no colour is unique)."""
+    unique = [c for c in COLOURS if sum(o.colour == c for o in objects) == 1]
+    if not unique:
+        return None
+    colour = rng.choice(unique)
+    (i,) = [i for i, o in enumerate(objects) if o.colour == colour]
+    return f"what shape is the {colour} object ?", objects[i].shape, [i]
+
+
+def ask_where(objects: list[SceneObject], rng: random.Random):
+    """(auxiliary) Row or column (1..4, from the top / left) of an object named by colour and shape."""
+    i = rng.randrange(len(objects))
+    axis = rng.choice(("row", "column"))
+    value = objects[i].row if axis == "row" else objects[i].col
+    return f"which {axis} is the {objects[i].name()} in ?", ROWS_COLS[value], [i]
+
+
 def ask(objects: list[SceneObject], rng: random.Random, qtype: str):
     """One more random question of ``qtype`` about an existing scene (answers balanced where possible).
 
@@ -187,6 +214,10 @@ def ask(objects: list[SceneObject], rng: random.Random, qtype: str):
         return ask_attribute(objects, rng)
     if qtype == "count":
         return ask_count(objects, rng)
+    if qtype == "shape":
+        return ask_shape(objects, rng)
+    if qtype == "where":
+        return ask_where(objects, rng)
     return ask_spatial(objects, rng, yes=rng.random() < 0.5)
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from vtprune.eval.synthvqa import (
     ANSWER_SPACE,
+    AUX_QTYPES,
     QTYPES,
     build_prompt,
     build_target,
@@ -35,6 +36,12 @@ def _expected_answer(question: str, objects: list[dict]) -> str:
         return o["colour"]
     if w[:2] == ["how", "many"]:  # how many <colour> objects are there ?
         return str(sum(o["colour"] == w[2] for o in objects))
+    if w[:2] == ["what", "shape"]:  # (auxiliary) what shape is the <colour> object ?
+        (o,) = [o for o in objects if o["colour"] == w[4]]
+        return o["shape"]
+    if w[0] == "which":  # (auxiliary) which row|column is the <colour> <shape> in ?
+        o = _find(objects, w[4], w[5])
+        return str((o["row"] if w[1] == "row" else o["col"]) + 1)
     # is the <c1> <s1> left of|above the <c2> <s2> ?
     a = _find(objects, w[2], w[3])
     rel = "left of" if w[4] == "left" else "above"
@@ -106,6 +113,17 @@ def test_pixels_show_the_objects(items):
             centre = ((x0 + x1) // 2, (y0 + y1) // 2)
             assert it["image"].getpixel(centre) == COLOURS[o["colour"]]
             assert o["shape"] in SHAPES
+
+
+def test_auxiliary_training_questions():
+    items = generate_synthvqa(
+        40, seed=0, split="train", questions_per_image=8, extra_qtypes=QTYPES + AUX_QTYPES
+    )
+    extra = [e for it in items for e in it["extra"]]
+    assert {e["qtype"] for e in extra} == set(QTYPES + AUX_QTYPES)
+    for it in items:
+        for e in it["extra"]:
+            assert _expected_answer(e["question"], it["objects"]) == e["answer"], e
 
 
 def test_curriculum_object_range():
