@@ -67,9 +67,14 @@ DEFAULT_SIZES: dict[str, dict] = {
         "patch_size": 16,  # 192 / 16 = 12 -> 144 visual tokens
         "vision_hidden": 128,
         "vision_layers": 4,  # the last layer is unused: LLaVA reads hidden_states[-2]
+        "vision_init_factor": 1.0,
+        # CLIP initialises position embeddings at std 0.02 while a plain patch embeds at ~3 per channel, so
+        # after the pre-LayerNorm the tokens barely know where they are and a tower trained from scratch
+        # needs thousands of steps to learn positions. Started at std 1, positions are there from step 0.
+        "vision_position_std": 1.0,
         "vision_heads": 4,
         "text_hidden": 128,
-        "text_layers": 4,
+        "text_layers": 12,
         "text_heads": 4,
         "text_kv_heads": 4,  # LLaVA-1.5's Vicuna uses plain multi-head attention
         "text_intermediate": 384,
@@ -81,7 +86,7 @@ DEFAULT_SIZES: dict[str, dict] = {
         "vision_layers": 4,
         "vision_heads": 4,
         "text_hidden": 128,
-        "text_layers": 4,
+        "text_layers": 12,
         "text_heads": 4,
         "text_kv_heads": 2,  # grouped-query attention as in Qwen2
         "text_intermediate": 384,
@@ -255,6 +260,7 @@ def build_config(arch: str, tokenizer=None, image_size: int = DEFAULT_IMAGE_SIZE
             patch_size=s["patch_size"],
             projection_dim=s["vision_hidden"],
             hidden_act="quick_gelu",
+            initializer_factor=s["vision_init_factor"],
         )
         text_config = LlamaConfig(
             **text, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"]
@@ -318,6 +324,11 @@ def build_tiny(arch: str, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE, *
     torch.manual_seed(seed)
     cls = LlavaForConditionalGeneration if arch == "llava" else Qwen2VLForConditionalGeneration
     model = cls(config)
+    if arch == "llava":
+        s = {**DEFAULT_SIZES["llava"], **overrides}
+        torch.nn.init.normal_(
+            model.model.vision_tower.embeddings.position_embedding.weight, std=s["vision_position_std"]
+        )
     tok = processor.tokenizer
     model.generation_config = GenerationConfig(
         bos_token_id=tok.bos_token_id,

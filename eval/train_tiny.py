@@ -1,6 +1,6 @@
 """Train a tiny LLaVA-1.5 / Qwen2-VL architecture model on freshly generated SynthVQA data (CPU, minutes).
 
-    python -m vtprune.eval.train_tiny --arch llava --out vtprune/assets/tiny-llava-synthvqa --steps 1200
+    python -m vtprune.eval.train_tiny --arch llava --out vtprune/assets/tiny-llava-synthvqa --threads 1
 
 * Reproducible: weights are seeded and training batch ``b`` is SynthVQA split ``train``, items
   ``[b*B, (b+1)*B)`` of ``--seed``, so an interrupted run resumes exactly from ``<out>/checkpoint/``.
@@ -9,6 +9,11 @@
   attention mask (each question block sees the image prefix and itself only) and position ids that restart
   after the image, so every block is *exactly* the single-question prompt of :func:`build_prompt`. The
   image is encoded once per K questions, which makes CPU training several times cheaper.
+* Two training-only signals beside the answer loss (:mod:`vtprune.eval.train_aux`), without which a tiny
+  model trained from scratch stays near chance on CPU budgets: linear probes on the visual tokens predict
+  each token's cell contents (colour, shape, row, column), and the answer position's attention at one
+  decoder layer is pulled onto the question's evidence (or onto the first token when nothing matches).
+  Both are dropped after training; the checkpoint is a plain Hugging Face model.
 * AdamW + linear warm-up + cosine decay; final greedy-generation evaluation on held-out split ``test``.
 
 Example:
@@ -29,13 +34,23 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .synthvqa import QTYPES, build_prompt, build_target, generate_synthvqa, prompt_parts, score_synthvqa
+from .synthvqa import (
+    AUX_QTYPES,
+    QTYPES,
+    build_prompt,
+    build_target,
+    generate_synthvqa,
+    prompt_parts,
+    score_synthvqa,
+)
 from .synthvqa_scenes import MAX_OBJECTS, MIN_OBJECTS
 from .tiny_models import DEFAULT_SIZES, build_tiny, num_image_tokens, save_tiny
+from .train_aux import AnswerAttentionProbe, VisualTokenProbe, answer_focus, scene_token_labels
 
 __all__ = ["evaluate", "make_batch", "predict", "train"]
 
 CKPT_NAME = os.path.join("checkpoint", "train_state.pt")
+ALL_QTYPES = QTYPES + AUX_QTYPES
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -79,7 +94,7 @@ def make_batch(items: list[dict], processor, arch: str, model=None) -> dict:
             a_ids = tok(build_target(answer, arch), add_special_tokens=False)["input_ids"]
             ids += q_ids + a_ids
             labels += [-100] * len(q_ids) + a_ids
-            qt += [-1] * len(q_ids) + [QTYPES.index(qtype)] * len(a_ids)
+            qt += [-1] * len(q_ids) + [ALL_QTYPES.index(qtype)] * len(a_ids)
             seg += [j] * (len(q_ids) + len(a_ids))
             pos += list(range(text_start, text_start + len(q_ids) + len(a_ids)))
         rows.append((ids, labels, seg, pos, qt))
@@ -192,30 +207,44 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def curriculum(step: int, curriculum_steps: int) -> tuple[int, int]:
-    """Object-count range for training step ``step``: from single-object scenes up to the full 3..7.
+FOCUS_QTYPES = ("shape", "attribute", "exist", "where")
 
-    With one object, "what color is the circle ?" is answered by the image's only colour: an easy signal
-    that opens the image -> answer pathway early; harder scenes then need shapes, binding and positions.
+
+def curriculum(step: int, focus_steps: int, curriculum_steps: int) -> tuple[tuple[int, int], tuple[str, ...]]:
+    """(object-count range, extra question types) for training step ``step``.
+
+    1. ``focus_steps``: scenes of 1-2 objects and extra questions about shapes and positions only. Tiny
+       models from scratch learn colour almost at once but shapes only with a focused signal; in the full
+       mixture the shape pathway never forms within a CPU budget.
+    2. ``curriculum_steps``: all question types, the largest object count growing from 2 to 7.
+    3. then the benchmark distribution (3-7 objects) with all question types.
 
     Example:
-        >>> [curriculum(s, 600) for s in (0, 300, 600)]
-        [(1, 1), (1, 4), (3, 7)]
+        >>> [curriculum(s, 400, 1000)[0] for s in (0, 400, 900, 1400)]
+        [(1, 2), (1, 2), (1, 4), (3, 7)]
     """
+    everything = QTYPES + AUX_QTYPES
+    if step < focus_steps:
+        return (1, 2), FOCUS_QTYPES
+    step -= focus_steps
     if step >= curriculum_steps:
-        return MIN_OBJECTS, MAX_OBJECTS
-    return 1, 1 + int(step / curriculum_steps * (MAX_OBJECTS - 1))
+        return (MIN_OBJECTS, MAX_OBJECTS), everything
+    return (1, 2 + int(step / curriculum_steps * (MAX_OBJECTS - 2))), everything
 
 
 def train(
     arch: str,
     out: str,
-    steps: int = 1200,
+    steps: int = 2000,
     seed: int = 0,
     batch_size: int = 16,
     questions_per_image: int = 6,
-    curriculum_steps: int = 300,
+    focus_steps: int = 150,
+    curriculum_steps: int = 500,
     lr: float = 1.5e-3,
+    aux_weight: float = 1.0,
+    attn_weight: float = 1.0,
+    attn_layer: int = 3,
     weight_decay: float = 0.01,
     warmup: int = 60,
     ckpt_every: int = 50,
@@ -232,7 +261,12 @@ def train(
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model, processor = build_tiny(arch, seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    probe = VisualTokenProbe(model, arch)  # dense per-token scene labels (see train_aux), dropped at the end
+    side = math.isqrt(num_image_tokens(processor, arch))
+    # the answer position's attention at ``attn_layer`` is pulled onto the evidence (see train_aux)
+    looker = AnswerAttentionProbe(model, attn_layer)
+    params = list(model.parameters()) + list(probe.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     ckpt = os.path.join(out, CKPT_NAME)
     start, elapsed, cpu = 0, 0.0, 0.0
     if os.path.exists(ckpt):
@@ -242,41 +276,56 @@ def train(
                 f"{ckpt} belongs to another run ({state['arch']}, seed {state['seed']}); remove it"
             )
         model.load_state_dict(state["model"])
+        probe.load_state_dict(state["probe"])
         opt.load_state_dict(state["optimizer"])
         start, elapsed, cpu = state["step"], state["elapsed"], state.get("cpu", 0.0)
         print(f"resuming {arch} from step {start}/{steps}")
 
     model.train()
-    hits = {q: [] for q in QTYPES}
+    hits = {q: [] for q in ALL_QTYPES}
     t0, c0 = time.time() - elapsed, time.process_time() - cpu
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {arch}", dynamic_ncols=True)
     for step in bar:
+        n_objects, extra_qtypes = curriculum(step, focus_steps, curriculum_steps)
         items = generate_synthvqa(
             batch_size,
             seed=seed,
             split="train",
             start=step * batch_size,
             questions_per_image=questions_per_image,
-            n_objects=curriculum(step, curriculum_steps),
+            n_objects=n_objects,
+            extra_qtypes=extra_qtypes,
         )
         batch = make_batch(items, processor, arch, model)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
-        loss, hit, qt = _forward_loss(model, batch)
+        rows, positions, focus = answer_focus(
+            items, batch, side, model.config.image_token_id, model.config.text_config.num_attention_heads
+        )
+        looker.query = (rows, positions)
+        answer_loss, hit, qt = _forward_loss(model, batch)
+        aux_loss = probe.loss(scene_token_labels(items, side))
+        attn_loss = looker.loss(focus)
+        loss = answer_loss + aux_weight * aux_loss + attn_weight * attn_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        for i, q in enumerate(QTYPES):  # running answer accuracy per type over the last ~20 steps
+        for i, q in enumerate(ALL_QTYPES):  # running answer accuracy per type over the last ~20 steps
             hits[q] = (hits[q] + hit[qt == i].float().tolist())[-20 * batch_size :]
         bar.set_postfix(
-            loss=f"{loss.item():.3f}", **{q[:5]: f"{sum(h) / max(1, len(h)):.2f}" for q, h in hits.items()}
+            loss=f"{answer_loss.item():.3f}",
+            aux=f"{aux_loss.item():.2f}",
+            look=f"{attn_loss.item():.2f}",
+            **{q[:5]: f"{sum(h) / max(1, len(h)):.2f}" for q, h in hits.items()},
         )
         if (step + 1) % ckpt_every == 0 and step + 1 < steps:
             times = (time.time() - t0, time.process_time() - c0)
-            _save_state(ckpt, model, opt, arch, seed, steps, step + 1, *times)
+            _save_state(ckpt, model, probe, opt, arch, seed, steps, step + 1, *times)
     train_seconds, cpu_seconds = time.time() - t0, time.process_time() - c0
     bar.close()
+    probe.remove()
+    looker.remove()
 
     result = evaluate(model, processor, arch, n=eval_n, seed=eval_seed)
     print(f"held-out ({eval_n} items, split test seed {eval_seed}): overall {result['accuracy']:.3f}")
@@ -289,8 +338,12 @@ def train(
         "steps": steps,
         "batch_size": batch_size,
         "questions_per_image": questions_per_image,
+        "focus_steps": focus_steps,
         "curriculum_steps": curriculum_steps,
         "lr": lr,
+        "aux_weight": aux_weight,
+        "attn_weight": attn_weight,
+        "attn_layer": attn_layer,
         "train_seconds": round(train_seconds, 1),
         "train_cpu_seconds": round(cpu_seconds, 1),  # wall time is inflated when the cores are shared
         "threads": threads,
@@ -307,10 +360,11 @@ def train(
     return info
 
 
-def _save_state(path, model, opt, arch, seed, steps, step, elapsed, cpu) -> None:
+def _save_state(path, model, probe, opt, arch, seed, steps, step, elapsed, cpu) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {
         "model": model.state_dict(),
+        "probe": probe.state_dict(),
         "optimizer": opt.state_dict(),
         "arch": arch,
         "seed": seed,
@@ -369,7 +423,12 @@ the answer is one word followed by the end-of-turn token.
 
 - command: `{info["command"]}`
 - seed {info["seed"]}, {info["steps"]} steps, {info["batch_size"]} images x {info["questions_per_image"]} questions per
-  step, AdamW lr {info["lr"]} (warm-up + cosine), curriculum from 1-object scenes over {info["curriculum_steps"]} steps
+  step, AdamW lr {info["lr"]} (warm-up + cosine), curriculum: {info["focus_steps"]} steps of 1-2 object scenes with shape/position questions, then
+  {info["curriculum_steps"]} steps growing to the full 3-7 objects (see `train_tiny.curriculum`)
+- training-only losses (`vtprune.eval.train_aux`, dropped afterwards): per-visual-token probes for the
+  colour/shape/row/column of the cell under the token (weight {info["aux_weight"]}), and the answer
+  position's attention at decoder layer {info["attn_layer"]} pulled onto the evidence objects (spatial
+  relations: half the heads per object; nothing matching: the first token) (weight {info["attn_weight"]})
 - time: {info["train_seconds"] / 60:.1f} min wall clock, {info["train_cpu_seconds"] / 60:.1f} CPU-minutes on
   {info["threads"]} threads (torch {torch.__version__})
 
@@ -393,12 +452,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--out", required=True, help="output folder (model + processor; checkpoint/ while training)"
     )
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16, help="images per step")
     p.add_argument("--questions-per-image", type=int, default=6)
-    p.add_argument("--curriculum-steps", type=int, default=300, help="steps from 1-object to full scenes")
+    p.add_argument("--focus-steps", type=int, default=150, help="steps of small shape/position-only scenes")
+    p.add_argument("--curriculum-steps", type=int, default=500, help="steps from 2 to 7 objects")
     p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--aux-weight", type=float, default=1.0, help="weight of the dense visual-token loss")
+    p.add_argument("--attn-weight", type=float, default=1.0, help="weight of the answer-attention loss")
+    p.add_argument(
+        "--attn-layer", type=int, default=3, help="decoder layer whose answer attention is supervised"
+    )
     p.add_argument("--eval-n", type=int, default=400)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -411,8 +476,12 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         batch_size=args.batch_size,
         questions_per_image=args.questions_per_image,
+        focus_steps=args.focus_steps,
         curriculum_steps=args.curriculum_steps,
         lr=args.lr,
+        aux_weight=args.aux_weight,
+        attn_weight=args.attn_weight,
+        attn_layer=args.attn_layer,
         eval_n=args.eval_n,
         threads=args.threads,
         command="python -m vtprune.eval.train_tiny " + " ".join(sys.argv[1:] if argv is None else argv),
