@@ -242,3 +242,22 @@ def test_mustdrop_decode_stage_generate_equals_uncached_reference(family):
     # the prompt's own last row is the same either way; later rows differ, so the check above can fail
     torch.testing.assert_close(cached[:, 0], plain[:, 0], rtol=1e-5, atol=1e-5)
     assert (cached[:, 1:] - plain[:, 1:]).abs().max() > 1e-3
+
+
+def test_mustdrop_keep_moves_default_stages_earlier_on_shallow_models():
+    from vtprune.config import ModelInfo
+    from vtprune.methods.mustdrop import MustDrop, MustDropPrefillStage
+    from vtprune.selection import pyramid_average
+
+    def bounds(keep, n):
+        return [
+            s.layer
+            for s in MustDrop(keep=keep).stages(ModelInfo(n, "llava"))
+            if isinstance(s, MustDropPrefillStage)
+        ]
+
+    assert bounds(0.11, 32) == [3, 7, 11, 15]  # deep models: the scaled defaults, unchanged
+    shallow = bounds(0.11, 12)
+    assert shallow[0] == 1 and pyramid_average(shallow, 1e-6, 12) < 0.11
+    with pytest.raises(ValueError, match="unreachable"):  # explicit layers are never moved
+        MustDrop(keep=0.11, layers=[4, 6]).stages(ModelInfo(12, "llava"))

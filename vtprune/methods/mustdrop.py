@@ -46,7 +46,8 @@ class MustDrop(MethodConfig):
     Args:
         preset: ``"192"``, ``"128"`` or ``"64"`` (the authors' thresholds; default ``"192"``).
         global_thr, individual_thr: explicit prefill thresholds (override the preset).
-        layers: prefill filtering layers (default [2, 6, 10, 14] scaled to the depth).
+        layers: prefill filtering layers (default [2, 6, 10, 14] scaled to the depth; with ``keep`` on a
+            shallow model whose first stage comes too late to reach it, the defaults move earlier).
         merge_threshold: window similarity for vision-stage merging (0.8); ``window`` size (3).
         key_ratio: share of tokens in the protected key set (0.08).
         decode: re-index earlier layers' KV caches to the final set after prefill (True).
@@ -97,6 +98,11 @@ class MustDrop(MethodConfig):
         # scores come from layer l's own attention, so tokens leave from layer l + 1
         bounds = [min(layer + 1, info.num_layers - 1) for layer in layers]
         fractions = [None] * len(bounds)
+        if self.keep is not None and self.layers is None:
+            # layers before the first stage keep everything: move default stages earlier until keep fits
+            while pyramid_average(bounds, 1e-6, info.num_layers) >= self.keep and bounds[0] > 1:
+                bounds = sorted({max(1, b - 1) for b in bounds})
+                layers = [b - 1 for b in bounds]
         if self.keep is not None:
             ratio = pyramid_ratio(self.keep, bounds, info.num_layers)
             if pyramid_average(bounds, 1e-6, info.num_layers) >= self.keep:
