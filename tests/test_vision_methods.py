@@ -261,3 +261,27 @@ def test_mustdrop_keep_moves_default_stages_earlier_on_shallow_models():
     assert shallow[0] == 1 and pyramid_average(shallow, 1e-6, 12) < 0.11
     with pytest.raises(ValueError, match="unreachable"):  # explicit layers are never moved
         MustDrop(keep=0.11, layers=[4, 6]).stages(ModelInfo(12, "llava"))
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
+def test_mustdrop_keep_counts_the_vision_merge_on_trained_models(arch):
+    """On real scenes the window merge removes many background tokens before the LLM; with ``keep``
+    the prefill stages re-solve their budgets per row so the layer average still hits the target."""
+    from vtprune.eval.synthvqa import build_prompt, generate_synthvqa
+    from vtprune.eval.tiny_models import load_tiny
+
+    model, processor = load_tiny(arch)
+    items = generate_synthvqa(4, seed=0, split="test")
+    processor.tokenizer.padding_side = "left"
+    enc = processor(
+        images=[it["image"] for it in items],
+        text=[build_prompt(it["question"], arch) for it in items],
+        return_tensors="pt",
+        padding=True,
+    )
+    for keep in (0.5, 0.25, 0.11):
+        with torch.no_grad(), vtprune.pruned(model, "mustdrop", keep=keep):
+            model(**enc)
+            st = vtprune.stats(model)
+        assert abs(st.keep_ratio - keep) < 0.02, (keep, st.keep_ratio)
+        assert st.visual_tokens_per_layer[0] < st.visual_tokens_in  # the merge did remove tokens

@@ -68,6 +68,7 @@ class PrefillContext:
     previous_qk: tuple | None = None  # q/k projection outputs of layer ``layer - 1``
     answer_query: torch.Tensor | None = None
     protected: torch.Tensor | None = None
+    visual_prompt: torch.Tensor | None = None  # per row, visual tokens before any vision stage
 
 
 class Stage:

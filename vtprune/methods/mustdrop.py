@@ -112,7 +112,10 @@ class MustDrop(MethodConfig):
         # hold every later stage above its share of the pyramid
         key_cap = fractions[-1] if self.keep is not None else None
         stages: list = [MustDropVisionStage(self, key_cap)]
-        stages += [MustDropPrefillStage(b, g, i, f) for b, f in zip(bounds, fractions)]
+        budget = None if self.keep is None else (self.keep, tuple(bounds), info.num_layers)
+        stages += [
+            MustDropPrefillStage(b, g, i, f, budget, s) for s, (b, f) in enumerate(zip(bounds, fractions))
+        ]
         if self.decode:
             stages.append(DecodeStage(first_layer=bounds[0], key="mustdrop-decode"))
         return stages
@@ -203,14 +206,41 @@ def _token_features(img: ImageLayout) -> torch.Tensor:
 class MustDropPrefillStage(PrefillStage):
     needs_previous_input = True
 
-    def __init__(self, layer: int, global_thr: float, individual_thr: float, fraction: float | None):
+    def __init__(
+        self,
+        layer: int,
+        global_thr: float,
+        individual_thr: float,
+        fraction: float | None,
+        budget: tuple | None = None,
+        index: int = 0,
+    ):
         self.layer, self.global_thr, self.individual_thr, self.fraction = (
             layer,
             global_thr,
             individual_thr,
             fraction,
         )
+        # (keep, stage bounds, layers): with keep, each row's count is re-solved after the vision
+        # merge, whose data-dependent savings would otherwise come on top of the pyramid
+        self.budget, self.index = budget, index
         self.key = f"mustdrop@{layer}"
+
+    def target(self, n_prompt: int, n_in: int) -> int:
+        """Tokens this stage keeps for a row that had ``n_prompt`` visual tokens and ``n_in`` after
+        the vision merge: the pyramid whose layer average, counting the merged-away tokens as saved,
+        is ``keep * n_prompt``.
+
+        Example:
+            >>> st = MustDropPrefillStage(2, 0.0, 0.0, 0.5, budget=(0.5, (2, 4), 8), index=0)
+            >>> st.target(100, 100), st.target(100, 60)  # without / after a merge to 60 tokens (all kept here)
+            (50, 60)
+        """
+        if self.budget is None:
+            return int(n_in * self.fraction)
+        keep, bounds, num_layers = self.budget
+        ratio = merged_pyramid_ratio(keep, n_prompt, n_in, bounds, num_layers)
+        return min(n_in, int(n_prompt * ratio ** (self.index + 1)))
 
     def expected_count(self, n_in: int, n_current: int) -> int:
         return n_current if self.fraction is None else min(n_current, int(n_in * self.fraction))
@@ -239,10 +269,42 @@ class MustDropPrefillStage(PrefillStage):
                     protected,
                     self.global_thr,
                     self.individual_thr,
-                    int(ctx.visual_in[b] * self.fraction),
+                    self.target(
+                        int(ctx.visual_prompt[b]) if ctx.visual_prompt is not None else int(ctx.visual_in[b]),
+                        int(ctx.visual_in[b]),
+                    ),
                 )
             keep[b, torch.nonzero(vis).flatten()[kept]] = True
         return keep
+
+
+def merged_pyramid_ratio(keep: float, n_prompt: int, n_in: int, bounds, num_layers: int) -> float:
+    """Ratio ``r`` with ``(bounds[0]*n_in + sum_s len_s * min(n_in, n_prompt*r**s)) / num_layers ==
+    keep * n_prompt`` (0 when even ``r = 0`` keeps too much), by bisection.
+
+    Example:
+        >>> round(merged_pyramid_ratio(0.5, 100, 100, (2, 4), 8), 4) == round(pyramid_ratio(0.5, [2, 4], 8), 4)
+        True
+    """
+    if n_prompt == 0:
+        return 1.0
+    edges = [*bounds, num_layers]
+
+    def average(r: float) -> float:
+        total = bounds[0] * n_in
+        total += sum(
+            (edges[s + 1] - edges[s]) * min(n_in, n_prompt * r ** (s + 1)) for s in range(len(bounds))
+        )
+        return total / num_layers
+
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if average(mid) < keep * n_prompt:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def _keep_by_threshold_scale(s, m, total, protected, g, i, target: int) -> torch.Tensor:

@@ -399,6 +399,7 @@ class Runtime:
             previous_qk=state.step.captured_qk,
             answer_query=answer,
             protected=on_slots(state.protected, cur),
+            visual_prompt=state.visual_in.to(hidden.device),
         )
         keep_vis = self._select(state, stage, cur, lambda: stage.select(ctx))
         keep = keep_mask(cur, keep_vis)
