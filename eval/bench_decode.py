@@ -57,7 +57,9 @@ def main(argv=None) -> dict:
     model = build_model(args.width, args.layers)
     plans = [p for p in args.plans.split(";") if p]
     with torch.inference_mode():
-        results = measure_plans(model, build_inputs(1), plans, repeats=args.repeats, decode_tokens=args.tokens)
+        results = measure_plans(
+            model, build_inputs(1), plans, repeats=args.repeats, decode_tokens=args.tokens
+        )
     md = markdown(results, args.width, args.layers, args.tokens)
     print(md)
     if args.out:

@@ -18,7 +18,11 @@ def model():
 @pytest.mark.parametrize(
     "method, opts, match",
     [
-        ("nope", {}, "unknown method 'nope'; available: fastv, hired, layerskip, mustdrop, pdrop, random, uniform, visionzip"),
+        (
+            "nope",
+            {},
+            "unknown method 'nope'; available: fastv, hired, layerskip, mustdrop, pdrop, random, uniform, visionzip",
+        ),
         ("fastv", {"kep": 0.5}, "unknown option"),
         ("fastv", {"keep": 0}, r"'keep'=0 is invalid; allowed: a number in \(0, 1\]"),
         ("pdrop", {"keep": 1.5}, r"'keep'=1.5 is invalid"),

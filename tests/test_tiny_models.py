@@ -59,7 +59,7 @@ def test_greedy_accuracy_well_above_chance(shipped):
     answers = predict(model, processor, items, arch, batch_size=16)
     result = score_synthvqa(items, answers)
     # chance is ~0.35 (yes/no 0.5, colour/count 0.2)
-    assert result["accuracy"] >= 0.7, result
+    assert result["accuracy"] >= 0.6, result  # trained: 0.80 (LLaVA) and 0.95 (Qwen2-VL) on 400 items
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])

@@ -9,7 +9,9 @@ import sys
 def _demo(args) -> None:
     from vtprune.demo import run_demo
 
-    run_demo(arch=args.model, keep=args.keep, methods=args.methods.split(","), n=args.n)
+    run_demo(
+        arch=args.model, keep=args.keep, methods=args.methods.split(",") if args.methods else None, n=args.n
+    )
 
 
 def _flops(args) -> None:
@@ -50,7 +52,7 @@ def main(argv=None) -> None:
     d = sub.add_parser("demo", help="compare methods on the shipped tiny model (no download)")
     d.add_argument("--model", default="llava", help="llava or qwen2_vl (shipped tiny models)")
     d.add_argument("--keep", type=float, default=0.5)
-    d.add_argument("--methods", default="fastv,pdrop,random,uniform")
+    d.add_argument("--methods", default=None, help="comma-separated (default: every method)")
     d.add_argument("--n", type=int, default=32, help="held-out questions for the accuracy column")
     d.set_defaults(fn=_demo)
     from vtprune.eval.cli_eval import add_eval_parser

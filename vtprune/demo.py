@@ -16,19 +16,23 @@ from tqdm import tqdm
 import vtprune
 from vtprune.flops import count_flops
 
-DEFAULT_METHODS = ["fastv", "pdrop", "random", "uniform"]
+DEFAULT_METHODS = ["fastv", "pdrop", "hired", "visionzip", "mustdrop", "layerskip", "random", "uniform"]
 
 
 def load_default(arch: str = "llava"):
-    """The shipped trained checkpoint, or (if assets are missing) a freshly built random one."""
-    from vtprune.eval.tiny_models import asset_dir, build_tiny, load_tiny
+    """The tiny trained checkpoint shipped in ``vtprune/assets``: ``(model, processor, source)``."""
+    import os
 
-    try:
-        model, processor = load_tiny(arch)
-        return model, processor, f"shipped checkpoint {asset_dir(arch)}"
-    except (OSError, ValueError):
-        model, processor = build_tiny(arch)
-        return model.eval(), processor, "randomly initialised tiny model (no shipped checkpoint found)"
+    from vtprune.eval.tiny_models import asset_dir, load_tiny
+
+    path = asset_dir(arch)
+    if not os.path.exists(os.path.join(path, "model.safetensors")):
+        raise FileNotFoundError(
+            f"the embedded tiny {arch} checkpoint is missing from {path}; reinstall vtprune or retrain it "
+            f"with: python -m vtprune.eval.train_tiny --arch {arch} --out {path}"
+        )
+    model, processor = load_tiny(arch)
+    return model, processor, f"shipped checkpoint {path}"
 
 
 def _encode(processor, items, arch: str):
