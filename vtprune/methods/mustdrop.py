@@ -161,7 +161,9 @@ class MustDropVisionStage(VisionStage):
         dropped = torch.zeros(img.num_tokens, dtype=torch.bool)
         merges = []
         w = self.cfg.window
-        for seg in img.segments:
+        # keep=1 asks for every token: no window is merged (keep-everything must equal unpruned)
+        segments = [] if self.cfg.keep is not None and self.cfg.keep >= 1.0 else img.segments
+        for seg in segments:
             tiles = _tiles(seg, w)  # [T, w*w] token indices, row-major tiles of whole windows
             if tiles.numel() == 0:
                 continue
