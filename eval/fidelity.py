@@ -98,7 +98,10 @@ def run(out: str, limit: int = 400, models=tuple(MODELS), keeps=KEEPS, batch_siz
         "data-dependent and on these mostly-background scenes can by itself remove more than the budget\n"
         "(the prefill stages then keep everything left and the plan lands below the target). Prefill\n"
         "times of these tiny models are dominated by per-layer fixed costs; see `results/prefill*` for\n"
-        "speed.\n\n" + "\n\n".join(sections)
+        "speed. The tiny models were trained with supervision of their layer-3 answer attention and with\n"
+        "per-token probes on the visual tokens (see their READMEs), not with CLS pretraining: text-attention\n"
+        "methods (FastV, PDrop, MustDrop) may find these models easier, and CLS-attention methods (HiRED,\n"
+        "VisionZip) harder, than real VLMs.\n\n" + "\n\n".join(sections)
     )
     path = Path(out) / "README.md"
     path.write_text(text)
