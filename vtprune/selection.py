@@ -46,14 +46,20 @@ def fastv_ratio(keep: float, layer: int, num_layers: int) -> float:
     return (keep * num_layers - layer) / (num_layers - layer)
 
 
-def pyramid_average(layers: list[int], ratio: float, num_layers: int) -> float:
-    """Layer-average keep fraction of a pyramid that multiplies by ``ratio`` at each boundary."""
+def pyramid_average(layers: list[int], ratio: float, num_layers: int, start: float = 1.0) -> float:
+    """Layer-average keep fraction of a pyramid that multiplies by ``ratio`` at each boundary.
+
+    ``start`` is the fraction the layers before the first boundary hold (below 1 when a vision
+    stage already removed tokens); no later segment holds more than it.
+    """
     bounds = [0, *layers, num_layers]
-    return sum((bounds[s + 1] - bounds[s]) * ratio**s for s in range(len(bounds) - 1)) / num_layers
+    return (
+        sum((bounds[s + 1] - bounds[s]) * min(start, ratio**s) for s in range(len(bounds) - 1)) / num_layers
+    )
 
 
-def pyramid_ratio(keep: float, layers: list[int], num_layers: int) -> float:
-    """Solve ``pyramid_average(layers, ratio) == keep`` for ratio in (0, 1] by bisection.
+def pyramid_ratio(keep: float, layers: list[int], num_layers: int, start: float = 1.0) -> float:
+    """Solve ``pyramid_average(layers, ratio, start=start) == keep`` for ratio in (0, 1] by bisection.
 
     Example:
         >>> round(pyramid_ratio(pyramid_average([8, 16, 24], 0.5, 32), [8, 16, 24], 32), 6)
@@ -62,7 +68,7 @@ def pyramid_ratio(keep: float, layers: list[int], num_layers: int) -> float:
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if pyramid_average(layers, mid, num_layers) < keep:
+        if pyramid_average(layers, mid, num_layers, start) < keep:
             lo = mid
         else:
             hi = mid

@@ -159,20 +159,29 @@ class MustDropVisionStage(VisionStage):
         key_set = score.topk(n_key).indices
         feats = _token_features(img).float()
         dropped = torch.zeros(img.num_tokens, dtype=torch.bool)
-        merges = []
         w = self.cfg.window
-        # keep=1 asks for every token: no window is merged (keep-everything must equal unpruned)
-        segments = [] if self.cfg.keep is not None and self.cfg.keep >= 1.0 else img.segments
-        for seg in segments:
-            tiles = _tiles(seg, w)  # [T, w*w] token indices, row-major tiles of whole windows
-            if tiles.numel() == 0:
+        sims, tiles = [], []
+        for seg in img.segments:
+            seg_tiles = _tiles(seg, w)  # [T, w*w] token indices, row-major tiles of whole windows
+            if seg_tiles.numel() == 0:
                 continue
-            sims = window_similarity(feats[tiles])
-            merge = (sims >= self.cfg.merge_threshold) & ~torch.isin(tiles, key_set).any(1)
-            centres = tiles[merge, (w * w) // 2]
-            dropped[tiles[merge].flatten()] = True
-            dropped[centres] = False
-            merges += list(zip(centres.tolist(), tiles[merge]))
+            seg_sims = window_similarity(feats[seg_tiles])
+            ok = (seg_sims >= self.cfg.merge_threshold) & ~torch.isin(seg_tiles, key_set).any(1)
+            sims.append(seg_sims[ok])
+            tiles.append(seg_tiles[ok])
+        if not tiles:
+            return torch.arange(img.num_tokens), key_set, []
+        sims, tiles = torch.cat(sims), torch.cat(tiles)
+        if self.cfg.keep is not None:
+            # with keep, the merge may not remove more than the budget: the most similar windows go
+            # first, and keep=1 merges none (keep-everything equals the unpruned model)
+            room = img.num_tokens - math.ceil(self.cfg.keep * img.num_tokens)
+            chosen = sims.argsort(descending=True, stable=True)[: room // (w * w - 1)]
+            tiles = tiles[chosen.sort().values]
+        centres = tiles[:, (w * w) // 2]
+        dropped[tiles.flatten()] = True
+        dropped[centres] = False
+        merges = list(zip(centres.tolist(), tiles))
         return torch.nonzero(~dropped).flatten(), key_set, merges
 
 
@@ -241,7 +250,7 @@ class MustDropPrefillStage(PrefillStage):
         if self.budget is None:
             return int(n_in * self.fraction)
         keep, bounds, num_layers = self.budget
-        ratio = merged_pyramid_ratio(keep, n_prompt, n_in, bounds, num_layers)
+        ratio = pyramid_ratio(keep, list(bounds), num_layers, start=n_in / max(n_prompt, 1))
         return min(n_in, int(n_prompt * ratio ** (self.index + 1)))
 
     def expected_count(self, n_in: int, n_current: int) -> int:
@@ -278,35 +287,6 @@ class MustDropPrefillStage(PrefillStage):
                 )
             keep[b, torch.nonzero(vis).flatten()[kept]] = True
         return keep
-
-
-def merged_pyramid_ratio(keep: float, n_prompt: int, n_in: int, bounds, num_layers: int) -> float:
-    """Ratio ``r`` with ``(bounds[0]*n_in + sum_s len_s * min(n_in, n_prompt*r**s)) / num_layers ==
-    keep * n_prompt`` (0 when even ``r = 0`` keeps too much), by bisection.
-
-    Example:
-        >>> round(merged_pyramid_ratio(0.5, 100, 100, (2, 4), 8), 4) == round(pyramid_ratio(0.5, [2, 4], 8), 4)
-        True
-    """
-    if n_prompt == 0:
-        return 1.0
-    edges = [*bounds, num_layers]
-
-    def average(r: float) -> float:
-        total = bounds[0] * n_in
-        total += sum(
-            (edges[s + 1] - edges[s]) * min(n_in, n_prompt * r ** (s + 1)) for s in range(len(bounds))
-        )
-        return total / num_layers
-
-    lo, hi = 0.0, 1.0
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        if average(mid) < keep * n_prompt:
-            lo = mid
-        else:
-            hi = mid
-    return hi
 
 
 def _keep_by_threshold_scale(s, m, total, protected, g, i, target: int) -> torch.Tensor:
