@@ -134,3 +134,33 @@ def test_answer_focus_and_attention_probe_on_a_packed_batch():
     finally:
         probe.remove()
     assert model.config.text_config._attn_implementation != AnswerAttentionProbe.NAME
+
+
+def test_training_resumes_exactly_after_an_interrupt(tmp_path, monkeypatch):
+    """An interrupted ``train`` picks up from its last checkpoint and ends with the same weights."""
+    from safetensors.torch import load_file
+
+    import vtprune.eval.train_tiny as tt
+
+    opts = dict(steps=4, batch_size=2, questions_per_image=2, ckpt_every=2, eval_n=4, threads=1)
+    tt.train("qwen2_vl", str(tmp_path / "whole"), **opts)
+
+    real = tt.generate_synthvqa
+
+    def interrupt_at_step_3(n, **kw):
+        if kw.get("split") == "train" and kw.get("start") == 3 * opts["batch_size"]:
+            raise KeyboardInterrupt
+        return real(n, **kw)
+
+    monkeypatch.setattr(tt, "generate_synthvqa", interrupt_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        tt.train("qwen2_vl", str(tmp_path / "resumed"), **opts)
+    assert torch.load(tmp_path / "resumed" / tt.CKPT_NAME, weights_only=False)["step"] == 2
+    monkeypatch.setattr(tt, "generate_synthvqa", real)
+    tt.train("qwen2_vl", str(tmp_path / "resumed"), **opts)
+
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert not (tmp_path / "resumed" / "checkpoint").exists()
