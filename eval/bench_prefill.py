@@ -86,9 +86,17 @@ def _prefill(model, kw):
         return model(**kw, logits_to_keep=1, use_cache=True)
 
 
-def measure(model, kw, plans: list[str], repeats: int, warmup: int) -> dict:
-    """Interleaved timing of every plan; FLOPs and token counts of each."""
-    results = {p: {"times": [], "overheads": []} for p in plans}
+def measure(model, kw, plans: list[str], repeats: int, warmup: int, baseline_every: int = 4) -> dict:
+    """Interleaved timing of every plan; FLOPs and token counts of each.
+
+    A shared CPU drifts in speed by tens of percent over a minute, more than the effects being
+    measured, so each plan's speedup is paired: within a repeat the baseline is re-timed before
+    and after every ``baseline_every`` plans, and a plan's speedup in that repeat is the mean of
+    its two bracketing baseline times over its own time. The reported speedup is the median of
+    these paired ratios over the repeats.
+    """
+    results = {p: {"times": [], "overheads": [], "paired_speedups": []} for p in plans}
+    others = [p for p in plans if p != "baseline"]
     for p in plans:
         _apply(model, p)
         flops, _ = count_flops(_prefill, model, kw)
@@ -104,25 +112,37 @@ def measure(model, kw, plans: list[str], repeats: int, warmup: int) -> dict:
         for _ in range(warmup):
             _prefill(model, kw)
     for _ in tqdm(range(repeats), desc=f"batch {kw['input_ids'].shape[0]}", leave=False):
-        for p in plans:
-            _apply(model, p)
-            t0 = time.perf_counter()
-            _prefill(model, kw)
-            results[p]["times"].append(time.perf_counter() - t0)
-            if p != "baseline":
-                results[p]["overheads"].append(vtprune.stats(model).overhead_s)
+        before = _time_plan(model, kw, "baseline", results)
+        for start in range(0, len(others), baseline_every):
+            chunk = others[start : start + baseline_every]
+            times = {p: _time_plan(model, kw, p, results) for p in chunk}
+            after = _time_plan(model, kw, "baseline", results)
+            for p, t in times.items():
+                results[p]["paired_speedups"].append((before + after) / 2 / t)
+            before = after
     vtprune.remove(model)
     base = results["baseline"]
-    base_t = statistics.median(base["times"])
     base_f = base["counted_flops"] + base["attention_flops"]
     for p in plans:
         r = results[p]
         r["median_s"] = statistics.median(r["times"])
-        r["measured_speedup"] = base_t / r["median_s"]
+        r["measured_speedup"] = statistics.median(r["paired_speedups"]) if r["paired_speedups"] else 1.0
         r["flops_speedup"] = base_f / (r["counted_flops"] + r["attention_flops"])
         r["share_of_allowed"] = r["measured_speedup"] / r["flops_speedup"]
         r["overhead_share"] = statistics.median(r["overheads"]) / r["median_s"] if r["overheads"] else 0.0
     return results
+
+
+def _time_plan(model, kw, plan: str, results: dict) -> float:
+    """Apply ``plan``, time one prefill, and record its time (and method overhead)."""
+    _apply(model, plan)
+    t0 = time.perf_counter()
+    _prefill(model, kw)
+    elapsed = time.perf_counter() - t0
+    results[plan]["times"].append(elapsed)
+    if plan != "baseline":
+        results[plan]["overheads"].append(vtprune.stats(model).overhead_s)
+    return elapsed
 
 
 def _apply(model, plan: str) -> None:
@@ -139,7 +159,8 @@ def markdown(report: dict) -> str:
         "",
         f"Model: LLaVA-1.5 geometry (576 visual tokens, {report['layers']} layers), width {report['width']}, "
         f"random weights; threads={report['threads']}, OMP_WAIT_POLICY={report['omp_wait_policy']}; "
-        f"median of {report['repeats']} interleaved repeats after {report['warmup']} warm-up runs.",
+        f"{report['repeats']} interleaved repeats after {report['warmup']} warm-up runs; the baseline is "
+        f"re-timed around every {report['baseline_every']} plans.",
         "",
         "| batch | plan | visual tokens / layer (mean) | median prefill (s) | measured speedup | FLOPs-allowed speedup | share of allowed | method overhead |",
         "|---|---|---|---|---|---|---|---|",
@@ -152,6 +173,10 @@ def markdown(report: dict) -> str:
                 f"{r['flops_speedup']:.2f}x | {100 * r['share_of_allowed']:.1f}% | {100 * r['overhead_share']:.2f}% |"
             )
     lines += [
+        "",
+        "Measured speedup = median over the repeats of (mean of the two baseline runs timed just before "
+        "and after the plan's group) / (the plan's run): paired, because this machine's speed drifts "
+        "between runs more than the differences measured. Median prefill is the plain median of the plan's runs.",
         "",
         "FLOPs-allowed speedup = (counted matmul FLOPs + causal attention FLOPs by formula) of the unpruned "
         "prefill / the same for the plan; `torch.utils.flop_counter` does not count CPU SDPA kernels, hence the formula.",
@@ -171,9 +196,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument(
+        "--baseline-every", type=int, default=4, help="re-time the baseline after this many plans"
+    )
     ap.add_argument("--out", default=None, help="folder for prefill_bench.json / .md")
     ap.add_argument("--quick", action="store_true", help="tiny width, 2 repeats: a smoke run")
     args = ap.parse_args(argv)
+    for name in ("repeats", "baseline_every"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.quick:
         args.width, args.repeats, args.warmup, args.batches = 64, 2, 1, "1"
     plans = [p for p in args.plans.split(";") if p]
@@ -188,13 +219,17 @@ def main(argv=None) -> dict:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "baseline_every": args.baseline_every,
         "results": {},
     }
     for b in (int(x) for x in args.batches.split(",")):
-        report["results"][b] = measure(model, build_inputs(b), plans, args.repeats, args.warmup)
+        report["results"][b] = measure(
+            model, build_inputs(b), plans, args.repeats, args.warmup, args.baseline_every
+        )
     for res in report["results"].values():
         for r in res.values():
             r.pop("overheads")
+            r["paired_speedups"] = [round(x, 4) for x in r["paired_speedups"]]
     md = markdown(report)
     print(md)
     if args.out:

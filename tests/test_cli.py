@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import statistics
+
 import pytest
 import tiny
 import torch
@@ -25,13 +28,29 @@ def test_bench_command_quick(tmp_path, capsys):
             "--layers",
             "8",
             "--plans",
-            "baseline;fastv:layer=1,keep=0.25",
+            "baseline;fastv:layer=1,keep=0.25;random:keep=0.5;uniform:keep=0.5",
+            "--baseline-every",
+            "2",
             "--out",
             str(tmp_path),
         ]
     )
-    assert (tmp_path / "prefill_bench.json").exists()
+    report = json.loads((tmp_path / "prefill_bench.json").read_text())
+    runs = report["results"]["1"]
+    # --quick: 2 repeats; each repeat times the baseline before the 3 plans and after every 2 of them
+    assert len(runs["baseline"]["times"]) == 2 * 3
+    for plan in ("fastv:layer=1,keep=0.25", "uniform:keep=0.5"):
+        assert len(runs[plan]["paired_speedups"]) == 2
+        assert runs[plan]["measured_speedup"] == pytest.approx(
+            statistics.median(runs[plan]["paired_speedups"]), rel=1e-3
+        )
     assert "FLOPs-allowed speedup" in capsys.readouterr().out
+
+
+def test_bench_rejects_bad_baseline_every(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--quick", "--baseline-every", "0"])
+    assert "--baseline-every must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_demo_prints_every_method(capsys):
