@@ -11,26 +11,29 @@ Four hook points, all instance-level ``register_forward_pre_hook(..., with_kwarg
   final hidden states back to the caller's sequence length;
 * each decoder layer: runs prefill stages at their layer, and hands every later layer the
   rotary tables, attention mask and (absent) position ids of the tokens it really holds.
+
+This module installs the hooks and routes each call; what runs at prefill (stages, compaction)
+lives in ``prefill.py`` and what runs at decode (masks over pruned caches, cache re-indexing)
+in ``decode.py``.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
 from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask
 
-import vtprune.kernels as kernels
-from vtprune.stages import DecodeStage, PrefillContext, PrefillStage, SkipStage, VisionContext, VisionStage
+from vtprune.stages import DecodeStage, PrefillStage, SkipStage, VisionStage
 from vtprune.stats import PruneStats
 
 from .attention import wrapper_name
+from .decode import layer_mask, reindex_caches, remap_lm_mask
 from .encoder import EncoderTap
-from .plumbing import bind_call, keep_mask, on_slots, refuse_unsupported, replayed_keep, slots_within
-from .state import ACTIVE, LABELS, REPLAY, RequestState, StepScratch, attach_to_cache, state_of_cache
-from .tokens import TokenSet, compact, gather_many, gather_seq
+from .plumbing import bind_call, refuse_unsupported
+from .prefill import prefill_layer, run_vision_stages
+from .state import ACTIVE, LABELS, RequestState, StepScratch, attach_to_cache, state_of_cache
+from .tokens import TokenSet
 from .vision import make_probe
 
 
@@ -224,7 +227,7 @@ class Runtime:
             return None
         if state.prefilling:
             return self._lm_prefill(state, args, kwargs)
-        return self._lm_decode(state, args, kwargs)
+        return remap_lm_mask(state, args, kwargs)
 
     def _lm_prefill(self, state: RequestState, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
@@ -249,7 +252,7 @@ class Runtime:
         state.layer_set = [0] * len(self.adapter.layers)
         if self.vision_stages:
             with state.timed():
-                self._run_vision_stages(state, base, embeds, kwargs)
+                run_vision_stages(state, self.vision_stages, self.adapter, base, embeds, kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = self.adapter.text_config.use_cache
@@ -257,52 +260,6 @@ class Runtime:
             kwargs["past_key_values"] = DynamicCache(config=self.adapter.text_config)
         if kwargs.get("past_key_values") is not None:
             attach_to_cache(kwargs["past_key_values"], state)
-        return args, kwargs
-
-    def _run_vision_stages(self, state: RequestState, base: TokenSet, embeds, kwargs) -> None:
-        """Keep the visual tokens every vision stage keeps; compact the LM input once."""
-        ctx = VisionContext(embeds=embeds, visual=base.visual, layouts=state.layouts)
-        keep_vis = base.visual.clone()
-        for stage in self.vision_stages:
-            keep_vis &= self._select(state, stage, base, functools.partial(stage.select, ctx))
-        keep = keep_mask(base, keep_vis)
-        if ctx.protected:
-            table = torch.zeros_like(base.visual)
-            for row, positions in ctx.protected:
-                table[row, positions.to(table.device)] = True
-            state.protected = table
-        if ctx.replacements:
-            embeds = embeds.clone()
-            for row, pos, vec in ctx.replacements:
-                embeds[row, pos] = vec.to(embeds.dtype)
-            kwargs["inputs_embeds"] = embeds
-        if keep is None:
-            return
-        slots, present = compact(keep)
-        new = base.select(slots, present, 0)
-        # the compacted sequence is the language model's input from here on
-        new.lm_index = torch.arange(new.length, device=embeds.device).expand_as(new.lm_index)
-        state.sets = [new]
-        pos = kwargs.get("position_ids")
-        if pos is None:
-            pos = self.adapter.prefill_position_ids(embeds)
-        kwargs["position_ids"] = gather_seq(pos, slots, dim=pos.dim() - 1)
-        kwargs["attention_mask"] = new.valid.long()
-        kwargs["inputs_embeds"] = gather_seq(embeds, slots, present)
-
-    def _lm_decode(self, state: RequestState, args, kwargs):
-        mask2d = kwargs.get("attention_mask")
-        if mask2d is not None and (isinstance(mask2d, dict) or mask2d.dim() != 2):
-            raise NotImplementedError(
-                "vtprune: pre-built 4-D / per-layer-type attention masks are not supported"
-            )
-        if mask2d is not None:
-            state.step.decode_tail = mask2d[:, state.orig_len :].bool()
-        first = state.sets[0]
-        if first.length == state.orig_len and not first.has_padding:
-            return None
-        cache = kwargs.get("past_key_values")
-        kwargs["attention_mask"] = self._decode_mask2d_for(state, first, kwargs["inputs_embeds"], cache, 0)
         return args, kwargs
 
     def _lm_post(self, module, args, kwargs, output):
@@ -313,7 +270,7 @@ class Runtime:
         cache = kwargs.get("past_key_values")
         if self.decode_stages and cache is not None:
             with state.timed():
-                self._run_decode_stages(state, cache)
+                reindex_caches(state, self.decode_stages, cache)
             self.last_stats.kv_cache_lengths = [state.sets[s].length for s in state.layer_set]
         final = state.sets[-1]
         if final.length == state.orig_len and not final.has_padding:
@@ -329,20 +286,6 @@ class Runtime:
         self.last_stats.overhead_s = state.overhead_s
         return output
 
-    def _run_decode_stages(self, state: RequestState, cache) -> None:
-        """Re-index the caches of later layers to the final token set (gathered per layer)."""
-        final_idx = len(state.sets) - 1
-        final = state.sets[final_idx]
-        for stage in self.decode_stages:
-            for i in range(stage.first_layer, len(state.layer_set)):
-                s = state.layer_set[i]
-                if s == final_idx:
-                    continue
-                layer = cache.layers[i]
-                idx = slots_within(state.sets[s], final).to(layer.keys.device)
-                layer.keys, layer.values = kernels.gather_rows([layer.keys, layer.values], idx)
-                state.layer_set[i] = final_idx
-
     # -- decoder layers -------------------------------------------------------------------
     def _make_layer_hook(self, i: int):
         def hook(module, args, kwargs):
@@ -350,116 +293,7 @@ class Runtime:
             if not self._mine(state):
                 return None
             if state.prefilling:
-                return self._layer_prefill(state, i, args, kwargs)
-            return self._layer_decode(state, i, args, kwargs)
+                return prefill_layer(state, self.prefill_stages.get(i, ()), self.adapter, i, args, kwargs)
+            return layer_mask(state, self.adapter.text_config, i, args, kwargs)
 
         return hook
-
-    def _layer_prefill(self, state: RequestState, i: int, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        if state.step.lm_rotary is None:
-            state.step.lm_rotary = kwargs["position_embeddings"]
-        for stage in self.prefill_stages.get(i, ()):
-            with state.timed():
-                hidden = self._run_prefill_stage(state, stage, i, hidden, kwargs)
-        s = state.layer_set[i]
-        if s == 0:
-            return (hidden,) + tuple(args[1:]), kwargs
-        kwargs["attention_mask"] = state.step.masks[s]
-        kwargs["position_embeddings"] = state.step.rotary[s]
-        kwargs["position_ids"] = None  # gapped ids would read as packed sequences
-        return (hidden,) + tuple(args[1:]), kwargs
-
-    def _rotary_for(self, state: RequestState, s: int):
-        if s == 0:
-            return state.step.lm_rotary
-        if s not in state.step.rotary:
-            cos, sin = state.step.lm_rotary
-            idx = state.sets[s].lm_index
-            state.step.rotary[s] = tuple(gather_many([cos, sin], idx))
-        return state.step.rotary[s]
-
-    def _run_prefill_stage(self, state: RequestState, stage: PrefillStage, i: int, hidden, kwargs):
-        s_cur = len(state.sets) - 1
-        cur = state.sets[s_cur].to(hidden.device)
-        cos, sin = self._rotary_for(state, s_cur)
-        answer = None
-        if state.answer_query is not None:
-            answer = state.answer_query.to(hidden.device).gather(1, cur.orig_index.clamp(min=0)) & cur.present
-        ctx = PrefillContext(
-            layer=i,
-            hidden=hidden,
-            visual=cur.visual,
-            valid=cur.valid,
-            query_slot=cur.query_slot(),
-            visual_in=state.sets[0].visual_counts().to(hidden.device),
-            layers=self.adapter.layers,
-            cos=cos,
-            sin=sin,
-            previous_qk=state.step.captured_qk,
-            answer_query=answer,
-            protected=on_slots(state.protected, cur),
-            visual_prompt=state.visual_in.to(hidden.device),
-        )
-        keep_vis = self._select(state, stage, cur, lambda: stage.select(ctx))
-        keep = keep_mask(cur, keep_vis)
-        if keep is None:
-            return hidden
-        slots, present = compact(keep)
-        new = cur.select(slots, present, i)
-        hidden = gather_seq(hidden, slots, present)
-        state.sets.append(new)
-        s_new = len(state.sets) - 1
-        state.layer_set[i:] = [s_new] * (len(state.layer_set) - i)
-        self._rotary_for(state, s_new)
-        state.step.masks[s_new] = create_causal_mask(
-            config=self.adapter.text_config,
-            inputs_embeds=hidden,
-            attention_mask=new.valid.long(),
-            past_key_values=kwargs.get("past_key_values"),
-            position_ids=None,
-            layer_idx=i,
-        )
-        state.step.captured_qk = None
-        return hidden
-
-    def _select(self, state: RequestState, stage, token_set: TokenSet, compute) -> torch.Tensor:
-        """A stage's kept visual slots: computed, or replayed from an earlier selection."""
-        replay = REPLAY.get()
-        # vision stages depend only on the images, so they recompute (and redo their merges);
-        # prefill stages depend on the prompt, whose growth replay must not see
-        if replay is not None and stage.key in replay and isinstance(stage, PrefillStage):
-            keep_vis = replayed_keep(replay[stage.key], token_set, state.orig_len)
-        else:
-            keep_vis = compute()
-        keep_vis = keep_vis.to(token_set.visual.device) & token_set.visual
-        state.record_selection(stage.key, token_set, keep_vis)
-        return keep_vis
-
-    def _layer_decode(self, state: RequestState, i: int, args, kwargs):
-        s = state.layer_set[i]
-        if s == 0:
-            return None
-        if s not in state.step.masks:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            token_set = state.sets[s]
-            state.step.masks[s] = create_causal_mask(
-                config=self.adapter.text_config,
-                inputs_embeds=hidden,
-                attention_mask=self._decode_mask2d_for(
-                    state, token_set, hidden, kwargs.get("past_key_values"), i
-                ),
-                past_key_values=kwargs.get("past_key_values"),
-                position_ids=None,
-                layer_idx=i,
-            )
-        kwargs["attention_mask"] = state.step.masks[s]
-        return args, kwargs
-
-    def _decode_mask2d_for(self, state, token_set, hidden, cache, layer_idx):
-        """The caller's 2-D mask re-indexed onto the cache of a layer holding ``token_set``."""
-        tail = state.step.decode_tail
-        if tail is None:
-            decoded = cache.layers[layer_idx].get_seq_length() - token_set.length
-            tail = torch.ones(state.batch, decoded + hidden.shape[1], dtype=torch.bool, device=hidden.device)
-        return torch.cat([token_set.valid.to(tail.device), tail], dim=1).long()

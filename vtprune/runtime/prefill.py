@@ -1,0 +1,140 @@
+"""Prefill-time work of the runtime: running vision and prefill stages and compacting the sequence.
+
+Every stage returns the visual slots it keeps; the runtime drops the rest physically (gathers
+hidden states, positions, rotary tables, masks) so later layers compute over fewer tokens.
+Each new token set gets its own causal mask and rotary tables, built once per request.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from transformers.masking_utils import create_causal_mask
+
+from vtprune.stages import PrefillContext, PrefillStage, VisionContext
+
+from .plumbing import keep_mask, on_slots, replayed_keep
+from .state import REPLAY, RequestState
+from .tokens import TokenSet, compact, gather_many, gather_seq
+
+
+def select(state: RequestState, stage, token_set: TokenSet, compute) -> torch.Tensor:
+    """A stage's kept visual slots: computed, or replayed from an earlier selection."""
+    replay = REPLAY.get()
+    # vision stages depend only on the images, so they recompute (and redo their merges);
+    # prefill stages depend on the prompt, whose growth replay must not see
+    if replay is not None and stage.key in replay and isinstance(stage, PrefillStage):
+        keep_vis = replayed_keep(replay[stage.key], token_set, state.orig_len)
+    else:
+        keep_vis = compute()
+    keep_vis = keep_vis.to(token_set.visual.device) & token_set.visual
+    state.record_selection(stage.key, token_set, keep_vis)
+    return keep_vis
+
+
+def run_vision_stages(state: RequestState, stages, adapter, base: TokenSet, embeds, kwargs) -> None:
+    """Keep the visual tokens every vision stage keeps; compact the LM input once."""
+    ctx = VisionContext(embeds=embeds, visual=base.visual, layouts=state.layouts)
+    keep_vis = base.visual.clone()
+    for stage in stages:
+        keep_vis &= select(state, stage, base, functools.partial(stage.select, ctx))
+    keep = keep_mask(base, keep_vis)
+    if ctx.protected:
+        table = torch.zeros_like(base.visual)
+        for row, positions in ctx.protected:
+            table[row, positions.to(table.device)] = True
+        state.protected = table
+    if ctx.replacements:
+        embeds = embeds.clone()
+        for row, pos, vec in ctx.replacements:
+            embeds[row, pos] = vec.to(embeds.dtype)
+        kwargs["inputs_embeds"] = embeds
+    if keep is None:
+        return
+    slots, present = compact(keep)
+    new = base.select(slots, present, 0)
+    # the compacted sequence is the language model's input from here on
+    new.lm_index = torch.arange(new.length, device=embeds.device).expand_as(new.lm_index)
+    state.sets = [new]
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        pos = adapter.prefill_position_ids(embeds)
+    kwargs["position_ids"] = gather_seq(pos, slots, dim=pos.dim() - 1)
+    kwargs["attention_mask"] = new.valid.long()
+    kwargs["inputs_embeds"] = gather_seq(embeds, slots, present)
+
+
+def prefill_layer(state: RequestState, stages, adapter, i: int, args, kwargs):
+    """Decoder-layer pre-hook at prefill: run the stages placed here, then hand the layer the
+    mask, rotary tables and (absent) position ids of the token set it really holds."""
+    hidden = args[0] if args else kwargs.pop("hidden_states")
+    if state.step.lm_rotary is None:
+        state.step.lm_rotary = kwargs["position_embeddings"]
+    for stage in stages:
+        with state.timed():
+            hidden = run_prefill_stage(state, stage, adapter, i, hidden, kwargs)
+    s = state.layer_set[i]
+    if s == 0:
+        return (hidden,) + tuple(args[1:]), kwargs
+    kwargs["attention_mask"] = state.step.masks[s]
+    kwargs["position_embeddings"] = state.step.rotary[s]
+    kwargs["position_ids"] = None  # gapped ids would read as packed sequences
+    return (hidden,) + tuple(args[1:]), kwargs
+
+
+def rotary_for(state: RequestState, s: int):
+    """Rotary (cos, sin) of token set ``s``: the LM's tables gathered at its LM positions, cached."""
+    if s == 0:
+        return state.step.lm_rotary
+    if s not in state.step.rotary:
+        cos, sin = state.step.lm_rotary
+        idx = state.sets[s].lm_index
+        state.step.rotary[s] = tuple(gather_many([cos, sin], idx))
+    return state.step.rotary[s]
+
+
+def run_prefill_stage(state: RequestState, stage: PrefillStage, adapter, i: int, hidden, kwargs):
+    """Score and drop visual tokens before layer ``i``; returns the (possibly shorter) hidden states."""
+    s_cur = len(state.sets) - 1
+    cur = state.sets[s_cur].to(hidden.device)
+    cos, sin = rotary_for(state, s_cur)
+    answer = None
+    if state.answer_query is not None:
+        answer = state.answer_query.to(hidden.device).gather(1, cur.orig_index.clamp(min=0)) & cur.present
+    ctx = PrefillContext(
+        layer=i,
+        hidden=hidden,
+        visual=cur.visual,
+        valid=cur.valid,
+        query_slot=cur.query_slot(),
+        visual_in=state.sets[0].visual_counts().to(hidden.device),
+        layers=adapter.layers,
+        cos=cos,
+        sin=sin,
+        previous_qk=state.step.captured_qk,
+        answer_query=answer,
+        protected=on_slots(state.protected, cur),
+        visual_prompt=state.visual_in.to(hidden.device),
+    )
+    keep_vis = select(state, stage, cur, lambda: stage.select(ctx))
+    keep = keep_mask(cur, keep_vis)
+    if keep is None:
+        return hidden
+    slots, present = compact(keep)
+    new = cur.select(slots, present, i)
+    hidden = gather_seq(hidden, slots, present)
+    state.sets.append(new)
+    s_new = len(state.sets) - 1
+    state.layer_set[i:] = [s_new] * (len(state.layer_set) - i)
+    rotary_for(state, s_new)
+    state.step.masks[s_new] = create_causal_mask(
+        config=adapter.text_config,
+        inputs_embeds=hidden,
+        attention_mask=new.valid.long(),
+        past_key_values=kwargs.get("past_key_values"),
+        position_ids=None,
+        layer_idx=i,
+    )
+    state.step.captured_qk = None
+    return hidden
