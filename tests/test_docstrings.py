@@ -22,6 +22,7 @@ MODULES = [
     "vtprune.demo",
     "vtprune.cli",
     "vtprune.eval.bench_prefill",
+    "vtprune.eval.bench_gemm",
     "vtprune.eval.flops_report",
     "vtprune.eval.shapes",
 ]
