@@ -23,6 +23,7 @@ MODULES = [
     "vtprune.cli",
     "vtprune.eval.bench_prefill",
     "vtprune.eval.bench_gemm",
+    "vtprune.eval.evidence",
     "vtprune.eval.flops_report",
     "vtprune.eval.shapes",
 ]
