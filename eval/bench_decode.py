@@ -11,13 +11,12 @@ Run: ``python -m vtprune.eval.bench_decode --out results/decode``.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 
 from vtprune.eval.bench_prefill import build_inputs, build_model
 from vtprune.eval.meters import measure_plans
+from vtprune.eval.reports import publish_benchmark
 
 DEFAULT_PLANS = [
     "baseline",
@@ -61,12 +60,7 @@ def main(argv=None) -> dict:
             model, build_inputs(1), plans, repeats=args.repeats, decode_tokens=args.tokens
         )
     md = markdown(results, args.width, args.layers, args.tokens)
-    print(md)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "decode_bench.json").write_text(json.dumps(results, indent=2, default=str))
-        (out / "decode_bench.md").write_text(md)
+    publish_benchmark(results, md, args.out, "decode_bench")
     return results
 
 

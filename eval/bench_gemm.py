@@ -21,12 +21,12 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from vtprune.eval.reports import publish_benchmark
 
 VISUAL, TEXT = 576, 64
 KEEPS = (1.0, 0.5, 0.25, 0.11)
@@ -129,12 +129,7 @@ def main(argv=None) -> dict:
         "results": measure(args.width, args.layers, batches, args.repeats),
     }
     md = markdown(report)
-    print(md)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gemm_bench.json").write_text(json.dumps(report, indent=2))
-        (out / "gemm_bench.md").write_text(md)
+    publish_benchmark(report, md, args.out, "gemm_bench")
     return report
 
 

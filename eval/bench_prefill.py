@@ -12,17 +12,16 @@ Run: ``python -m vtprune.eval.bench_prefill --out results/prefill`` (``--quick``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import vtprune
+from vtprune.eval.reports import publish_benchmark
 from vtprune.eval.shapes import llava_config
 from vtprune.flops import attention_flops, count_flops
 
@@ -231,12 +230,7 @@ def main(argv=None) -> dict:
             r.pop("overheads")
             r["paired_speedups"] = [round(x, 4) for x in r["paired_speedups"]]
     md = markdown(report)
-    print(md)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "prefill_bench.json").write_text(json.dumps(report, indent=2))
-        (out / "prefill_bench.md").write_text(md)
+    publish_benchmark(report, md, args.out, "prefill_bench")
     return report
 
 

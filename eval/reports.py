@@ -4,6 +4,8 @@ The table has one row per task x plan: score, accuracy kept, loyalty, equivalent
 TFLOPs (counted and by the papers' formula), prefill ms, decode ms/token, KV-cache MB and the
 method's overhead share. Plots (matplotlib, Agg backend, so no display is needed): accuracy vs
 equivalent tokens per method, the per-layer visual token pyramid of every plan, and latency bars.
+The benchmarks (``bench_prefill``, ``bench_decode``, ``bench_gemm``) publish through
+:func:`publish_benchmark`.
 """
 
 from __future__ import annotations
@@ -210,3 +212,18 @@ def write_report(results: dict | str | Path, output: str | Path) -> dict:
         plots.append(plot_token_pyramid(task_rows, Path(f"{stem}_token_pyramid.png")))
         plots.append(plot_latency(task_rows, Path(f"{stem}_latency.png")))
     return {"markdown": md, "plots": plots}
+
+
+def publish_benchmark(report: dict, md: str, out: str | Path | None, name: str) -> None:
+    """Print a benchmark's Markdown and, with ``out``, save ``<name>.json`` and ``<name>.md`` there.
+
+    Example:
+        >>> publish_benchmark({"x": 1}, "| x |", None, "demo_bench")
+        | x |
+    """
+    print(md)
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
+        (folder / f"{name}.md").write_text(md)

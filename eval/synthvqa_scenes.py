@@ -144,14 +144,24 @@ def ask_exist(objects: list[SceneObject], rng: random.Random, yes: bool):
     return f"is there a {colour} {shape} ?", "no", [i]
 
 
-def ask_attribute(objects: list[SceneObject], rng: random.Random, shape: str | None = None):
-    """Colour of a shape that occurs exactly once (None when the scene has no unique shape)."""
-    if shape is None:
-        unique = [s for s in SHAPES if sum(o.shape == s for o in objects) == 1]
+def _only_object_with(objects: list[SceneObject], rng: random.Random, attr: str, values, value=None):
+    """``(value, index)`` of the one object whose ``attr`` is ``value`` (drawn among the values held by
+    exactly one object when not given), or None when no value is unique."""
+    if value is None:
+        unique = [v for v in values if sum(getattr(o, attr) == v for o in objects) == 1]
         if not unique:
             return None
-        shape = rng.choice(unique)
-    (i,) = [i for i, o in enumerate(objects) if o.shape == shape]
+        value = rng.choice(unique)
+    (i,) = [i for i, o in enumerate(objects) if getattr(o, attr) == value]
+    return value, i
+
+
+def ask_attribute(objects: list[SceneObject], rng: random.Random, shape: str | None = None):
+    """Colour of a shape that occurs exactly once (None when the scene has no unique shape)."""
+    found = _only_object_with(objects, rng, "shape", SHAPES, shape)
+    if found is None:
+        return None
+    shape, i = found
     return f"what color is the {shape} ?", objects[i].colour, [i]
 
 
@@ -187,11 +197,10 @@ def ask_spatial(objects: list[SceneObject], rng: random.Random, yes: bool):
 
 def ask_shape(objects: list[SceneObject], rng: random.Random):
     """(auxiliary) Shape of the only object of some colour (None when no colour is unique)."""
-    unique = [c for c in COLOURS if sum(o.colour == c for o in objects) == 1]
-    if not unique:
+    found = _only_object_with(objects, rng, "colour", COLOURS)
+    if found is None:
         return None
-    colour = rng.choice(unique)
-    (i,) = [i for i, o in enumerate(objects) if o.colour == colour]
+    colour, i = found
     return f"what shape is the {colour} object ?", objects[i].shape, [i]
 
 

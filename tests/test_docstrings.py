@@ -24,6 +24,7 @@ MODULES = [
     "vtprune.eval.bench_prefill",
     "vtprune.eval.bench_gemm",
     "vtprune.eval.evidence",
+    "vtprune.eval.reports",
     "vtprune.eval.flops_report",
     "vtprune.eval.shapes",
 ]
