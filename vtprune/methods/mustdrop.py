@@ -21,6 +21,7 @@ at the last stage's share. Presets ``"192"``,
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -250,7 +251,7 @@ class MustDropPrefillStage(PrefillStage):
         if self.budget is None:
             return int(n_in * self.fraction)
         keep, bounds, num_layers = self.budget
-        ratio = pyramid_ratio(keep, list(bounds), num_layers, start=n_in / max(n_prompt, 1))
+        ratio = _merge_aware_ratio(keep, bounds, num_layers, n_in / max(n_prompt, 1))
         return min(n_in, int(n_prompt * ratio ** (self.index + 1)))
 
     def expected_count(self, n_in: int, n_current: int) -> int:
@@ -287,6 +288,13 @@ class MustDropPrefillStage(PrefillStage):
                 )
             keep[b, torch.nonzero(vis).flatten()[kept]] = True
         return keep
+
+
+@functools.lru_cache(maxsize=1024)
+def _merge_aware_ratio(keep: float, bounds: tuple[int, ...], num_layers: int, start: float) -> float:
+    """The pyramid ratio after a merge down to ``start``; cached because every stage of a row, and
+    every row with the same merge result, solves the same bisection (about 0.1 ms each)."""
+    return pyramid_ratio(keep, list(bounds), num_layers, start=start)
 
 
 def _keep_by_threshold_scale(s, m, total, protected, g, i, target: int) -> torch.Tensor:
