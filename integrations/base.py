@@ -138,6 +138,10 @@ class Adapter:
         """Token structure of every image in the call, in the order HF scatters features."""
         raise NotImplementedError
 
+    def required_call_params(self) -> tuple[str, ...]:
+        """Family-specific parameters of the multimodal forward that the hooks read."""
+        return ()
+
     def encoder_methods(self) -> tuple[str, ...]:
         """Names of the multimodal model's encoder methods whose outputs carry image features."""
         return ("get_image_features",)

@@ -28,6 +28,9 @@ class LlavaNextAdapter(Adapter):
     vision_layers_count = LlavaAdapter.vision_layers_count
     vision_feature_layer = LlavaAdapter.vision_feature_layer
 
+    def required_call_params(self) -> tuple[str, ...]:
+        return ("image_sizes",)
+
     def image_specs(self, call: dict) -> list[ImageSpec]:
         if call.get("pixel_values") is None:
             return []

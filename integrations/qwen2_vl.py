@@ -44,6 +44,9 @@ class Qwen2VLAdapter(Adapter):
             ids.append(int(self.config.video_token_id))
         return tuple(ids)
 
+    def required_call_params(self) -> tuple[str, ...]:
+        return ("image_grid_thw", "video_grid_thw", "mm_token_type_ids")
+
     def encoder_methods(self) -> tuple[str, ...]:
         return ("get_image_features", "get_video_features")
 

@@ -8,6 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import vtprune
+from vtprune import compat
 
 
 @pytest.fixture(scope="module")
@@ -79,19 +80,19 @@ def test_multi_token_step_on_pruned_cache_is_refused(model):
         nxt = torch.tensor([[5, 6]])
         mask = torch.cat([kw["attention_mask"], torch.ones(1, 2, dtype=torch.long)], 1)
         with pytest.raises(NotImplementedError, match="2-token step on a pruned KV cache"):
-            model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values)
+            model(input_ids=nxt, attention_mask=mask, **compat.cache_kwargs(compat.output_cache(out)))
 
 
 def test_cache_filled_without_plan_is_refused(model):
     kw = tiny.inputs("llava", model, [1])
     with torch.no_grad():
-        cache = model(**kw).past_key_values
+        cache = compat.output_cache(model(**kw))
         assert isinstance(cache, DynamicCache)
         with (
             vtprune.pruned(model, "fastv"),
             pytest.raises(NotImplementedError, match="filled without this pruning"),
         ):
-            model(**kw, past_key_values=cache)
+            model(**kw, **compat.cache_kwargs(cache))
 
 
 def test_stats_without_plan_is_a_clear_error():

@@ -10,6 +10,7 @@ import torch
 from helpers import BANNED, greedy, row_alone, uncached_greedy
 
 import vtprune
+from vtprune import compat
 from vtprune.scoring import layer_query_probs
 
 
@@ -51,14 +52,14 @@ def test_manual_decode_loop_without_position_ids(llava):
     with torch.no_grad(), vtprune.pruned(llava, "uniform", keep=0.25):
         ref = greedy(llava, kw, 4)
         out = llava(**kw)
-        cache, mask, toks = out.past_key_values, kw["attention_mask"], []
+        cache, mask, toks = compat.output_cache(out), kw["attention_mask"], []
         logits = out.logits[:, -1]
         for _ in range(4):
             logits[:, BANNED] = float("-inf")
             nxt = logits.argmax(-1, keepdim=True)
             toks.append(nxt)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            step = llava(input_ids=nxt, attention_mask=mask, past_key_values=cache)
+            step = llava(input_ids=nxt, attention_mask=mask, **compat.cache_kwargs(cache))
             logits = step.logits[:, -1]
     assert torch.equal(torch.cat(toks, 1), ref)
 

@@ -7,6 +7,7 @@ import tiny
 import torch
 
 import vtprune
+from vtprune import compat
 from vtprune.integrations.base import GridSegment, ImageLayout
 from vtprune.methods.hired import HiRED, HiREDStage, crop_shares
 from vtprune.methods.visionzip import zip_partition
@@ -141,10 +142,10 @@ def test_mustdrop_decode_stage_reindexes_earlier_caches():
     kw = tiny.inputs("llava", model, [1], seed=32)
     with torch.no_grad():
         with vtprune.pruned(model, "mustdrop", keep=0.4, decode=False):
-            plain = model(**kw).past_key_values
+            plain = compat.output_cache(model(**kw))
             st = vtprune.stats(model)
         with vtprune.pruned(model, "mustdrop", keep=0.4):
-            reindexed = model(**kw).past_key_values
+            reindexed = compat.output_cache(model(**kw))
             st_dec = vtprune.stats(model)
     first, final = 2, st.kv_cache_lengths[-1]
     assert st_dec.kv_cache_lengths == st.kv_cache_lengths[:first] + [final] * (

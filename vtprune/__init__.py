@@ -8,7 +8,7 @@ Example:
     >>> vtprune.remove(model)  # doctest: +SKIP
 """
 
-from vtprune._compat import check_transformers
+from vtprune.compat import check_transformers
 
 check_transformers()
 
@@ -17,7 +17,16 @@ from vtprune.api import Handle, apply, pruned, remove, stats  # noqa: E402
 from vtprune.calibration import HeadMask, calibrate  # noqa: E402
 from vtprune.compose import Compose  # noqa: E402
 from vtprune.config import REGISTRY, MethodConfig, method_names, register_method  # noqa: E402
-from vtprune.methods import FastV, HiRED, LayerSkip, MustDrop, PyramidDrop, RandomPrune, UniformPrune  # noqa: E402
+from vtprune.methods import (  # noqa: E402
+    FastV,
+    HiRED,
+    LayerSkip,
+    MustDrop,
+    PyramidDrop,
+    RandomPrune,
+    UniformPrune,
+    VisionZip,
+)
 from vtprune.runtime.state import replay  # noqa: E402
 from vtprune.stats import PruneStats  # noqa: E402
 

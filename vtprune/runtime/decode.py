@@ -8,9 +8,9 @@ token set. Decode stages shrink earlier layers' caches to the final set once, af
 from __future__ import annotations
 
 import torch
-from transformers.masking_utils import create_causal_mask
 
 import vtprune.kernels as kernels
+from vtprune import compat
 
 from .plumbing import slots_within
 from .state import RequestState
@@ -36,7 +36,7 @@ def remap_lm_mask(state: RequestState, args, kwargs):
     first = state.sets[0]
     if first.length == state.orig_len and not first.has_padding:
         return None
-    cache = kwargs.get("past_key_values")
+    cache = compat.get_cache(kwargs)
     kwargs["attention_mask"] = decode_mask2d(state, first, kwargs["inputs_embeds"], cache, 0)
     return args, kwargs
 
@@ -48,15 +48,9 @@ def layer_mask(state: RequestState, text_config, i: int, args, kwargs):
         return None
     if s not in state.step.masks:
         hidden = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("past_key_values")
-        state.step.masks[s] = create_causal_mask(
-            config=text_config,
-            inputs_embeds=hidden,
-            attention_mask=decode_mask2d(state, state.sets[s], hidden, cache, i),
-            past_key_values=cache,
-            position_ids=None,
-            layer_idx=i,
-        )
+        cache = compat.get_cache(kwargs)
+        mask2d = decode_mask2d(state, state.sets[s], hidden, cache, i)
+        state.step.masks[s] = compat.causal_mask(text_config, hidden, mask2d, cache, layer_idx=i)
     kwargs["attention_mask"] = state.step.masks[s]
     return args, kwargs
 

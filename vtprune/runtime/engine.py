@@ -20,10 +20,12 @@ in ``decode.py``.
 from __future__ import annotations
 
 import inspect
+import threading
 
 import torch
 from transformers import DynamicCache
 
+from vtprune import compat
 from vtprune.stages import DecodeStage, PrefillStage, SkipStage, VisionStage
 from vtprune.stats import PruneStats
 
@@ -40,9 +42,11 @@ from .vision import make_probe
 class Runtime:
     """Hooks for one model instance and one plan (vision stages + prefill stages by layer)."""
 
-    def __init__(self, model, adapter, stages: list):
+    def __init__(self, model, adapter, stages: list, wiring: compat.Wiring, timing: bool = False):
         self.model = model
         self.adapter = adapter
+        self.wiring = wiring
+        self.timing = timing  # measure overhead_s (synchronises CUDA around every stage)
         self.vision_stages = [s for s in stages if isinstance(s, VisionStage)]
         self.decode_stages = [s for s in stages if isinstance(s, DecodeStage)]
         self.skip_stages = [s for s in stages if isinstance(s, SkipStage)]
@@ -64,8 +68,13 @@ class Runtime:
         keys = any(st.needs_keys for st in self.vision_stages)
         self.probe = make_probe(adapter, layers, keys, hidden) if layers or hidden else None
         self.encoder = EncoderTap(adapter, self.probe, self._mine)
-        self.last_stats: PruneStats | None = None
+        self._per_thread = threading.local()  # each thread's last request (stats(model))
         self._mm_signature = inspect.signature(adapter.mm_model.forward)  # read once, bound per call
+
+    @property
+    def last_stats(self) -> PruneStats | None:
+        """The calling thread's last request on this model."""
+        return getattr(self._per_thread, "stats", None)
 
     # -- installation ---------------------------------------------------------------------
     def install(self) -> None:
@@ -81,7 +90,7 @@ class Runtime:
             hook = self._make_layer_hook(i)
             self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         if self.probe is not None:
-            self.handles += self.probe.install()
+            self.probe.install(self.handles)
         for i in self.capture_layers:
             attn = a.layers[i].self_attn
             self.handles.append(attn.q_proj.register_forward_hook(self._keep_projection(0)))
@@ -165,9 +174,9 @@ class Runtime:
         return state is not None and state.owner == id(self.model)
 
     def _mm_pre(self, module, args, kwargs):
-        refuse_unsupported(kwargs.get("past_key_values"))
+        refuse_unsupported(compat.get_cache(kwargs))
         call = bind_call(self._mm_signature, args, kwargs)
-        cache = call.get("past_key_values")
+        cache = compat.get_cache(call)
         state = state_of_cache(cache)
         if self._mine(state) and cache.get_seq_length() > 0:
             return self._start_decode(state, call, cache)
@@ -185,6 +194,7 @@ class Runtime:
         ref = ids if ids is not None else embeds
         state = RequestState(owner=id(self.model), batch=ref.shape[0], orig_len=ref.shape[1], runtime=self)
         state.prefilling = True
+        state.overhead_s = 0.0 if self.timing else None
         if ids is not None:
             specs, vision = self.encoder.specs_for_call(call)
             state.layouts = self.adapter.layouts(ids, specs)
@@ -256,25 +266,27 @@ class Runtime:
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = self.adapter.text_config.use_cache
-        if kwargs.get("past_key_values") is None and use_cache:
-            kwargs["past_key_values"] = DynamicCache(config=self.adapter.text_config)
-        if kwargs.get("past_key_values") is not None:
-            attach_to_cache(kwargs["past_key_values"], state)
+        cache = compat.get_cache(kwargs)
+        if cache is None and use_cache:
+            cache = DynamicCache(config=self.adapter.text_config)
+            compat.set_cache(kwargs, cache, self.wiring.cache_arg)
+        if cache is not None:
+            attach_to_cache(cache, state)
         return args, kwargs
 
     def _lm_post(self, module, args, kwargs, output):
         state = ACTIVE.get()
         if not self._mine(state) or not state.prefilling:
             return None
-        self.last_stats = PruneStats.from_state(state, len(self.adapter.layers))
-        cache = kwargs.get("past_key_values")
+        stats = state.stats = self._per_thread.stats = PruneStats.from_state(state, len(self.adapter.layers))
+        cache = compat.get_cache(kwargs)
         if self.decode_stages and cache is not None:
             with state.timed():
                 reindex_caches(state, self.decode_stages, cache)
-            self.last_stats.kv_cache_lengths = [state.sets[s].length for s in state.layer_set]
+            stats.kv_cache_lengths = [state.sets[s].length for s in state.layer_set]
         final = state.sets[-1]
         if final.length == state.orig_len and not final.has_padding:
-            self.last_stats.overhead_s = state.overhead_s
+            stats.overhead_s = state.overhead_s
             return None
         with state.timed():
             h = output.last_hidden_state
@@ -283,7 +295,7 @@ class Runtime:
             full = h.new_zeros(b, state.orig_len + 1, d)
             full.scatter_(1, dest.unsqueeze(-1).expand(-1, -1, d), h)
             output.last_hidden_state = full[:, : state.orig_len]
-        self.last_stats.overhead_s = state.overhead_s
+        stats.overhead_s = state.overhead_s
         return output
 
     # -- decoder layers -------------------------------------------------------------------

@@ -10,8 +10,8 @@ from __future__ import annotations
 import functools
 
 import torch
-from transformers.masking_utils import create_causal_mask
 
+from vtprune import compat
 from vtprune.stages import PrefillContext, PrefillStage, VisionContext
 
 from .plumbing import keep_mask, on_slots, replayed_keep
@@ -29,6 +29,9 @@ def select(state: RequestState, stage, token_set: TokenSet, compute) -> torch.Te
     else:
         keep_vis = compute()
     keep_vis = keep_vis.to(token_set.visual.device) & token_set.visual
+    # the last real token of a row produces the next-token logits: a prompt that ends with an
+    # image would otherwise lose its query (zero logits, a silently wrong answer)
+    keep_vis = keep_vis | (token_set.visual & token_set.last_real())
     state.record_selection(stage.key, token_set, keep_vis)
     return keep_vis
 
@@ -128,13 +131,8 @@ def run_prefill_stage(state: RequestState, stage: PrefillStage, adapter, i: int,
     s_new = len(state.sets) - 1
     state.layer_set[i:] = [s_new] * (len(state.layer_set) - i)
     rotary_for(state, s_new)
-    state.step.masks[s_new] = create_causal_mask(
-        config=adapter.text_config,
-        inputs_embeds=hidden,
-        attention_mask=new.valid.long(),
-        past_key_values=kwargs.get("past_key_values"),
-        position_ids=None,
-        layer_idx=i,
+    state.step.masks[s_new] = compat.causal_mask(
+        adapter.text_config, hidden, new.valid.long(), compat.get_cache(kwargs), layer_idx=i
     )
     state.step.captured_qk = None
     return hidden
