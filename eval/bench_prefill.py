@@ -96,8 +96,10 @@ def measure(model, kw, plans: list[str], repeats: int, warmup: int, baseline_eve
     """
     results = {p: {"times": [], "overheads": [], "paired_speedups": []} for p in plans}
     others = [p for p in plans if p != "baseline"]
+    from vtprune.eval.meters import apply_plan  # meters imports this module
+
     for p in plans:
-        _apply(model, p)
+        apply_plan(model, p, timing=True)
         flops, _ = count_flops(_prefill, model, kw)
         st = vtprune.stats(model) if p != "baseline" else None
         n_text = kw["input_ids"].shape[1] - 576
@@ -134,7 +136,9 @@ def measure(model, kw, plans: list[str], repeats: int, warmup: int, baseline_eve
 
 def _time_plan(model, kw, plan: str, results: dict) -> float:
     """Apply ``plan``, time one prefill, and record its time (and method overhead)."""
-    _apply(model, plan)
+    from vtprune.eval.meters import apply_plan  # meters imports this module
+
+    apply_plan(model, plan, timing=True)
     t0 = time.perf_counter()
     _prefill(model, kw)
     elapsed = time.perf_counter() - t0
@@ -142,14 +146,6 @@ def _time_plan(model, kw, plan: str, results: dict) -> float:
     if plan != "baseline":
         results[plan]["overheads"].append(vtprune.stats(model).overhead_s)
     return elapsed
-
-
-def _apply(model, plan: str) -> None:
-    if plan == "baseline":
-        vtprune.remove(model)
-    else:
-        name, opts = parse_plan(plan)
-        vtprune.apply(model, name, **opts)
 
 
 def markdown(report: dict) -> str:

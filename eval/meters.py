@@ -45,7 +45,7 @@ METER_KEYS = (
 )
 
 
-def apply_plan(model, plan: str) -> None:
+def apply_plan(model, plan: str, timing: bool = False) -> None:
     """Put ``plan`` in force: ``"baseline"`` removes any plan, else ``"name:opt=v,..."`` is applied.
 
     Example:
@@ -56,7 +56,7 @@ def apply_plan(model, plan: str) -> None:
         vtprune.remove(model)
     else:
         name, opts = parse_plan(plan)
-        vtprune.apply(model, name, **opts)
+        vtprune.apply(model, name, timing=timing, **opts)
 
 
 def kv_cache_bytes(text_config, lengths: list[float], dtype: torch.dtype) -> int:
@@ -173,7 +173,7 @@ def measure_plans(
         times[plan] = {"prefill": [], "generate": [], "decode": [], "overhead": []}
     for _ in range(repeats):
         for plan in plans:
-            apply_plan(model, plan)
+            apply_plan(model, plan, timing=True)
             times[plan]["prefill"].append(time_call(lambda: _prefill(model, inputs), device))
             if plan != "baseline":
                 times[plan]["overhead"].append(vtprune.stats(model).overhead_s)

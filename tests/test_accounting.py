@@ -7,6 +7,7 @@ import tiny
 import torch
 
 import vtprune
+from vtprune import compat
 from vtprune.config import ModelInfo
 from vtprune.flops import count_flops, decoder_linear_flops, paper_flops
 
@@ -33,7 +34,7 @@ def test_fastv_tokens_per_layer_and_kv_lengths(shaped):
     assert st.visual_tokens_in == N
     assert st.visual_tokens_per_layer == [N] * 3 + [144] * 29
     assert st.kv_cache_lengths == [N + text] * 3 + [144 + text] * 29
-    cache = out.past_key_values
+    cache = compat.output_cache(out)
     assert [cache.layers[i].keys.shape[-2] for i in range(32)] == st.kv_cache_lengths
     assert st.keep_ratio == pytest.approx((3 * 576 + 29 * 144) / 32 / 576)
 
@@ -99,7 +100,7 @@ def test_pdrop_resolution(cfg, layers):
 def test_stats_cover_batches_with_imageless_rows():
     model = tiny.llava()
     kw = tiny.inputs("llava", model, [1, 0], seed=3)
-    with vtprune.pruned(model, "uniform", keep=0.25):
+    with vtprune.pruned(model, "uniform", keep=0.25, timing=True):
         _run(model, kw)
         st = vtprune.stats(model)
     assert st.visual_tokens_in_per_sample == [64, 0]
@@ -125,3 +126,33 @@ def test_hired_then_pdrop_stats_show_both(shaped):
         st = vtprune.stats(model)
     assert set(st.selections) == {"hired", "pdrop@8", "pdrop@16", "pdrop@24"}
     assert st.visual_tokens_per_layer == [288] * 8 + [144] * 8 + [72] * 8 + [36] * 8
+
+
+def test_overhead_is_not_measured_unless_timing_is_asked_for(monkeypatch):
+    """Timing synchronises CUDA at every stage, so it is off by default and says so (None)."""
+    model = tiny.llava()
+    kw = tiny.inputs("llava", model, [1], seed=3)
+    with vtprune.pruned(model, "pdrop", keep=0.5):
+        _run(model, kw)
+        assert vtprune.stats(model).overhead_s is None
+    with vtprune.pruned(model, "pdrop", keep=0.5, timing=True):
+        _run(model, kw)
+        assert vtprune.stats(model).overhead_s > 0
+
+
+def test_stage_timing_synchronises_cuda_only_when_asked(monkeypatch):
+    from types import SimpleNamespace
+
+    from vtprune.runtime.state import RequestState
+
+    syncs = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda dev=None: syncs.append(dev))
+    on_gpu = SimpleNamespace(lm_index=SimpleNamespace(device=torch.device("cuda", 0)))
+    untimed = RequestState(owner=0, batch=1, orig_len=4, sets=[on_gpu])
+    with untimed.timed():
+        pass
+    assert syncs == [] and untimed.overhead_s is None
+    timed = RequestState(owner=0, batch=1, orig_len=4, sets=[on_gpu], overhead_s=0.0)
+    with timed.timed():
+        pass
+    assert len(syncs) == 2 and timed.overhead_s > 0

@@ -18,7 +18,9 @@ class PruneStats:
         keep_ratio: ``mean(visual_tokens_per_layer) / visual_tokens_in`` (1.0 without images).
         kv_cache_lengths: per decoder layer, the sequence length its KV cache holds after prefill
             (the physical length, left padding of ragged batches included).
-        overhead_s: time spent in the method itself (scoring, selection, gathering) in seconds.
+        overhead_s: time spent in the method itself (scoring, selection, gathering) in seconds;
+            ``None`` (not measured) unless the plan was applied with ``timing=True``, because
+            measuring it synchronises the GPU at every pruning point.
         selections: per stage key, the original positions of the visual tokens each row kept.
 
     Example:
@@ -32,7 +34,7 @@ class PruneStats:
     visual_tokens_per_layer: list[float]
     keep_ratio: float
     kv_cache_lengths: list[int]
-    overhead_s: float = 0.0
+    overhead_s: float | None = None
     selections: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @property

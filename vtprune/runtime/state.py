@@ -47,11 +47,12 @@ class RequestState:
     layer_set: list[int] = field(default_factory=list)
     selections: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     visual_in: torch.Tensor | None = None  # per row, visual tokens in the prompt
-    overhead_s: float = 0.0
+    overhead_s: float | None = None  # None unless the plan was applied with timing=True
     step: StepScratch = field(default_factory=StepScratch)
     answer_query: torch.Tensor | None = None  # [B, orig_len] bool (training-mode PDrop)
     protected: torch.Tensor | None = None  # [B, orig_len] bool, tokens no stage may drop
     runtime: object = None  # the Runtime serving this request (its attention handlers)
+    stats: object = None  # the PruneStats of this request, once its prefill is done
 
     def cached(self, key, build):
         """A value built once per forward call (e.g. per-slot grid tables shared by layers)."""
@@ -85,7 +86,15 @@ class RequestState:
 
     @contextlib.contextmanager
     def timed(self):
-        """Add the wall time of the block to ``overhead_s`` (synchronising CUDA for honesty)."""
+        """Add the wall time of the block to ``overhead_s`` when the plan asked for timing.
+
+        Timing synchronises CUDA before and after the block (otherwise it would time kernel
+        launches, not work), which stalls the stream at every pruning point: so it only happens
+        with ``apply(..., timing=True)``; otherwise ``overhead_s`` stays ``None`` (not measured).
+        """
+        if self.overhead_s is None:
+            yield
+            return
         dev = self.sets[0].lm_index.device if self.sets else None
         if dev is not None and dev.type == "cuda":
             torch.cuda.synchronize(dev)
