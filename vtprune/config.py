@@ -62,6 +62,7 @@ class ModelInfo:
 
     num_layers: int
     family: str
+    vision_layers: int | None = None  # depth of the vision tower (None: not known)
 
 
 @dataclass
@@ -103,6 +104,18 @@ def check_choice(method: str, option: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(
             f"{method}: option {option!r}={value!r} is invalid; allowed: {', '.join(map(repr, choices))}"
+        )
+
+
+def check_vision_layer(method: str, option: str, value, info: ModelInfo) -> None:
+    """A vision-tower layer index (negative counts from the end, as in HF's feature layer)."""
+    n = info.vision_layers
+    if value is None or n is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not -n <= value < n:
+        raise ValueError(
+            f"{method}: option {option!r}={value!r} is out of range; allowed: an integer in "
+            f"{-n}..{n - 1} for this {n}-layer vision tower"
         )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.config import MethodConfig, ModelInfo, check_fraction, register_method
+from vtprune.config import MethodConfig, ModelInfo, check_fraction, check_vision_layer, register_method
 from vtprune.integrations.base import ImageLayout
 from vtprune.selection import allocate
 from vtprune.stages import VisionContext, VisionStage
@@ -57,6 +57,8 @@ class HiRED(MethodConfig):
                 raise ValueError("hired: give either 'keep' or 'budget', not both")
 
     def stages(self, info: ModelInfo) -> list:
+        check_vision_layer(self.name, "split_layer", self.split_layer, info)
+        check_vision_layer(self.name, "select_layer", self.select_layer, info)
         budget = 0.2 if self.budget is None and self.keep is None else self.budget
         return [HiREDStage(self, budget)]
 

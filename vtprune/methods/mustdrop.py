@@ -95,6 +95,13 @@ class MustDrop(MethodConfig):
         layers = (
             list(self.layers) if self.layers is not None else scale_layers(DEFAULT_LAYERS, info.num_layers)
         )
+        for layer in layers:
+            # scores come from layer l's own attention, so l may not be the last layer
+            if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < info.num_layers - 1:
+                raise ValueError(
+                    f"mustdrop: option 'layers' holds {layer!r}; allowed: integers in "
+                    f"0..{info.num_layers - 2} for this {info.num_layers}-layer decoder"
+                )
         g, i = self.thresholds()
         # scores come from layer l's own attention, so tokens leave from layer l + 1
         bounds = [min(layer + 1, info.num_layers - 1) for layer in layers]

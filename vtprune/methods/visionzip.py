@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.config import MethodConfig, ModelInfo, register_method
+from vtprune.config import MethodConfig, ModelInfo, check_vision_layer, register_method
 from vtprune.integrations.base import ImageLayout
 from vtprune.methods.hired import token_scores
 from vtprune.stages import VisionContext, VisionStage
@@ -67,6 +67,7 @@ class VisionZip(MethodConfig):
         return d, min(n - d, self.contextual or 0)
 
     def stages(self, info: ModelInfo) -> list:
+        check_vision_layer(self.name, "layer", self.layer, info)
         return [VisionZipStage(self)]
 
 

@@ -64,6 +64,12 @@ class TokenSet:
         idx = torch.arange(n, device=self.valid.device).expand_as(self.valid)
         return torch.where(self.valid, idx, -1).max(dim=1).values
 
+    def last_real(self) -> torch.Tensor:
+        """``[B, N]`` bool: the last valid token of each row (none in an all-padding row)."""
+        slot = self.query_slot()
+        idx = torch.arange(self.length, device=slot.device).expand(slot.shape[0], -1)
+        return idx == slot.unsqueeze(1)
+
     def to(self, device) -> TokenSet:
         if self.lm_index.device == torch.device(device):
             return self

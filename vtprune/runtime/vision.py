@@ -25,7 +25,7 @@ class _Probe:
     def __init__(self, adapter, layers: list[int], keys: bool, hidden_layers: list[int] = ()):
         self.adapter, self.layers, self.keys, self.hidden_layers = adapter, layers, keys, list(hidden_layers)
 
-    def install_hidden(self) -> list:
+    def install_hidden(self, handles: list) -> None:
         """Forward hooks keeping the output of chosen tower layers (features, e.g. MustDrop's)."""
 
         def keep(layer):
@@ -37,10 +37,8 @@ class _Probe:
 
             return hook
 
-        return [
-            self.adapter.vision_block(layer).register_forward_hook(keep(layer))
-            for layer in self.hidden_layers
-        ]
+        for layer in self.hidden_layers:
+            handles.append(self.adapter.vision_block(layer).register_forward_hook(keep(layer)))
 
     @staticmethod
     def split_hidden(raw: dict) -> dict:
@@ -50,13 +48,13 @@ class _Probe:
 class ClsProbe(_Probe):
     """CLS-attention probe for CLIP-style towers (LLaVA, LLaVA-NeXT)."""
 
-    def install(self) -> list:
-        handles = self.install_hidden()
+    def install(self, handles: list) -> None:
+        """Register the probe's hooks into ``handles`` (as they go: a failure leaves none behind)."""
+        self.install_hidden(handles)
         for layer in self.layers:
             attn = self.adapter.vision_attention(layer)
             handles.append(attn.q_proj.register_forward_hook(self._keep(layer, "q", attn)))
             handles.append(attn.k_proj.register_forward_hook(self._keep(layer, "k", attn)))
-        return handles
 
     def _keep(self, layer: int, what: str, attn):
         def hook(module, args, output):
@@ -94,13 +92,12 @@ def _merge_layers(a: dict, b: dict) -> dict:
 class ReceivedProbe(_Probe):
     """Mean attention received per patch, for towers without CLS (Qwen2-VL)."""
 
-    def install(self) -> list:
-        return self.install_hidden() + [
-            self.adapter.vision_attention(layer).register_forward_pre_hook(
-                self._keep(layer), with_kwargs=True
-            )
-            for layer in self.layers
-        ]
+    def install(self, handles: list) -> None:
+        """Register the probe's hooks into ``handles`` (as they go: a failure leaves none behind)."""
+        self.install_hidden(handles)
+        for layer in self.layers:
+            attention = self.adapter.vision_attention(layer)
+            handles.append(attention.register_forward_pre_hook(self._keep(layer), with_kwargs=True))
 
     def _keep(self, layer: int):
         def hook(module, args, kwargs):
