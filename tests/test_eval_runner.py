@@ -147,6 +147,34 @@ def test_torn_last_line_is_redone(tmp_path):
     assert read_records(path)["b"]["prediction"] == "no"
 
 
+def test_record_torn_inside_a_utf8_character_is_redone(tmp_path):
+    path = tmp_path / "t.jsonl"
+    append_records(path, [{"sample_id": "a", "prompt": "quelle température ? → réponse"}])
+    append_records(path, [{"sample_id": "b", "prompt": "quelle température ? → réponse"}])
+    data = path.read_bytes()
+    cut = data.rindex("→".encode()) + 1  # killed after the first byte of a 3-byte character
+    path.write_bytes(data[:cut])
+    assert list(read_records(path)) == ["a"]  # the torn record is skipped, not a UnicodeDecodeError
+    append_records(path, [{"sample_id": "b", "prediction": "no"}])  # the resumed run redoes it
+    assert {k: r.get("prediction") for k, r in read_records(path).items()} == {"a": None, "b": "no"}
+    assert path.read_bytes().count(b"\n") == 2  # the torn bytes were cut off, not left mid-file
+
+
+def test_whole_record_without_its_newline_is_kept(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"sample_id": "a", "prediction": "yes"}')  # killed just before the newline
+    append_records(path, [{"sample_id": "b", "prediction": "no"}])
+    assert list(read_records(path)) == ["a", "b"]
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xfe not utf-8", b'{"sample_id": "b", "pred', b"[1, 2]"])
+def test_garbled_line_inside_a_record_file_names_file_and_line(tmp_path, garbage):
+    path = tmp_path / "baseline.jsonl"
+    path.write_bytes(b'{"sample_id": "a"}\n' + garbage + b'\n{"sample_id": "c"}\n')
+    with pytest.raises(ValueError, match=r"baseline\.jsonl, line 2: not a JSON record"):
+        read_records(path)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
