@@ -166,9 +166,11 @@ def finished(out: str | Path, task: str, plan: str, rank: int | None) -> dict[st
 
 
 def merge_shards(out: str | Path, task: str, plan: str, world_size: int, order: Sequence[str]) -> list[dict]:
-    """Merge the rank files into ``<task>/<plan>.jsonl`` in ``order`` (sample ids); return the records.
+    """Merge the rank files into ``<task>/<plan>.jsonl``; return the records of ``order`` (sample ids).
 
-    Samples already in the merged file are kept, so merging again after a resumed run is safe.
+    Nothing finished is ever dropped: the merged file keeps every record it or a rank file
+    holds, those of ``order`` first in that order, then the others (samples beyond a smaller
+    ``--limit``, say) in their earlier order. Merging again after a resumed run is safe.
 
     Example:
         >>> merge_shards("/tmp/none", "pope", "baseline", 2, [])
@@ -177,7 +179,9 @@ def merge_shards(out: str | Path, task: str, plan: str, world_size: int, order: 
     merged = read_records(records_path(out, task, plan))
     for rank in range(world_size):
         merged.update(read_records(records_path(out, task, plan, rank)))
+    wanted = set(order)
     records = [merged[sid] for sid in order if sid in merged]
-    if records or merged:
-        write_records(records_path(out, task, plan), records)
+    others = [rec for sid, rec in merged.items() if sid not in wanted]
+    if merged:
+        write_records(records_path(out, task, plan), records + others)
     return records

@@ -118,7 +118,7 @@ def _task_meters(ctx: dict, task: str, samples: list, plans: list[str]) -> dict:
     inputs = encode(ctx["processor"], prompts, images, next(ctx["model"].parameters()).device)
     result = measure_plans(ctx["model"], inputs, plans, **ctx["meter_opts"])
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(result, indent=1))
+    cache.write_text(json.dumps({**cached, **result}, indent=1))  # plans not asked for now stay
     return result
 
 

@@ -137,6 +137,60 @@ def test_interrupted_run_resumes_without_redoing_samples(tiny_dir, tmp_path, mon
         run_eval(str(tiny_dir), ["synthvqa"], None, PLANS[:1], tmp_path, **{**kw, "max_new_tokens": 2})
 
 
+def test_smaller_rerun_keeps_every_record_and_reports_on_its_subset(run1, tiny_dir, tmp_path, monkeypatch):
+    from transformers import LlavaForConditionalGeneration
+
+    from vtprune.eval.tasks import load_task, score_task
+
+    out = tmp_path / "out"
+    shutil.copytree(run1[0], out)
+    before = {p: records_path(out, "synthvqa", p).read_bytes() for p in ["baseline", *PLANS]}
+    meters_before = json.loads((out / "synthvqa" / "meters.json").read_text())
+
+    def no_generate(self, *args, **kwargs):
+        raise AssertionError("every sample was finished: nothing may be regenerated")
+
+    monkeypatch.setattr(LlavaForConditionalGeneration, "generate", no_generate)
+    results = run_eval(
+        str(tiny_dir),
+        ["synthvqa"],
+        None,
+        PLANS[:1],
+        out,
+        **{**RUN, "limit": 4},
+        meter_repeats=1,
+        progress=False,
+    )
+    for plan, data in before.items():  # 8 records each, untouched: the plan not asked for too
+        assert records_path(out, "synthvqa", plan).read_bytes() == data, plan
+    assert json.loads((out / "synthvqa" / "meters.json").read_text()) == meters_before
+    task = results["tasks"]["synthvqa"]
+    assert task["n_samples"] == 4 and task["plans"].keys() == {"baseline", PLANS[0]}
+    samples = load_task("synthvqa", None, limit=4)
+    for plan, p in task["plans"].items():
+        recs = _records(out, plan)
+        expected = score_task(
+            "synthvqa", samples, {s.sample_id: recs[s.sample_id]["prediction"] for s in samples}
+        )
+        assert p["n"] == 4 and p["main_score"] == expected["main_score"], plan
+        assert p["meters"] == meters_before[plan]
+
+
+def test_merge_keeps_records_outside_the_requested_order(tmp_path):
+    from vtprune.eval.records import merge_shards
+
+    append_records(records_path(tmp_path, "t", "baseline"), [{"sample_id": s} for s in "abcd"])
+    append_records(records_path(tmp_path, "t", "baseline", 0), [{"sample_id": "e"}])
+    append_records(records_path(tmp_path, "t", "baseline", 1), [{"sample_id": "f"}])
+    got = merge_shards(tmp_path, "t", "baseline", 2, ["f", "b"])
+    assert [r["sample_id"] for r in got] == ["f", "b"]  # what is reported: the requested samples
+    assert list(_records_of(tmp_path)) == ["f", "b", "a", "c", "d", "e"]  # what is kept: everything
+
+
+def _records_of(out: Path) -> dict[str, dict]:
+    return read_records(records_path(out, "t", "baseline"))
+
+
 def test_torn_last_line_is_redone(tmp_path):
     path = tmp_path / "t.jsonl"
     append_records(path, [{"sample_id": "a", "prediction": "yes"}])
