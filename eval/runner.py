@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import vtprune
 from vtprune.eval.generation import answer_batch, encode, load_model
-from vtprune.eval.meters import apply_plan, measure_plans
+from vtprune.eval.meters import apply_plan, measure_plans, plan_config
 from vtprune.eval.records import append_records, finished, merge_shards, records_path
 from vtprune.eval.tasks import chat_prompt, load_task, parse_task, parser_name, score_task
 
@@ -155,6 +155,10 @@ def run_eval(
     """
     from accelerate import PartialState
 
+    # everything that can be checked without the model fails now, not after hours of evaluation
+    plans = ["baseline", *[p for p in dict.fromkeys(plans) if p != "baseline"]]
+    for plan in plans:
+        plan_config(plan)  # each method config's own option checks, as vtprune.apply runs them
     # PartialState only sets up CPU process groups when told so (the env flag is read by
     # AcceleratorState alone); without it, ranks launched on a GPU-less host would all be rank 0
     cpu = str(device).startswith("cpu") or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
@@ -168,7 +172,6 @@ def run_eval(
         model, processor = model_id_or_dir
     else:
         model, processor = load_model(model_id_or_dir, device, dtype)
-    plans = ["baseline", *[p for p in dict.fromkeys(plans) if p != "baseline"]]
     output = Path(output)
     ctx = dict(
         model=model,
@@ -185,9 +188,13 @@ def run_eval(
         meter_opts=dict(repeats=meter_repeats, warmup=meter_warmup, decode_tokens=decode_tokens),
     )
     parsed = [parse_task(t) for t in tasks]
-    for plan in plans:  # a bad plan fails now, not after the baseline has run
-        apply_plan(model, plan)
-    vtprune.remove(model)
+    for plan in plans:  # what depends on the model (layer indices, ...) also fails before the baseline runs
+        try:
+            apply_plan(model, plan)
+        except ValueError as err:
+            raise ValueError(f"plan {plan!r} does not fit this model: {err}") from err
+        finally:
+            vtprune.remove(model)
     if not resume:
         _clear(ctx, [t[0] for t in parsed], plans, state.is_main_process)
     state.wait_for_everyone()  # nobody reads files another rank is still clearing

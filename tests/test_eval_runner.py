@@ -319,3 +319,88 @@ def test_docstring_examples(name):
         module, extraglobs={"torch": torch, "vtprune": vtprune}, optionflags=doctest.ELLIPSIS
     )
     assert result.failed == 0
+
+
+def _no_model(monkeypatch):
+    """Make loading a model (and answering) fail the test: the checks must come first."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the model was loaded before the plans and task files were checked")
+
+    monkeypatch.setattr("vtprune.eval.runner.load_model", fail)
+    monkeypatch.setattr("vtprune.eval.runner.answer_batch", fail)
+
+
+def _eval_cli(tmp_path, *extra):
+    from vtprune.cli import main
+
+    main(["eval", "--model", "llava", "--tasks", "synthvqa", "--output", str(tmp_path / "out"),
+          "--limit", "4", "--no-meters", "--no-report", "--quiet", *extra])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("plans", "message"),
+    [
+        ("baseline,uniform:keep=2", r"plan 'uniform:keep=2': uniform: option 'keep'=2 is invalid"),
+        ("baseline,random:sed=1", r"plan 'random:sed=1': random: unknown option\(s\) sed"),
+        ("baseline,nosuch:keep=0.5", r"plan 'nosuch:keep=0.5': unknown method 'nosuch'"),
+    ],
+)
+def test_bad_plan_fails_before_anything_is_evaluated(tmp_path, monkeypatch, plans, message):
+    _no_model(monkeypatch)
+    with pytest.raises(ValueError, match=message):
+        _eval_cli(tmp_path, "--plans", plans)
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_check_runs_the_method_configs_own_validation(tmp_path, monkeypatch):
+    # vtprune.apply builds configs with config_from_name, whose __post_init__ runs validate():
+    # the up-front check must build them the same way, so every option check a config makes
+    # (here a stand-in for seed validation) fails the run before the model is even loaded
+    from vtprune.config import REGISTRY
+
+    def seed_must_be_int(self):
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"random: option 'seed'={self.seed!r} is invalid; allowed: an integer")
+
+    monkeypatch.setattr(REGISTRY["random"], "validate", seed_must_be_int)
+    _no_model(monkeypatch)
+    with pytest.raises(ValueError, match=r"plan 'random:seed=abc': random: option 'seed'='abc' is invalid"):
+        _eval_cli(tmp_path, "--plans", "baseline,random:seed=abc")
+
+
+@pytest.mark.xfail(
+    reason="RandomPrune validates seed once issue 14 item 8 lands (vtprune/methods)", strict=False
+)
+def test_plan_check_rejects_a_string_seed():
+    from vtprune.eval.meters import plan_config
+
+    with pytest.raises(ValueError, match="seed"):
+        plan_config("random:seed=abc")
+
+
+def test_plan_values_are_parsed_to_their_types():
+    from vtprune.eval.bench_prefill import parse_plan
+
+    _, opts = parse_plan(
+        "layerskip:cut=9,thin_ffn=true,window=1,ffn_ratio=0.25,layers=8+16,seed=abc,score=mean"
+    )
+    assert opts == {
+        "cut": 9,
+        "thin_ffn": True,
+        "window": 1,
+        "ffn_ratio": 0.25,
+        "layers": [8, 16],
+        "seed": "abc",
+        "score": "mean",
+    }
+    assert type(opts["cut"]) is int and type(opts["window"]) is int  # 9 and 1 are not True
+
+
+def test_model_dependent_plan_error_fails_before_the_baseline_runs(tiny_dir, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("a sample was answered before every plan was checked on the model")
+
+    monkeypatch.setattr("vtprune.eval.runner.answer_batch", fail)
+    with pytest.raises(ValueError, match=r"plan 'fastv:layer=99' does not fit this model: .*'layer'=99"):
+        run_eval(str(tiny_dir), ["synthvqa"], None, ["fastv:layer=99"], tmp_path, **RUN, progress=False)
