@@ -159,6 +159,10 @@ def run_eval(
     plans = ["baseline", *[p for p in dict.fromkeys(plans) if p != "baseline"]]
     for plan in plans:
         plan_config(plan)  # each method config's own option checks, as vtprune.apply runs them
+    loaded = []
+    for name, read_opts, score_opts in [parse_task(t) for t in tasks]:  # every task's files, first
+        samples = load_task(name, data_dir, limit, **read_opts)
+        loaded.append((name, samples, score_opts, parser_name(name, samples, **score_opts)))
     # PartialState only sets up CPU process groups when told so (the env flag is read by
     # AcceleratorState alone); without it, ranks launched on a GPU-less host would all be rank 0
     cpu = str(device).startswith("cpu") or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
@@ -187,7 +191,6 @@ def run_eval(
         meter_batch=meter_batch,
         meter_opts=dict(repeats=meter_repeats, warmup=meter_warmup, decode_tokens=decode_tokens),
     )
-    parsed = [parse_task(t) for t in tasks]
     for plan in plans:  # what depends on the model (layer indices, ...) also fails before the baseline runs
         try:
             apply_plan(model, plan)
@@ -196,16 +199,12 @@ def run_eval(
         finally:
             vtprune.remove(model)
     if not resume:
-        _clear(ctx, [t[0] for t in parsed], plans, state.is_main_process)
+        _clear(ctx, [name for name, *_ in loaded], plans, state.is_main_process)
     state.wait_for_everyone()  # nobody reads files another rank is still clearing
     _check_config(output, _run_config(model_id_or_dir, model, max_new_tokens), state.is_main_process)
-    loaded = []
-    for name, read_opts, score_opts in parsed:
-        samples = load_task(name, data_dir, limit, **read_opts)
-        parser = parser_name(name, samples, **score_opts)
+    for name, samples, _, parser in loaded:
         for plan in plans:
             _run_plan(ctx, name, plan, samples[state.process_index :: state.num_processes], parser)
-        loaded.append((name, samples, score_opts, parser))
     state.wait_for_everyone()
     if not state.is_main_process:
         return None

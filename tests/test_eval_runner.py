@@ -404,3 +404,16 @@ def test_model_dependent_plan_error_fails_before_the_baseline_runs(tiny_dir, tmp
     monkeypatch.setattr("vtprune.eval.runner.answer_batch", fail)
     with pytest.raises(ValueError, match=r"plan 'fastv:layer=99' does not fit this model: .*'layer'=99"):
         run_eval(str(tiny_dir), ["synthvqa"], None, ["fastv:layer=99"], tmp_path, **RUN, progress=False)
+
+
+def test_missing_data_of_a_later_task_fails_before_anything_is_evaluated(tmp_path, monkeypatch):
+    from vtprune.eval.samples import BenchmarkFileError
+
+    _no_model(monkeypatch)
+    empty = tmp_path / "data"
+    empty.mkdir()
+    with pytest.raises(BenchmarkFileError, match="pope"):
+        _eval_cli(tmp_path, "--tasks", "synthvqa,pope", "--data-dir", str(empty))
+    with pytest.raises(ValueError, match="'mme' needs --data-dir"):
+        _eval_cli(tmp_path, "--tasks", "synthvqa,mme")
+    assert not (tmp_path / "out").exists()
