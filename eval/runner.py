@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import vtprune
-from vtprune.eval.generation import answer_batch, encode, load_model
+from vtprune.eval.generation import answer_batch, encode, load_model, model_source
 from vtprune.eval.meters import apply_plan, measure_plans, plan_config
 from vtprune.eval.records import append_records, finished, merge_shards, records_path
 from vtprune.eval.tasks import chat_prompt, load_task, parse_task, parser_name, score_task
@@ -156,6 +156,8 @@ def run_eval(
     from accelerate import PartialState
 
     # everything that can be checked without the model fails now, not after hours of evaluation
+    if not isinstance(model_id_or_dir, tuple):
+        model_source(model_id_or_dir)  # a folder that does not exist: "no such folder or hub id"
     plans = ["baseline", *[p for p in dict.fromkeys(plans) if p != "baseline"]]
     for plan in plans:
         plan_config(plan)  # each method config's own option checks, as vtprune.apply runs them

@@ -93,3 +93,10 @@ def test_decode_benchmark_reports_kv_and_speed(tmp_path):
     kv = [res[p]["kv_cache_bytes"] for p in plans.split(";")]
     assert kv[0] > kv[1] > kv[2]  # the decode stage re-indexes earlier layers: less cache again
     assert (tmp_path / "decode_bench.md").exists()
+
+
+def test_demo_model_must_be_a_shipped_tiny_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--model", "/data/llava-1.5-7b"])
+    err = capsys.readouterr().err
+    assert "invalid choice: '/data/llava-1.5-7b'" in err and "qwen2_vl" in err

@@ -417,3 +417,29 @@ def test_missing_data_of_a_later_task_fails_before_anything_is_evaluated(tmp_pat
     with pytest.raises(ValueError, match="'mme' needs --data-dir"):
         _eval_cli(tmp_path, "--tasks", "synthvqa,mme")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "model", ["/no/such/folder/llava", "./no-such-checkpoint", "no/such/folder", "~/nope"]
+)
+def test_missing_model_folder_is_named(tmp_path, model):
+    from vtprune.cli import main
+
+    with pytest.raises(FileNotFoundError, match=r"^no such folder or hub id: '.*no.*'"):
+        main(["eval", "--model", model, "--tasks", "synthvqa", "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_hub_id_that_cannot_be_found_is_named(monkeypatch):
+    import transformers
+
+    from vtprune.eval.generation import load_model
+
+    def not_found(source, *args, **kwargs):
+        raise OSError(f"{source} is not a local folder and is not a valid model identifier listed on the hub")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", not_found)
+    with pytest.raises(
+        FileNotFoundError, match=r"no such folder or hub id: 'org/no-such-model' \(org/no-such"
+    ):
+        load_model("org/no-such-model")

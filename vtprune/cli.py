@@ -50,7 +50,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="vtprune", description="Visual token pruning for Hugging Face VLMs")
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="compare methods on the shipped tiny model (no download)")
-    d.add_argument("--model", default="llava", help="llava or qwen2_vl (shipped tiny models)")
+    d.add_argument(
+        "--model",
+        default="llava",
+        choices=("llava", "qwen2_vl"),
+        help="a shipped tiny model (for a folder or hub id use vtprune eval --model)",
+    )
     d.add_argument("--keep", type=float, default=0.5)
     d.add_argument("--methods", default=None, help="comma-separated (default: every method)")
     d.add_argument("--n", type=int, default=32, help="held-out questions for the accuracy column")
