@@ -10,7 +10,11 @@ def _demo(args) -> None:
     from vtprune.demo import run_demo
 
     run_demo(
-        arch=args.model, keep=args.keep, methods=args.methods.split(",") if args.methods else None, n=args.n
+        arch=args.model,
+        keep=args.keep,
+        methods=args.methods.split(",") if args.methods else None,
+        n=args.n,
+        repeats=args.repeats,
     )
 
 
@@ -59,6 +63,7 @@ def main(argv=None) -> None:
     d.add_argument("--keep", type=float, default=0.5)
     d.add_argument("--methods", default=None, help="comma-separated (default: every method)")
     d.add_argument("--n", type=int, default=32, help="held-out questions for the accuracy column")
+    d.add_argument("--repeats", type=int, default=5, help="timed prefill rounds (median reported)")
     d.set_defaults(fn=_demo)
     from vtprune.eval.cli_eval import add_eval_parser
 
