@@ -86,30 +86,46 @@ def _prefill(model, kw):
 
 
 def measure(model, kw, plans: list[str], repeats: int, warmup: int, baseline_every: int = 4) -> dict:
-    """Interleaved timing of every plan; FLOPs and token counts of each.
-
-    A shared CPU drifts in speed by tens of percent over a minute, more than the effects being
-    measured, so each plan's speedup is paired: within a repeat the baseline is re-timed before
-    and after every ``baseline_every`` plans, and a plan's speedup in that repeat is the mean of
-    its two bracketing baseline times over its own time. The reported speedup is the median of
-    these paired ratios over the repeats.
-    """
-    results = {p: {"times": [], "overheads": [], "paired_speedups": []} for p in plans}
-    others = [p for p in plans if p != "baseline"]
-    from vtprune.eval.meters import apply_plan  # meters imports this module
-
+    """Interleaved, paired timing of every plan (:func:`time_plans`); FLOPs and token counts of each."""
+    counts = {}
     for p in plans:
-        apply_plan(model, p, timing=True)
+        _apply(model, p)
         flops, _ = count_flops(_prefill, model, kw)
         st = vtprune.stats(model) if p != "baseline" else None
         n_text = kw["input_ids"].shape[1] - 576
         per_layer = st.visual_tokens_per_layer if st else [576.0] * model.config.text_config.num_hidden_layers
         attn = attention_flops(model.config.text_config, [n + n_text for n in per_layer]) / 2  # causal half
-        results[p].update(
+        counts[p] = dict(
             counted_flops=flops,
             attention_flops=attn * kw["input_ids"].shape[0],
             visual_tokens_per_layer=per_layer,
         )
+    results = time_plans(model, kw, plans, repeats, warmup, baseline_every)
+    base_f = counts["baseline"]["counted_flops"] + counts["baseline"]["attention_flops"]
+    for p in plans:
+        r = results[p]
+        r.update(counts[p])
+        r["flops_speedup"] = base_f / (r["counted_flops"] + r["attention_flops"])
+        r["share_of_allowed"] = r["measured_speedup"] / r["flops_speedup"]
+    return results
+
+
+def time_plans(model, kw, plans: list[str], repeats: int, warmup: int, baseline_every: int = 4) -> dict:
+    """Prefill time of each plan (``"baseline"`` among them) on inputs ``kw``: warmed up, interleaved, paired.
+
+    A shared CPU drifts in speed by tens of percent over a minute, more than the effects being
+    measured, so each plan's speedup is paired: within a repeat the baseline is re-timed before
+    and after every ``baseline_every`` plans, and a plan's speedup in that repeat is the mean of
+    its two bracketing baseline times over its own time. The reported speedup
+    (``measured_speedup``) is the median of these paired ratios over the repeats; ``median_s``
+    is the plain median of the plan's own times. ``warmup`` untimed runs of each plan come first.
+    """
+    if "baseline" not in plans:
+        raise ValueError(f"time_plans needs 'baseline' among the plans to pair with, got {plans}")
+    results = {p: {"times": [], "overheads": [], "paired_speedups": []} for p in plans}
+    others = [p for p in plans if p != "baseline"]
+    for p in plans:
+        _apply(model, p)
         for _ in range(warmup):
             _prefill(model, kw)
     for _ in tqdm(range(repeats), desc=f"batch {kw['input_ids'].shape[0]}", leave=False):
@@ -122,23 +138,24 @@ def measure(model, kw, plans: list[str], repeats: int, warmup: int, baseline_eve
                 results[p]["paired_speedups"].append((before + after) / 2 / t)
             before = after
     vtprune.remove(model)
-    base = results["baseline"]
-    base_f = base["counted_flops"] + base["attention_flops"]
     for p in plans:
         r = results[p]
         r["median_s"] = statistics.median(r["times"])
         r["measured_speedup"] = statistics.median(r["paired_speedups"]) if r["paired_speedups"] else 1.0
-        r["flops_speedup"] = base_f / (r["counted_flops"] + r["attention_flops"])
-        r["share_of_allowed"] = r["measured_speedup"] / r["flops_speedup"]
         r["overhead_share"] = statistics.median(r["overheads"]) / r["median_s"] if r["overheads"] else 0.0
     return results
 
 
-def _time_plan(model, kw, plan: str, results: dict) -> float:
-    """Apply ``plan``, time one prefill, and record its time (and method overhead)."""
+def _apply(model, plan: str) -> None:
+    """Put ``plan`` in force with its overhead measured (``stats(model).overhead_s``)."""
     from vtprune.eval.meters import apply_plan  # meters imports this module
 
     apply_plan(model, plan, timing=True)
+
+
+def _time_plan(model, kw, plan: str, results: dict) -> float:
+    """Apply ``plan``, time one prefill, and record its time (and method overhead)."""
+    _apply(model, plan)
     t0 = time.perf_counter()
     _prefill(model, kw)
     elapsed = time.perf_counter() - t0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import torch
 
 from vtprune.eval.tasks import chat_prompt
@@ -12,13 +15,47 @@ MODEL_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
 }
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def model_source(model) -> str:
+    """``model`` as ``from_pretrained`` should read it: a shipped tiny model's folder, a folder, a hub id.
+
+    Anything else (a path that does not exist, such as ``/data/llava`` or ``./ckpt``) raises
+    ``FileNotFoundError("no such folder or hub id: ...")`` instead of the hub's "Repo id must
+    be ..." message.
+
+    Example:
+        >>> model_source("llava-hf/llava-1.5-7b-hf")
+        'llava-hf/llava-1.5-7b-hf'
+        >>> model_source("/no/such/llava")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: no such folder or hub id: '/no/such/llava' (a folder with the model's config.json, a hub id 'org/name', or a shipped tiny model: llava, qwen2_vl)
+    """
+    from vtprune.eval.tiny_models import ARCHS, asset_dir
+
+    text = str(model)
+    if text in ARCHS:
+        return asset_dir(text)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return str(path)
+    if _HUB_ID.match(text) and ".." not in text and "--" not in text and not text.endswith("."):
+        return text
+    raise FileNotFoundError(
+        f"no such folder or hub id: {text!r} (a folder with the model's config.json, a hub id "
+        f"'org/name', or a shipped tiny model: {', '.join(ARCHS)})"
+    )
 
 
 def load_model(model_id_or_dir: str, device: str | torch.device = "cpu", dtype="auto"):
     """(model in eval mode on ``device``, processor) from a folder, a hub id, or a shipped tiny name.
 
     The class follows ``AutoConfig``'s ``model_type``; ``"llava"`` / ``"qwen2_vl"`` load the tiny
-    checkpoints shipped with vtprune. ``dtype="auto"``: bfloat16 on CUDA, float32 elsewhere.
+    checkpoints shipped with vtprune. ``dtype="auto"``: bfloat16 on CUDA, float32 elsewhere. A
+    folder that does not exist, or a hub id that cannot be found, raises
+    ``FileNotFoundError("no such folder or hub id: ...")``.
 
     Example:
         >>> model, processor = load_model("llava-hf/llava-1.5-7b-hf", "cuda")  # doctest: +SKIP
@@ -26,15 +63,19 @@ def load_model(model_id_or_dir: str, device: str | torch.device = "cpu", dtype="
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
-    from vtprune.eval.tiny_models import ARCHS, asset_dir
-
     device = torch.device(device)
     if dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    source = asset_dir(model_id_or_dir) if model_id_or_dir in ARCHS else str(model_id_or_dir)
-    model_type = AutoConfig.from_pretrained(source).model_type
+    source = model_source(model_id_or_dir)
+    try:
+        model_type = AutoConfig.from_pretrained(source).model_type
+    except OSError as err:
+        if Path(source).is_dir():
+            raise  # a folder without config.json: transformers names the missing file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"no such folder or hub id: {source!r} ({reason})") from err
     cls = getattr(transformers, MODEL_CLASSES.get(model_type, "AutoModelForImageTextToText"))
     model = cls.from_pretrained(source, dtype=dtype).to(device).eval()
     return model, AutoProcessor.from_pretrained(source)

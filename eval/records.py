@@ -3,7 +3,9 @@
 Layout under the output folder: ``<task>/<plan slug>.jsonl`` holds one JSON record per sample
 (the merged result); with several processes each rank appends to its own
 ``<task>/<plan slug>.rank<k>.jsonl`` and rank 0 merges them. A run that is killed mid-write
-leaves at most one truncated last line, which the reader skips, so that sample is redone.
+leaves at most one truncated last line (possibly cut inside a UTF-8 character), which the
+reader skips and the next append cuts off, so that sample is redone; any other unreadable line
+is an error naming the file and line.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ def records_path(out: str | Path, task: str, plan: str, rank: int | None = None)
 
 
 def read_records(path: str | Path) -> dict[str, dict]:
-    """Records of a JSONL file keyed by ``sample_id`` (empty if absent; a torn last line is skipped).
+    """Records of a JSONL file keyed by ``sample_id`` (empty if absent).
+
+    The last line may be torn by an interruption (cut anywhere, even inside a multi-byte UTF-8
+    character): it is skipped, so that sample is redone. Any other line that is not a JSON
+    record raises ``ValueError`` naming the file and the line.
 
     Example:
         >>> read_records("/nonexistent.jsonl")
@@ -46,15 +52,32 @@ def read_records(path: str | Path) -> dict[str, dict]:
     path = Path(path)
     if not path.is_file():
         return {}
+    lines = path.read_bytes().split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
     out: dict[str, dict] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        rec = _parse_line(raw)
+        if rec is None and number == len(lines):
             continue  # a line cut by an interruption: that sample is simply redone
-        if isinstance(rec, dict) and "sample_id" in rec:
-            out[str(rec["sample_id"])] = rec
+        if rec is None:
+            raise ValueError(
+                f"{path}, line {number}: not a JSON record with a sample_id ({raw[:80]!r}); "
+                "only the last line may be torn: delete that line to redo its sample"
+            )
+        out[str(rec["sample_id"])] = rec
     return out
+
+
+def _parse_line(raw: bytes) -> dict | None:
+    """The record on one line, or ``None`` if it is not valid UTF-8 JSON of a dict with a sample_id."""
+    try:
+        rec = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return rec if isinstance(rec, dict) and "sample_id" in rec else None
 
 
 def append_records(path: str | Path, records: Iterable[dict]) -> None:
@@ -78,13 +101,39 @@ def append_records(path: str | Path, records: Iterable[dict]) -> None:
 
 
 def _repair_tail(f, path: Path) -> None:
-    # A torn last line (no newline) would glue onto the next record; end it first.
+    """End a torn last line before appending: keep it if it is a whole record, else cut it off.
+
+    A torn record glued onto the next one, or left in the middle of the file, would be
+    unreadable; the sample it held is not in the file, so it is redone.
+    """
     size = path.stat().st_size
-    if size:
-        with open(path, "rb") as r:
-            r.seek(size - 1)
-            if r.read(1) != b"\n":
-                f.write("\n")
+    if not size:
+        return
+    with open(path, "rb") as r:
+        r.seek(size - 1)
+        if r.read(1) == b"\n":
+            return
+        start = _last_line_start(r, size)
+        r.seek(start)
+        tail = r.read()
+    f.flush()
+    if _parse_line(tail) is not None:
+        f.write("\n")  # a whole record that only lacks its newline
+    else:
+        f.truncate(start)
+
+
+def _last_line_start(r, size: int, chunk: int = 1 << 16) -> int:
+    """Offset just after the last newline of the binary file ``r`` (0 if it has none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - chunk)
+        r.seek(start)
+        i = r.read(end - start).rfind(b"\n")
+        if i >= 0:
+            return start + i + 1
+        end = start
+    return 0
 
 
 def write_records(path: str | Path, records: Sequence[dict]) -> None:
@@ -117,9 +166,11 @@ def finished(out: str | Path, task: str, plan: str, rank: int | None) -> dict[st
 
 
 def merge_shards(out: str | Path, task: str, plan: str, world_size: int, order: Sequence[str]) -> list[dict]:
-    """Merge the rank files into ``<task>/<plan>.jsonl`` in ``order`` (sample ids); return the records.
+    """Merge the rank files into ``<task>/<plan>.jsonl``; return the records of ``order`` (sample ids).
 
-    Samples already in the merged file are kept, so merging again after a resumed run is safe.
+    Nothing finished is ever dropped: the merged file keeps every record it or a rank file
+    holds, those of ``order`` first in that order, then the others (samples beyond a smaller
+    ``--limit``, say) in their earlier order. Merging again after a resumed run is safe.
 
     Example:
         >>> merge_shards("/tmp/none", "pope", "baseline", 2, [])
@@ -128,7 +179,9 @@ def merge_shards(out: str | Path, task: str, plan: str, world_size: int, order: 
     merged = read_records(records_path(out, task, plan))
     for rank in range(world_size):
         merged.update(read_records(records_path(out, task, plan, rank)))
+    wanted = set(order)
     records = [merged[sid] for sid in order if sid in merged]
-    if records or merged:
-        write_records(records_path(out, task, plan), records)
+    others = [rec for sid, rec in merged.items() if sid not in wanted]
+    if merged:
+        write_records(records_path(out, task, plan), records + others)
     return records

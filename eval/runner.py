@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 import vtprune
-from vtprune.eval.generation import answer_batch, encode, load_model
-from vtprune.eval.meters import apply_plan, measure_plans
+from vtprune.eval.generation import answer_batch, encode, load_model, model_source
+from vtprune.eval.meters import apply_plan, measure_plans, plan_config
 from vtprune.eval.records import append_records, finished, merge_shards, records_path
 from vtprune.eval.tasks import chat_prompt, load_task, parse_task, parser_name, score_task
 
@@ -118,7 +118,7 @@ def _task_meters(ctx: dict, task: str, samples: list, plans: list[str]) -> dict:
     inputs = encode(ctx["processor"], prompts, images, next(ctx["model"].parameters()).device)
     result = measure_plans(ctx["model"], inputs, plans, **ctx["meter_opts"])
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(result, indent=1))
+    cache.write_text(json.dumps({**cached, **result}, indent=1))  # plans not asked for now stay
     return result
 
 
@@ -155,6 +155,16 @@ def run_eval(
     """
     from accelerate import PartialState
 
+    # everything that can be checked without the model fails now, not after hours of evaluation
+    if not isinstance(model_id_or_dir, tuple):
+        model_source(model_id_or_dir)  # a folder that does not exist: "no such folder or hub id"
+    plans = ["baseline", *[p for p in dict.fromkeys(plans) if p != "baseline"]]
+    for plan in plans:
+        plan_config(plan)  # each method config's own option checks, as vtprune.apply runs them
+    loaded = []
+    for name, read_opts, score_opts in [parse_task(t) for t in tasks]:  # every task's files, first
+        samples = load_task(name, data_dir, limit, **read_opts)
+        loaded.append((name, samples, score_opts, parser_name(name, samples, **score_opts)))
     # PartialState only sets up CPU process groups when told so (the env flag is read by
     # AcceleratorState alone); without it, ranks launched on a GPU-less host would all be rank 0
     cpu = str(device).startswith("cpu") or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
@@ -168,7 +178,6 @@ def run_eval(
         model, processor = model_id_or_dir
     else:
         model, processor = load_model(model_id_or_dir, device, dtype)
-    plans = ["baseline", *[p for p in dict.fromkeys(plans) if p != "baseline"]]
     output = Path(output)
     ctx = dict(
         model=model,
@@ -184,21 +193,20 @@ def run_eval(
         meter_batch=meter_batch,
         meter_opts=dict(repeats=meter_repeats, warmup=meter_warmup, decode_tokens=decode_tokens),
     )
-    parsed = [parse_task(t) for t in tasks]
-    for plan in plans:  # a bad plan fails now, not after the baseline has run
-        apply_plan(model, plan)
-    vtprune.remove(model)
+    for plan in plans:  # what depends on the model (layer indices, ...) also fails before the baseline runs
+        try:
+            apply_plan(model, plan)
+        except ValueError as err:
+            raise ValueError(f"plan {plan!r} does not fit this model: {err}") from err
+        finally:
+            vtprune.remove(model)
     if not resume:
-        _clear(ctx, [t[0] for t in parsed], plans, state.is_main_process)
+        _clear(ctx, [name for name, *_ in loaded], plans, state.is_main_process)
     state.wait_for_everyone()  # nobody reads files another rank is still clearing
     _check_config(output, _run_config(model_id_or_dir, model, max_new_tokens), state.is_main_process)
-    loaded = []
-    for name, read_opts, score_opts in parsed:
-        samples = load_task(name, data_dir, limit, **read_opts)
-        parser = parser_name(name, samples, **score_opts)
+    for name, samples, _, parser in loaded:
         for plan in plans:
             _run_plan(ctx, name, plan, samples[state.process_index :: state.num_processes], parser)
-        loaded.append((name, samples, score_opts, parser))
     state.wait_for_everyone()
     if not state.is_main_process:
         return None

@@ -53,13 +53,33 @@ def test_bench_rejects_bad_baseline_every(capsys):
     assert "--baseline-every must be at least 1, got 0" in capsys.readouterr().err
 
 
-def test_demo_prints_every_method(capsys):
-    main(["demo", "--n", "4", "--methods", "fastv,uniform"])
+def test_demo_prints_every_method(capsys, monkeypatch):
+    from vtprune.eval import bench_prefill
+
+    timed = {}
+
+    def spy(model, kw, plans, repeats, warmup, baseline_every=4):
+        timed.update(plans=plans, repeats=repeats, warmup=warmup)
+        timed["results"] = real(model, kw, plans, repeats, warmup, baseline_every)
+        return timed["results"]
+
+    real = bench_prefill.time_plans
+    monkeypatch.setattr(bench_prefill, "time_plans", spy)
+    main(["demo", "--n", "4", "--methods", "fastv,uniform", "--repeats", "2"])
     out = capsys.readouterr().out
     lines = out.splitlines()
     for plan in ("baseline", "fastv", "uniform"):
         assert any(line.startswith(f"{plan} ") for line in lines), plan
-    assert "visual tokens per layer" in out
+    assert "visual tokens per layer" in out and "Time is indicative only" in out
+    # time is the benchmark's: warmed up, repeated, each plan paired with unpruned runs around it
+    assert timed["plans"] == ["baseline", "fastv:keep=0.5", "uniform:keep=0.5"]
+    assert timed["repeats"] == 2 and timed["warmup"] >= 1
+    for plan in ("fastv", "uniform"):
+        r = timed["results"][f"{plan}:keep=0.5"]
+        assert len(r["paired_speedups"]) == 2
+        (line,) = [line for line in lines if line.startswith(f"{plan} ")]
+        saved = 1 - 1 / statistics.median(r["paired_speedups"])
+        assert f" {saved:>6.0%}  " in line  # the time-saved column, just before the token counts
 
 
 def test_fastv_mean_score_uses_all_text_queries():
@@ -93,3 +113,10 @@ def test_decode_benchmark_reports_kv_and_speed(tmp_path):
     kv = [res[p]["kv_cache_bytes"] for p in plans.split(";")]
     assert kv[0] > kv[1] > kv[2]  # the decode stage re-indexes earlier layers: less cache again
     assert (tmp_path / "decode_bench.md").exists()
+
+
+def test_demo_model_must_be_a_shipped_tiny_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--model", "/data/llava-1.5-7b"])
+    err = capsys.readouterr().err
+    assert "invalid choice: '/data/llava-1.5-7b'" in err and "qwen2_vl" in err

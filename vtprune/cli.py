@@ -10,7 +10,11 @@ def _demo(args) -> None:
     from vtprune.demo import run_demo
 
     run_demo(
-        arch=args.model, keep=args.keep, methods=args.methods.split(",") if args.methods else None, n=args.n
+        arch=args.model,
+        keep=args.keep,
+        methods=args.methods.split(",") if args.methods else None,
+        n=args.n,
+        repeats=args.repeats,
     )
 
 
@@ -50,10 +54,16 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="vtprune", description="Visual token pruning for Hugging Face VLMs")
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="compare methods on the shipped tiny model (no download)")
-    d.add_argument("--model", default="llava", help="llava or qwen2_vl (shipped tiny models)")
+    d.add_argument(
+        "--model",
+        default="llava",
+        choices=("llava", "qwen2_vl"),
+        help="a shipped tiny model (for a folder or hub id use vtprune eval --model)",
+    )
     d.add_argument("--keep", type=float, default=0.5)
     d.add_argument("--methods", default=None, help="comma-separated (default: every method)")
     d.add_argument("--n", type=int, default=32, help="held-out questions for the accuracy column")
+    d.add_argument("--repeats", type=int, default=5, help="timed prefill rounds (median reported)")
     d.set_defaults(fn=_demo)
     from vtprune.eval.cli_eval import add_eval_parser
 

@@ -2,13 +2,11 @@
 
 Loads the tiny LLaVA-1.5-architecture model shipped with the package (trained on the offline
 synthetic VQA task), asks image questions with and without pruning for each method, and prints
-the answers, visual tokens per decoder layer, counted prefill FLOPs and prefill time saved.
+the answers, visual tokens per decoder layer, counted prefill FLOPs and prefill time saved
+(paired and repeated like the prefill benchmark, and still only indicative on a shared machine).
 """
 
 from __future__ import annotations
-
-import statistics
-import time
 
 import torch
 from tqdm import tqdm
@@ -61,16 +59,6 @@ def _prefill(model, enc):
         return model(**enc, logits_to_keep=1)
 
 
-def _prefill_time(model, enc, repeats: int = 5) -> float:
-    _prefill(model, enc)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _prefill(model, enc)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def compress_counts(counts: list[float]) -> str:
     """``[64, 64, 16, 16, 16]`` -> ``"64x2 16x3"``: tokens per layer, run-length encoded.
 
@@ -88,10 +76,20 @@ def compress_counts(counts: list[float]) -> str:
     return " ".join(f"{c:g}x{k}" for c, k in runs)
 
 
-def run_demo(arch: str = "llava", keep: float = 0.5, methods=None, n: int = 32, seed: int = 1) -> list[dict]:
-    """Compare the unpruned model with each method at ``keep`` on ``n`` held-out questions."""
+def run_demo(
+    arch: str = "llava", keep: float = 0.5, methods=None, n: int = 32, seed: int = 1, repeats: int = 5
+) -> list[dict]:
+    """Compare the unpruned model with each method at ``keep`` on ``n`` held-out questions.
+
+    Prefill time is taken as the prefill benchmark takes it (:func:`vtprune.eval.bench_prefill.time_plans`):
+    a warm-up run of each plan, then ``repeats`` rounds in which every plan runs between two
+    runs of the unpruned model; time saved is ``1 - 1 / median paired speedup``.
+    """
+    from vtprune.eval.bench_prefill import time_plans
     from vtprune.eval.synthvqa import generate_synthvqa, score_synthvqa
 
+    if repeats < 1:
+        raise ValueError(f"demo: repeats must be at least 1, got {repeats}")
     methods = methods or DEFAULT_METHODS
     model, processor, source = load_default(arch)
     items = generate_synthvqa(n, seed=seed, split="demo")
@@ -110,35 +108,41 @@ def run_demo(arch: str = "llava", keep: float = 0.5, methods=None, n: int = 32, 
             answers += _answers(model, processor, _encode(processor, items[i : i + 16], arch))
         acc = score_synthvqa(items, answers)["accuracy"]
         flops, _ = count_flops(_prefill, model, one)
-        seconds = _prefill_time(model, enc)
         if plan == "baseline":
             n_visual = int((one["input_ids"][0] == model.config.image_token_id).sum())
             per_layer = [n_visual] * model.config.text_config.num_hidden_layers
         else:
             per_layer = vtprune.stats(model).visual_tokens_per_layer
-        rows.append(
-            dict(
-                plan=plan, answer=answers[0], accuracy=acc, flops=flops, seconds=seconds, per_layer=per_layer
-            )
+        rows.append(dict(plan=plan, answer=answers[0], accuracy=acc, flops=flops, per_layer=per_layer))
+    plans = {r["plan"]: "baseline" if r["plan"] == "baseline" else f"{r['plan']}:keep={keep}" for r in rows}
+    timing = time_plans(model, dict(enc), list(plans.values()), repeats=repeats, warmup=1)
+    for r in rows:
+        t = timing[plans[r["plan"]]]
+        r.update(
+            seconds=t["median_s"],
+            paired_speedups=t["paired_speedups"],
+            time_saved=1 - 1 / t["measured_speedup"],
         )
     vtprune.remove(model)
-    _print(rows, keep, n)
+    _print(rows, keep, n, repeats)
     return rows
 
 
-def _print(rows: list[dict], keep: float, n: int) -> None:
+def _print(rows: list[dict], keep: float, n: int, repeats: int) -> None:
     base = rows[0]
     print(
-        f"\nkeep={keep}; accuracy on {n} held-out questions; FLOPs and time: one prefill (batch of {n} for time)\n"
+        f"\nkeep={keep}; accuracy on {n} held-out questions; FLOPs: one prefill of question 1 (exact);\n"
+        f"prefill ms: median of {repeats} runs of a batch of {n} after a warm-up, each plan between two "
+        "unpruned runs;\ntime saved: median of those paired ratios. Time is indicative only: it depends "
+        "on this machine and on what else runs on it.\n"
     )
     head = f"{'plan':<10} {'answer 1':<10} {'accuracy':>8} {'GFLOPs':>8} {'saved':>6} {'prefill ms':>10} {'saved':>6}  visual tokens per layer"
     print(head)
     print("-" * len(head))
     for r in rows:
         fl_saved = 1 - r["flops"] / base["flops"]
-        t_saved = 1 - r["seconds"] / base["seconds"]
         layers = compress_counts(r["per_layer"])
         print(
             f"{r['plan']:<10} {r['answer']:<10} {r['accuracy']:>8.2%} {r['flops'] / 1e9:>8.3f} {fl_saved:>6.0%} "
-            f"{1e3 * r['seconds']:>10.1f} {t_saved:>6.0%}  {layers}"
+            f"{1e3 * r['seconds']:>10.1f} {r['time_saved']:>6.0%}  {layers}"
         )
