@@ -72,6 +72,54 @@ def test_compiled_forward_is_refused(model, monkeypatch):
         model(**kw)
 
 
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph_breaks", "fullgraph"])
+def test_torch_compile_of_a_pruned_model_is_refused(model, fresh_dynamo, grad, fullgraph):
+    # Dynamo traces the hooks; a refusal raised while tracing became a graph break and the hook
+    # re-ran eagerly, where is_compiling() is False: under no_grad the compiled model ran, with
+    # grad AOT autograd failed on an op without a backward. The refusal must reach the caller.
+    kw = tiny.inputs("llava", model, [1])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+    with (
+        vtprune.pruned(model, "pdrop", keep=0.5),
+        torch.set_grad_enabled(grad),
+        pytest.raises(Exception, match="vtprune: torch.compile is not supported") as err,
+    ):
+        compiled(**kw)
+    if not fullgraph:  # fullgraph=True: Dynamo wraps it in its own Unsupported error
+        assert err.type is NotImplementedError
+    with torch.no_grad():
+        assert model(**kw).logits.isfinite().all()  # the uncompiled model still runs
+
+
+def test_compiling_only_the_decoder_layers_is_refused(fresh_dynamo):
+    model = tiny.llava()
+    kw = tiny.inputs("llava", model, [1])
+    for layer in model.model.language_model.layers:
+        layer.compile(backend="eager")
+    with (
+        torch.no_grad(),
+        vtprune.pruned(model, "fastv"),
+        pytest.raises(NotImplementedError, match="torch.compile is not supported"),
+    ):
+        model(**kw)
+
+
+def test_torch_compile_without_a_plan_is_untouched(model, fresh_dynamo):
+    kw = tiny.inputs("llava", model, [1])
+    with torch.no_grad():
+        want = model(**kw).logits
+        got = torch.compile(model, backend="eager")(**kw).logits
+    torch.testing.assert_close(got, want)
+
+
 def test_multi_token_step_on_pruned_cache_is_refused(model):
     kw = tiny.inputs("llava", model, [1])
     with torch.no_grad(), vtprune.pruned(model, "fastv"):
