@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.config import MethodConfig, ModelInfo, check_fraction, register_method
+from vtprune.config import MethodConfig, ModelInfo, check_bool, check_fraction, check_int, register_method
 from vtprune.integrations.base import ImageLayout
 from vtprune.selection import allocate
 from vtprune.stages import VisionContext, VisionStage
@@ -51,6 +51,10 @@ class HiRED(MethodConfig):
 
     def validate(self) -> None:
         check_fraction(self.name, "alpha", self.alpha, allow_zero=True)
+        check_int(self.name, "split_layer", self.split_layer, minimum=0)  # tower depth: at apply
+        if self.select_layer is not None:
+            check_int(self.name, "select_layer", self.select_layer, minimum=0)
+        check_bool(self.name, "drop_newlines", self.drop_newlines)
         if self.budget is not None:
             check_fraction(self.name, "budget", self.budget)
             if self.keep is not None:
