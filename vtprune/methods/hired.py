@@ -51,9 +51,10 @@ class HiRED(MethodConfig):
 
     def validate(self) -> None:
         check_fraction(self.name, "alpha", self.alpha, allow_zero=True)
-        check_int(self.name, "split_layer", self.split_layer, minimum=0)  # tower depth: at apply
+        # tower layers: the type here, the range (negative counts from the end) against the tower
+        check_int(self.name, "split_layer", self.split_layer)
         if self.select_layer is not None:
-            check_int(self.name, "select_layer", self.select_layer, minimum=0)
+            check_int(self.name, "select_layer", self.select_layer)
         check_bool(self.name, "drop_newlines", self.drop_newlines)
         if self.budget is not None:
             check_fraction(self.name, "budget", self.budget)

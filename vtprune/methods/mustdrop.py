@@ -101,8 +101,6 @@ class MustDrop(MethodConfig):
         )
 
     def stages(self, info: ModelInfo) -> list:
-        for layer in self.layers or ():  # a layer scores, the next one drops: the last cannot score
-            check_int(self.name, "layers", layer, minimum=0, maximum=info.num_layers - 2)
         layers = (
             list(self.layers) if self.layers is not None else scale_layers(DEFAULT_LAYERS, info.num_layers)
         )
