@@ -13,10 +13,14 @@ max/sum, O(1) state per query), the second recomputes s block by block and reduc
 - ``query_key_probs``: mean over heads of p for a few query rows -> [B, Q, L or key range].
 - ``key_attention_colsum``: mean over heads of sum over queries of p -> [B, L] (how much
   attention each key receives, e.g. FastV / PyramidDrop style scores over many queries).
+
+Scores choose which tokens survive; they are not differentiated (compute them under
+``torch.no_grad()``). A backward through either op raises a RuntimeError saying so.
 """
 
 import torch
 
+from ._autograd import register_no_backward
 from ._flash import _dot, _lse_finish, _online_softmax_step
 from ._triton import dot_upcast, last_dim_contiguous, next_pow2, tl, triton
 from .dispatch import resolve_backend
@@ -234,6 +238,10 @@ def _(q, k, key_valid, query_pos, scaling, key_start, key_end, backend):
     return q.new_empty((q.shape[0], q.shape[2], key_end - key_start), dtype=torch.float32)
 
 
+_NO_GRAD_WHY = "pruning scores select tokens and are not differentiated; compute them under torch.no_grad()"
+register_no_backward(_query_key_probs_op, "query_key_probs", _NO_GRAD_WHY)
+
+
 def _check_qk(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
     if q.dim() != 4 or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
         raise ValueError(f"need q [B, H, Q, D] and k [B, H_kv, L, D], got {tuple(q.shape)}, {tuple(k.shape)}")
@@ -318,6 +326,9 @@ def _key_colsum_op(
 @_key_colsum_op.register_fake
 def _(q, k, key_valid, query_valid, scaling, backend):
     return q.new_empty((k.shape[0], k.shape[2]), dtype=torch.float32)
+
+
+register_no_backward(_key_colsum_op, "key_attention_colsum", _NO_GRAD_WHY)
 
 
 def key_attention_colsum(

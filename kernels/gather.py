@@ -9,10 +9,15 @@ A negative index (use -1) marks a padding slot and produces a row of zeros, so r
 that keep different token counts share one rectangular output. A tensor with batch size 1
 (broadcast cos/sin) is expanded to B. Values >= L are an error: the reference raises, the
 Triton kernel writes zeros instead of reading out of bounds.
+
+Both ops are differentiable (backward in PyTorch, whatever the forward backend): the gather's
+adjoint sums gradients back onto the source rows (scatter-add; padding slots get none), and the
+fused op adds the RMSNorm backward on the gathered rows before that scatter.
 """
 
 import torch
 
+from ._autograd import scatter_rows, upcast
 from ._triton import last_dim_contiguous, next_pow2, tl, triton
 from .dispatch import resolve_backend
 
@@ -160,6 +165,31 @@ def _(tensors, index, backend):
     return [t.new_empty(_out_shape(t, index)) for t in tensors]
 
 
+def _gather_rows_setup(ctx, inputs, output):
+    tensors, index, _ = inputs
+    ctx.save_for_backward(index)
+    ctx.sources = [(t.shape, t.dtype) for t in tensors]
+
+
+def _gather_rows_backward(ctx, grads):
+    (index,) = ctx.saved_tensors
+    out = [
+        None if g is None or not needed else scatter_rows(g, index, shape, dtype)
+        for g, (shape, dtype), needed in zip(grads, ctx.sources, _needs(ctx, 0, len(grads)))
+    ]
+    return out, None, None
+
+
+def _needs(ctx, position: int, count: int) -> list[bool]:
+    """Per tensor of a list argument, whether it needs a gradient (a bool for the whole list
+    in some torch versions)."""
+    flag = ctx.needs_input_grad[position]
+    return list(flag) if isinstance(flag, (list, tuple)) else [bool(flag)] * count
+
+
+_gather_rows_op.register_autograd(_gather_rows_backward, setup_context=_gather_rows_setup)
+
+
 def _check_index(index: torch.Tensor) -> None:
     if index.dim() != 2 or index.dtype != torch.int64:
         raise ValueError(f"index must be int64 [B, N], got {index.dtype} {tuple(index.shape)}")
@@ -182,7 +212,8 @@ def gather_rows(
     Returns:
         The gathered tensors ([B, N, D] or [B, H, N, D], input dtypes), as a list, or a single
         tensor when a single tensor was given. Tensors with equal shape and strides (cos and
-        sin, K and V) are copied by one kernel launch.
+        sin, K and V) are copied by one kernel launch. Differentiable: the backward sums
+        gradients onto the source rows (padding slots send none back).
 
     Example:
         >>> h, cos = torch.randn(2, 5, 8), torch.randn(1, 5, 4)
@@ -206,7 +237,7 @@ def gather_rows_rmsnorm_ref(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of :func:`gather_rows_rmsnorm`."""
     (gathered,) = gather_rows_ref([hidden], index)
-    x = gathered.float()
+    x = upcast(gathered)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return gathered, weight * x.to(hidden.dtype)
 
@@ -245,6 +276,36 @@ def _(hidden, index, weight, eps, backend):
     )
 
 
+def _rmsnorm_setup(ctx, inputs, output):
+    hidden, index, weight, eps, _ = inputs
+    ctx.save_for_backward(output[0], index, weight)
+    ctx.eps, ctx.hidden_shape = eps, hidden.shape
+
+
+def _rmsnorm_backward(ctx, grad_gathered, grad_normed):
+    """The reference's chain rule: y = w * n, n = (x * r).to(dtype), r = rsqrt(mean(x^2) + eps),
+    x = upcast(gathered); gathered feeds both outputs."""
+    gathered, index, weight = ctx.saved_tensors
+    need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+    x = upcast(gathered)
+    r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + ctx.eps)
+    grad_hidden = grad_weight = None
+    if grad_normed is not None and need_weight:
+        n = (x * r).to(gathered.dtype)
+        grad_weight = (grad_normed * n).sum((0, 1)).to(weight.dtype)
+    if need_hidden:
+        grad = torch.zeros_like(gathered) if grad_gathered is None else grad_gathered
+        if grad_normed is not None:
+            gn = upcast((grad_normed * weight).to(gathered.dtype))
+            gx = r * (gn - x * r.pow(2) * (gn * x).mean(-1, keepdim=True))
+            grad = grad + gx.to(gathered.dtype)
+        grad_hidden = scatter_rows(grad, index, ctx.hidden_shape, gathered.dtype)
+    return grad_hidden, None, grad_weight, None, None
+
+
+_gather_rows_rmsnorm_op.register_autograd(_rmsnorm_backward, setup_context=_rmsnorm_setup)
+
+
 def gather_rows_rmsnorm(
     hidden: torch.Tensor,
     index: torch.Tensor,
@@ -264,7 +325,9 @@ def gather_rows_rmsnorm(
     Returns:
         ``(gathered, normed)``: gathered [B, N, D] in hidden's dtype (the residual stream) and
         ``weight * (x * rsqrt(mean(x^2) + eps)).to(hidden.dtype)`` with statistics in fp32
-        (Llama's RMSNorm), in ``promote_types(weight.dtype, hidden.dtype)``. Padding rows are 0.
+        (Llama's RMSNorm; the reference keeps fp64 input in fp64), in
+        ``promote_types(weight.dtype, hidden.dtype)``. Padding rows are 0. Differentiable in
+        ``hidden`` and ``weight``.
 
     Example:
         >>> h, w = torch.randn(1, 6, 8), torch.ones(8)

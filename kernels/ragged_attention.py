@@ -7,7 +7,8 @@ occupying rows ``cu_seqlens[s]:cu_seqlens[s + 1]``. Within each sequence
     out[i, h] = sum_{j visible} softmax_j(scaling * q[i, h] . k[j, h // (H / H_kv)]) v[j, h // (H / H_kv)]
 
 with j visible iff j <= i (causal) or always (causal=False); fp32 softmax, out in q's dtype.
-Rows never attend across sequence boundaries. The masked variants for layer skipping
+Rows never attend across sequence boundaries. Differentiable in q, k and v (the backward
+recomputes the PyTorch reference). The masked variants for layer skipping
 (``visual_window_attention``, ``head_masked_attention``) live in ``visual_attention.py`` and are
 re-exported here.
 """
@@ -15,6 +16,7 @@ re-exported here.
 import torch
 import torch.nn.functional as F
 
+from ._autograd import upcast
 from ._flash import _attend_block, _store_rows
 from ._triton import dot_upcast, flash_blocks, last_dim_contiguous, next_pow2, tl, triton
 from .dispatch import resolve_backend
@@ -79,9 +81,9 @@ def varlen_attention_ref(q, k, v, cu_seqlens, scaling, causal=True) -> torch.Ten
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        qs = q[start:end].transpose(0, 1).float()
-        ks = _repeat_kv(k[start:end].transpose(0, 1).float(), q.shape[1], 0)
-        vs = _repeat_kv(v[start:end].transpose(0, 1).float(), q.shape[1], 0)
+        qs = upcast(q[start:end].transpose(0, 1))
+        ks = _repeat_kv(upcast(k[start:end].transpose(0, 1)), q.shape[1], 0)
+        vs = _repeat_kv(upcast(v[start:end].transpose(0, 1)), q.shape[1], 0)
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scaling)
         out[start:end] = o.transpose(0, 1).to(q.dtype)
     return out
@@ -118,6 +120,39 @@ def _varlen_op(
 @_varlen_op.register_fake
 def _(q, k, v, cu_seqlens, scaling, causal, max_seqlen, backend):
     return torch.empty_like(q)
+
+
+@torch.library.custom_op("vtprune::varlen_attention_backward", mutates_args=())
+def _varlen_backward_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, grad: torch.Tensor,
+    scaling: float, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Gradients of q, k, v: the reference's vector-Jacobian product. An op of its own because the
+    reference splits the packed rows at data-dependent bounds, which torch.compile cannot trace."""
+    _, vjp = torch.func.vjp(
+        lambda q, k, v: varlen_attention_ref(q, k, v, cu_seqlens, scaling, causal), q, k, v
+    )
+    return vjp(grad)
+
+
+@_varlen_backward_op.register_fake
+def _(q, k, v, cu_seqlens, grad, scaling, causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, scaling, causal, _, _ = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens)
+    ctx.scaling, ctx.causal = scaling, causal
+
+
+def _varlen_backward(ctx, grad):
+    q, k, v, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = _varlen_backward_op(q, k, v, cu_seqlens, grad, ctx.scaling, ctx.causal)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_varlen_op.register_autograd(_varlen_backward, setup_context=_varlen_setup)
 
 
 def varlen_attention(

@@ -6,6 +6,8 @@ positions (Lq == Lk at prefill). Each batch row b has a visual span
 [visual_start[b], visual_start[b] + visual_len). Every pattern is causal and drops padding keys
 (``key_valid`` False); softmax in fp32; a query with no visible key outputs 0; output [B, H,
 Lq, D] in q's dtype. ``_visual_mask_ref`` is the executable definition of both masks.
+Both ops are differentiable in q, k and v: the backward recomputes the dense PyTorch reference
+(memory O(Lq * Lk)), whatever backend ran the forward.
 
 - ``visual_window_attention`` (local visual attention): a visual query at grid cell (r, c)
   (span laid out row-major on grid_h x grid_w) sees the text prefix [0, text_prefix_len) and
@@ -19,6 +21,7 @@ Lq, D] in q's dtype. ``_visual_mask_ref`` is the executable definition of both m
 import torch
 import torch.nn.functional as F
 
+from ._autograd import register_reference_backward, upcast
 from ._flash import _attend_block, _store_rows
 from ._triton import dot_upcast, flash_blocks, last_dim_contiguous, next_pow2, tl, triton
 from .dispatch import resolve_backend
@@ -148,10 +151,10 @@ def _visual_mask_ref(
 
 def _masked_sdpa_ref(q, k, v, allowed, scaling):
     heads = q.shape[1]
-    kf = k.float().repeat_interleave(heads // k.shape[1], dim=1)
-    vf = v.float().repeat_interleave(heads // v.shape[1], dim=1)
+    kf = upcast(k).repeat_interleave(heads // k.shape[1], dim=1)
+    vf = upcast(v).repeat_interleave(heads // v.shape[1], dim=1)
     any_key = allowed.any(-1, keepdim=True)  # fully masked rows: unmask for SDPA, then zero
-    out = F.scaled_dot_product_attention(q.float(), kf, vf, attn_mask=allowed | ~any_key, scale=scaling)
+    out = F.scaled_dot_product_attention(upcast(q), kf, vf, attn_mask=allowed | ~any_key, scale=scaling)
     return (out * any_key).to(q.dtype)
 
 
@@ -231,6 +234,9 @@ def _(q, k, v, visual_start, grid_h, grid_w, window, scaling, text_prefix_len, k
     return torch.empty_like(q)
 
 
+register_reference_backward(_window_op, lambda *args: visual_window_attention_ref(*args[:-1]))
+
+
 @torch.library.custom_op("vtprune::head_masked_attention", mutates_args=())
 def _heads_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visual_start: torch.Tensor, visual_len: int,
@@ -245,6 +251,9 @@ def _heads_op(
 @_heads_op.register_fake
 def _(q, k, v, visual_start, visual_len, head_mask, scaling, key_valid, backend):
     return torch.empty_like(q)
+
+
+register_reference_backward(_heads_op, lambda *args: head_masked_attention_ref(*args[:-1]))
 
 
 def _check_qkv(q, k, v, key_valid) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import tiny
 import torch
@@ -44,12 +46,106 @@ def model():
         ("mustdrop", {"preset": "100"}, r"'preset'='100' is invalid; allowed: '192', '128', '64'"),
         ("mustdrop", {"window": 1}, r"'window'=1 is invalid"),
         ("mustdrop", {"keep": 0.3, "preset": "64"}, "either 'keep' or thresholds"),
+        (
+            "random",
+            {"seed": -1},
+            r"random: option 'seed'=-1 is invalid; allowed: an integer in 0..4294967295",
+        ),
+        ("layerskip", {"cut": 9}, r"layerskip: option 'cut'=9 is invalid; allowed: True or False"),
+        ("layerskip", {"thin_ffn": True, "ffn_layers": [-1]}, r"'ffn_layers'=\[-1\] is invalid"),
+        ("hired", {"split_layer": 1.0}, r"'split_layer'=1.0 is invalid; allowed: an integer"),
     ],
 )
 def test_bad_options_raise_value_error(model, method, opts, match):
     with pytest.raises(ValueError, match=match):
         vtprune.apply(model, method, **opts)
     assert vtprune.api.handle_of(model) is None
+
+
+# A value of the wrong type for every option of every registered method.
+WRONG_TYPE = {
+    "fastv": {"keep": "half", "layer": 2.0, "ratio": "0.5", "score": 1},
+    "pdrop": {"keep": [0.5], "layers": "8,16", "ratio": True},
+    "random": {"keep": "0.5", "seed": "a", "protect_newlines": 1},
+    "uniform": {"keep": "0.5", "protect_newlines": "yes"},
+    "hired": {
+        "keep": True,
+        "budget": "0.2",
+        "alpha": None,
+        "split_layer": 1.5,
+        "select_layer": "last",
+        "drop_newlines": 0,
+    },
+    "layerskip": {
+        "keep": "1",
+        "cut": 9,
+        "cut_layer": 4.0,
+        "thin_ffn": "yes",
+        "ffn_ratio": 2.5,
+        "ffn_layers": 3,
+        "window": "3",
+        "window_layers": ["a"],
+        "head_mask": 5,
+        "renormalize": 0,
+    },
+    "mustdrop": {
+        "keep": "x",
+        "preset": 192,
+        "global_thr": "0.1",
+        "individual_thr": [0.1],
+        "layers": "2",
+        "merge_threshold": "high",
+        "window": 3.0,
+        "key_ratio": "0.08",
+        "decode": "true",
+    },
+    "visionzip": {"keep": "x", "dominant": 5.0, "contextual": "10", "layer": "-2"},
+}
+
+
+def _every_option():
+    """(method, option) for every init field of every registered config, read from the registry:
+    an option added later gets a case here without anyone remembering to add it."""
+    return [
+        (name, f.name)
+        for name in vtprune.method_names()
+        for f in dataclasses.fields(vtprune.REGISTRY[name])
+        if f.init
+    ]
+
+
+@pytest.mark.parametrize("method, option", _every_option())
+def test_every_option_is_validated(model, method, option):
+    assert option in WRONG_TYPE.get(method, {}), (
+        f"{method} has an option {option!r} without a wrong-typed value in WRONG_TYPE: add one, and "
+        f"make {method}'s validate() refuse it"
+    )
+    value = WRONG_TYPE[method][option]
+    vtprune.remove(model)  # whatever an earlier test left
+    with pytest.raises(ValueError) as err:
+        vtprune.apply(model, method, **{option: value})
+    message = str(err.value)
+    assert message.startswith(f"{method}: option {option!r}={value!r}") and "allowed: " in message, message
+    assert vtprune.api.handle_of(model) is None
+
+
+def test_wrong_type_table_has_no_stale_entries():
+    options = {}
+    for method, option in _every_option():
+        options.setdefault(method, set()).add(option)
+    assert {m: set(o) for m, o in WRONG_TYPE.items()} == options
+
+
+@pytest.mark.parametrize(
+    "plan", ["random:seed=abc", "layerskip:cut=9", "pdrop:layers=8", "hired:drop_newlines=1"]
+)
+def test_bad_plan_strings_fail_at_apply(model, plan):
+    # `vtprune eval` checks every plan up front by applying it: it must fail there, not mid-run
+    from vtprune.eval.bench_prefill import parse_plan
+
+    name, options = parse_plan(plan)
+    with pytest.raises(ValueError, match=f"{name}: option '{next(iter(options))}'="):
+        vtprune.apply(model, name, **options)
 
 
 def test_unsupported_model_lists_supported():
@@ -71,6 +167,54 @@ def test_compiled_forward_is_refused(model, monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with vtprune.pruned(model, "fastv"), pytest.raises(NotImplementedError, match="torch.compile"):
         model(**kw)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph_breaks", "fullgraph"])
+def test_torch_compile_of_a_pruned_model_is_refused(model, fresh_dynamo, grad, fullgraph):
+    # Dynamo traces the hooks; a refusal raised while tracing became a graph break and the hook
+    # re-ran eagerly, where is_compiling() is False: under no_grad the compiled model ran, with
+    # grad AOT autograd failed on an op without a backward. The refusal must reach the caller.
+    kw = tiny.inputs("llava", model, [1])
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+    with (
+        vtprune.pruned(model, "pdrop", keep=0.5),
+        torch.set_grad_enabled(grad),
+        pytest.raises(Exception, match="vtprune: torch.compile is not supported") as err,
+    ):
+        compiled(**kw)
+    if not fullgraph:  # fullgraph=True: Dynamo wraps it in its own Unsupported error
+        assert err.type is NotImplementedError
+    with torch.no_grad():
+        assert model(**kw).logits.isfinite().all()  # the uncompiled model still runs
+
+
+def test_compiling_only_the_decoder_layers_is_refused(fresh_dynamo):
+    model = tiny.llava()
+    kw = tiny.inputs("llava", model, [1])
+    for layer in model.model.language_model.layers:
+        layer.compile(backend="eager")
+    with (
+        torch.no_grad(),
+        vtprune.pruned(model, "fastv"),
+        pytest.raises(NotImplementedError, match="torch.compile is not supported"),
+    ):
+        model(**kw)
+
+
+def test_torch_compile_without_a_plan_is_untouched(model, fresh_dynamo):
+    kw = tiny.inputs("llava", model, [1])
+    with torch.no_grad():
+        want = model(**kw).logits
+        got = torch.compile(model, backend="eager")(**kw).logits
+    torch.testing.assert_close(got, want)
 
 
 def test_multi_token_step_on_pruned_cache_is_refused(model):

@@ -82,7 +82,12 @@ class MethodConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Check options that do not depend on the model; raise ``ValueError`` naming them."""
+        """Check every option's type and the ranges that do not depend on the model.
+
+        Raise ``ValueError`` naming the method, the option, the value and what is allowed (the
+        ``check_*`` helpers below word it). Every field of a registered config must be checked
+        here: ``tests/test_errors.py`` feeds each one a value of the wrong type.
+        """
 
     def stages(self, model_info: ModelInfo) -> list:
         """The stages implementing this method on a model described by ``model_info``."""
@@ -125,3 +130,45 @@ def check_layer(method: str, option: str, value, num_layers: int) -> None:
             f"{method}: option {option!r}={value!r} is out of range; allowed: an integer in "
             f"1..{num_layers - 1} for this {num_layers}-layer decoder"
         )
+
+
+def _invalid(method: str, option: str, value, allowed: str) -> ValueError:
+    return ValueError(f"{method}: option {option!r}={value!r} is invalid; allowed: {allowed}")
+
+
+def check_bool(method: str, option: str, value) -> None:
+    """``True`` or ``False`` only (``1``, ``9`` or ``"yes"`` are refused, not read as truthy)."""
+    if not isinstance(value, bool):
+        raise _invalid(method, option, value, "True or False")
+
+
+def check_int(
+    method: str, option: str, value, *, minimum: int | None = None, maximum: int | None = None
+) -> None:
+    """An integer (not a bool, not a float such as ``2.0``) within ``[minimum, maximum]``."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    ok = ok and (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        if minimum is not None and maximum is not None:
+            allowed = f"an integer in {minimum}..{maximum}"
+        elif minimum is not None:
+            allowed = f"an integer >= {minimum}"
+        else:
+            allowed = "an integer"
+        raise _invalid(method, option, value, allowed)
+
+
+def check_layer_list(
+    method: str, option: str, value, *, minimum: int | None = None, increasing: bool = False
+) -> None:
+    """A non-empty list (or tuple) of integers (>= ``minimum`` if given; strictly increasing if
+    asked). Bounds that depend on the model are checked when the plan is resolved."""
+    allowed = "a non-empty list of integers" + (f" >= {minimum}" if minimum is not None else "")
+    allowed += ", strictly increasing" if increasing else ""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _invalid(method, option, value, allowed)
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int) or (minimum is not None and item < minimum):
+            raise _invalid(method, option, value, allowed)
+    if increasing and list(value) != sorted(set(value)):
+        raise ValueError(f"{method}: option {option!r}={value!r} must be strictly increasing")

@@ -2,7 +2,9 @@
 
 The few probability rows a method needs (the last query, the text queries, the tokens before
 an answer) are recomputed from a layer's own norm, q/k projections and rotary tables: O(H*Q*L*D)
-work instead of materialising the whole attention matrix in eager mode.
+work instead of materialising the whole attention matrix in eager mode. Scores only choose
+which tokens survive, so they are computed without autograd (a training forward stays
+differentiable through the kept tokens, never through the choice).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def _gather_rows(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return x.gather(1, slots.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
+@torch.no_grad()
 def layer_query_probs(
     layer: nn.Module,
     hidden: torch.Tensor,
@@ -64,6 +67,7 @@ def layer_query_probs(
     return kernels.query_key_probs(q, k, valid, query_pos, attn.scaling)
 
 
+@torch.no_grad()
 def projected_query_probs(
     attn: nn.Module,
     q_out: torch.Tensor,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.config import MethodConfig, ModelInfo, register_method
+from vtprune.config import MethodConfig, ModelInfo, check_bool, check_int, register_method
 from vtprune.integrations.base import ImageLayout
 from vtprune.selection import split_budget, strided_grid
 from vtprune.stages import VisionContext, VisionStage
@@ -33,6 +33,10 @@ class RandomPrune(MethodConfig):
 
     seed: int = 0
     protect_newlines: bool = True
+
+    def validate(self) -> None:
+        check_int(self.name, "seed", self.seed, minimum=0, maximum=2**32 - 1)
+        check_bool(self.name, "protect_newlines", self.protect_newlines)
 
     def stages(self, info: ModelInfo) -> list:
         return [
@@ -53,6 +57,9 @@ class UniformPrune(MethodConfig):
     """
 
     protect_newlines: bool = True
+
+    def validate(self) -> None:
+        check_bool(self.name, "protect_newlines", self.protect_newlines)
 
     def stages(self, info: ModelInfo) -> list:
         return [ImageBudgetStage("uniform", 0.5 if self.keep is None else self.keep, self.protect_newlines)]

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.config import MethodConfig, ModelInfo, check_choice, check_fraction, check_layer, register_method
+from vtprune.config import (
+    MethodConfig,
+    ModelInfo,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_layer,
+    register_method,
+)
 from vtprune.scoring import projected_query_probs
 from vtprune.selection import count_for_fraction, fastv_ratio, slots_of, topk_mask
 from vtprune.stages import PrefillContext, PrefillStage
@@ -44,6 +52,8 @@ class FastV(MethodConfig):
     score: str = "last"
 
     def validate(self) -> None:
+        if self.layer is not None:
+            check_int(self.name, "layer", self.layer)  # its range depends on the depth: checked at resolve
         if self.ratio is not None:
             check_fraction(self.name, "ratio", self.ratio)
             if self.keep is not None:

@@ -20,7 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.config import MethodConfig, ModelInfo, check_fraction, check_vision_layer, register_method
+from vtprune.config import (
+    MethodConfig,
+    ModelInfo,
+    check_bool,
+    check_fraction,
+    check_int,
+    check_vision_layer,
+    register_method,
+)
 from vtprune.integrations.base import ImageLayout
 from vtprune.selection import allocate
 from vtprune.stages import VisionContext, VisionStage
@@ -51,6 +59,11 @@ class HiRED(MethodConfig):
 
     def validate(self) -> None:
         check_fraction(self.name, "alpha", self.alpha, allow_zero=True)
+        # tower layers: the type here, the range (negative counts from the end) against the tower
+        check_int(self.name, "split_layer", self.split_layer)
+        if self.select_layer is not None:
+            check_int(self.name, "select_layer", self.select_layer)
+        check_bool(self.name, "drop_newlines", self.drop_newlines)
         if self.budget is not None:
             check_fraction(self.name, "budget", self.budget)
             if self.keep is not None:

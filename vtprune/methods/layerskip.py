@@ -17,13 +17,22 @@ The official code simulates both with masks; here the removed rows and neurons a
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from vtprune.calibration import HeadMask
-from vtprune.config import MethodConfig, ModelInfo, check_layer, register_method
+from vtprune.config import (
+    MethodConfig,
+    ModelInfo,
+    check_bool,
+    check_int,
+    check_layer,
+    check_layer_list,
+    register_method,
+)
 from vtprune.methods.visual_attention import InactiveHeadsStage, WindowAttentionStage
 from vtprune.stages import PrefillContext, PrefillStage, SkipStage
 
@@ -64,9 +73,18 @@ class LayerSkip(MethodConfig):
     renormalize: bool = True
 
     def validate(self) -> None:
-        if isinstance(self.ffn_ratio, bool) or not isinstance(self.ffn_ratio, int) or self.ffn_ratio < 1:
+        for flag in ("cut", "thin_ffn", "renormalize"):
+            check_bool(self.name, flag, getattr(self, flag))
+        if self.cut_layer is not None:
+            check_int(self.name, "cut_layer", self.cut_layer)  # its range depends on the depth: at cut_at
+        check_int(self.name, "ffn_ratio", self.ffn_ratio, minimum=1)
+        for option in ("ffn_layers", "window_layers"):
+            if getattr(self, option) is not None:
+                check_layer_list(self.name, option, getattr(self, option), minimum=0)
+        if self.head_mask is not None and not isinstance(self.head_mask, (HeadMask, str, os.PathLike)):
             raise ValueError(
-                f"layerskip: option 'ffn_ratio'={self.ffn_ratio!r} is invalid; allowed: an integer >= 1"
+                f"layerskip: option 'head_mask'={self.head_mask!r} is invalid; allowed: a HeadMask "
+                "from vtprune.calibrate or the path of its JSON file"
             )
         if self.window is not None and (
             isinstance(self.window, bool)

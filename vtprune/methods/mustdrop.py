@@ -27,7 +27,16 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.config import MethodConfig, ModelInfo, check_choice, check_fraction, register_method
+from vtprune.config import (
+    MethodConfig,
+    ModelInfo,
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_layer_list,
+    register_method,
+)
 from vtprune.integrations.base import ImageLayout
 from vtprune.methods.fastv import text_query_slots
 from vtprune.methods.hired import token_scores
@@ -74,10 +83,10 @@ class MustDrop(MethodConfig):
         for name in ("global_thr", "individual_thr", "key_ratio", "merge_threshold"):
             if getattr(self, name) is not None:
                 check_fraction(self.name, name, getattr(self, name), allow_zero=True)
-        if not isinstance(self.window, int) or self.window < 2:
-            raise ValueError(
-                f"mustdrop: option 'window'={self.window!r} is invalid; allowed: an integer >= 2"
-            )
+        check_int(self.name, "window", self.window, minimum=2)
+        if self.layers is not None:
+            check_layer_list(self.name, "layers", self.layers, minimum=0, increasing=True)
+        check_bool(self.name, "decode", self.decode)
         if self.keep is not None and (
             self.preset or self.global_thr is not None or self.individual_thr is not None
         ):

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.config import MethodConfig, ModelInfo, check_fraction, check_layer, register_method
+from vtprune.config import (
+    MethodConfig,
+    ModelInfo,
+    check_fraction,
+    check_layer,
+    check_layer_list,
+    register_method,
+)
 from vtprune.scoring import layer_query_probs
 from vtprune.selection import count_for_fraction, pyramid_ratio, scale_layers, slots_of, topk_mask
 from vtprune.stages import PrefillContext, PrefillStage
@@ -49,12 +56,7 @@ class PyramidDrop(MethodConfig):
             if self.keep is not None:
                 raise ValueError("pdrop: give either 'keep' or 'ratio', not both")
         if self.layers is not None:
-            if not isinstance(self.layers, (list, tuple)) or not self.layers:
-                raise ValueError(
-                    f"pdrop: option 'layers'={self.layers!r} is invalid; allowed: a non-empty list of layers"
-                )
-            if list(self.layers) != sorted(set(self.layers)):
-                raise ValueError(f"pdrop: option 'layers'={self.layers!r} must be strictly increasing")
+            check_layer_list(self.name, "layers", self.layers, increasing=True)  # range: at resolve
 
     def resolve(self, info: ModelInfo) -> tuple[list[int], float]:
         n = info.num_layers

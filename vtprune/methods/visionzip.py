@@ -52,6 +52,11 @@ class VisionZip(MethodConfig):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
                 raise ValueError(f"visionzip: option {name!r}={v!r} is invalid; allowed: an integer >= 0")
+        v = self.layer  # a tower layer: the type here, the range against the tower
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(
+                f"visionzip: option 'layer'={v!r} is invalid; allowed: an integer (a tower layer)"
+            )
         if self.keep is not None and (self.dominant is not None or self.contextual is not None):
             raise ValueError("visionzip: give either 'keep' or 'dominant'/'contextual', not both")
 

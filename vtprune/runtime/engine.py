@@ -32,7 +32,7 @@ from vtprune.stats import PruneStats
 from .attention import wrapper_name
 from .decode import layer_mask, reindex_caches, remap_lm_mask
 from .encoder import EncoderTap
-from .plumbing import bind_call, refuse_unsupported
+from .plumbing import bind_call, refuse_compiled, refuse_unsupported
 from .prefill import prefill_layer, run_vision_stages
 from .state import ACTIVE, LABELS, RequestState, StepScratch, attach_to_cache, state_of_cache
 from .tokens import TokenSet
@@ -162,6 +162,7 @@ class Runtime:
 
     # -- outer / multimodal model ---------------------------------------------------------
     def _outer_pre(self, module, args, kwargs):
+        refuse_compiled()
         LABELS.set(kwargs.get("labels"))
 
     def _outer_post(self, module, args, output):
@@ -235,6 +236,7 @@ class Runtime:
         state = ACTIVE.get()
         if not self._mine(state):
             return None
+        refuse_compiled()  # also when only the language model is compiled
         if state.prefilling:
             return self._lm_prefill(state, args, kwargs)
         return remap_lm_mask(state, args, kwargs)
@@ -304,6 +306,7 @@ class Runtime:
             state = ACTIVE.get()
             if not self._mine(state):
                 return None
+            refuse_compiled()  # also when only the decoder layers are compiled
             if state.prefilling:
                 return prefill_layer(state, self.prefill_stages.get(i, ()), self.adapter, i, args, kwargs)
             return layer_mask(state, self.adapter.text_config, i, args, kwargs)

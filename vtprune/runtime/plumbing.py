@@ -65,5 +65,31 @@ def refuse_unsupported(cache) -> None:
             f"vtprune: {type(cache).__name__} is not supported (pruned layers hold different cache "
             "lengths, which static caches cannot); use the default DynamicCache"
         )
+    refuse_compiled()
+
+
+def refuse_compiled() -> None:
+    """Refuse to run a pruning hook under ``torch.compile`` (the hooks keep per-request Python
+    state and change sequence lengths between layers, which a compiled graph cannot express)."""
+    if under_torch_compile():
+        raise NotImplementedError(
+            "vtprune: torch.compile is not supported on a pruned model (forward, generate or "
+            "training step); run it uncompiled, or call vtprune.remove(model) before compiling"
+        )
+
+
+def under_torch_compile() -> bool:
+    """Whether the calling code runs inside ``torch.compile``, traced or not.
+
+    ``torch.compiler.is_compiling()`` alone is not enough: it is True only while Dynamo traces.
+    A hook that raises there is treated by Dynamo as a graph break, and the frame is re-run
+    eagerly, where ``is_compiling()`` is False, so the refusal never reached the caller. In
+    that eager re-run Dynamo's frame callback is still installed, which is what we look at.
+    """
     if torch.compiler.is_compiling():
-        raise NotImplementedError("vtprune: compiled forward/decode (torch.compile) is not supported yet")
+        return True
+    try:
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+    except ImportError:  # a torch without Dynamo (or with a renamed private API)
+        return False
+    return get_eval_frame_callback() is not None

@@ -9,6 +9,8 @@ probabilities are O(heads * tokens * head_dim) extra work per crop.
 Qwen2-VL's tower has no CLS token. Its documented substitute is the mean attention each patch
 *receives* from all patches of its image in the chosen block (rotary applied as the tower
 does), averaged over the 2x2 patches merged into one language-model token.
+
+Captures are detached: they feed selections (scores, similarities), which are not differentiated.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ class _Probe:
                 capture = CAPTURE.get()
                 if capture is not None:
                     out = output[0] if isinstance(output, tuple) else output
-                    capture.setdefault(("hidden", layer), out)
+                    capture.setdefault(("hidden", layer), out.detach())
 
             return hook
 
@@ -61,7 +63,7 @@ class ClsProbe(_Probe):
             capture = CAPTURE.get()
             if capture is not None:
                 slot = capture.setdefault(layer, {"attn": attn})
-                slot[what] = output[:, :1] if what == "q" else output
+                slot[what] = (output[:, :1] if what == "q" else output).detach()
 
         return hook
 
@@ -106,7 +108,8 @@ class ReceivedProbe(_Probe):
                 return
             hidden = args[0] if args else kwargs["hidden_states"]
             cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-            capture[layer] = _received_attention(module, hidden, cu, kwargs["position_embeddings"])
+            with torch.no_grad():
+                capture[layer] = _received_attention(module, hidden, cu, kwargs["position_embeddings"])
 
         return hook
 
