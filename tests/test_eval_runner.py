@@ -369,13 +369,10 @@ def test_plan_check_runs_the_method_configs_own_validation(tmp_path, monkeypatch
         _eval_cli(tmp_path, "--plans", "baseline,random:seed=abc")
 
 
-@pytest.mark.xfail(
-    reason="RandomPrune validates seed once issue 14 item 8 lands (vtprune/methods)", strict=False
-)
 def test_plan_check_rejects_a_string_seed():
     from vtprune.eval.meters import plan_config
 
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError, match="plan 'random:seed=abc': random: option 'seed'='abc'"):
         plan_config("random:seed=abc")
 
 

@@ -225,3 +225,12 @@ def test_removing_a_replaced_handle_leaves_the_current_plan():
     assert vtprune.stats(model).keep_ratio < 0.9
     current.remove()
     assert _hooks(model) == base
+
+
+def test_a_config_object_changed_after_construction_is_checked_again_at_apply():
+    model = _llava()
+    cfg = vtprune.RandomPrune(keep=0.5, seed=3)
+    cfg.seed = "a"
+    with pytest.raises(ValueError, match="random: option 'seed'='a'"):
+        vtprune.apply(model, cfg)
+    assert vtprune.api.handle_of(model) is None

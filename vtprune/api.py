@@ -86,6 +86,8 @@ def apply(model, method, *, timing: bool = False, **options) -> Handle:
         >>> out = model.generate(**inputs)  # doctest: +SKIP
     """
     configs = _configs(method, options)
+    for cfg in configs:
+        cfg.check()
     adapter = adapter_for(model)
     _check_model(adapter)
     _refuse_nested(model, adapter)

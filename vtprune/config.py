@@ -77,6 +77,11 @@ class MethodConfig:
     keep: float | None = None
 
     def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        """Every option check (run at construction, and again by ``apply``: a config object
+        may have been changed since it was built)."""
         if self.keep is not None:
             check_fraction(self.name, "keep", self.keep)
         self.validate()
