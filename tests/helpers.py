@@ -11,6 +11,11 @@ ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 BANNED = list(range(100, 128))
 
 
+def count_hooks(model) -> int:
+    """Forward (pre-)hooks on every module: what ``apply`` adds and ``remove`` must take away."""
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
 def greedy(model, kw, steps: int, **gen) -> torch.Tensor:
     with torch.no_grad():
         out = model.generate(**kw, max_new_tokens=steps, do_sample=False, suppress_tokens=BANNED, **gen)

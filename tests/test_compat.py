@@ -11,16 +11,13 @@ import pytest
 import tiny
 import torch
 import transformers
+from helpers import count_hooks
 from transformers import modeling_outputs
 
 import vtprune
 from vtprune import compat
 
 FAMILIES = ["llava", "llava_next", "qwen2_vl"]
-
-
-def _hooks(model):
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
 def test_every_public_name_resolves():
@@ -86,14 +83,14 @@ def test_sentinel_names_a_renamed_parameter_and_leaves_the_model_alone(monkeypat
     }.get(where, model.model)
     cls = type(module)
     monkeypatch.setattr(cls, "forward", _renamed(cls.forward, old, "renamed_" + old))
-    hooks = _hooks(model)
+    hooks = count_hooks(model)
     with pytest.raises(compat.WiringError) as err:
         vtprune.apply(model, "fastv", keep=0.5)
     message = str(err.value)
     assert cls.__name__ in message and transformers.__version__ in message
     assert repr(old) in message or "KV cache" in message
     assert compat.tested_range() in message
-    assert _hooks(model) == hooks
+    assert count_hooks(model) == hooks
     monkeypatch.undo()
     with torch.no_grad():
         assert torch.equal(model(**kw).logits, ref)

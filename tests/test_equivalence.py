@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
-from helpers import greedy, row_alone, uncached_greedy
+from helpers import count_hooks, greedy, row_alone, uncached_greedy
 
 import vtprune
 
@@ -50,15 +50,11 @@ def test_keep_everything_equals_unpruned(family_model, method):
     assert torch.equal(out, ref)
 
 
-def _hooks(model):
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-
-
 @pytest.mark.parametrize("method", sorted(PLANS))
 def test_remove_restores_exact_outputs_and_module_tree(family_model, method):
     family, model = family_model
     kw = tiny.inputs(family, model, [1], seed=2)
-    tree, hooks = str(model), _hooks(model)
+    tree, hooks = str(model), count_hooks(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
         ref = model(**kw).logits
@@ -68,7 +64,7 @@ def test_remove_restores_exact_outputs_and_module_tree(family_model, method):
         handle.remove()
         after = model(**kw).logits
     assert torch.equal(after, ref)
-    assert str(model) == tree and _hooks(model) == hooks
+    assert str(model) == tree and count_hooks(model) == hooks
     assert "get_image_features" not in vars(model.model)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 

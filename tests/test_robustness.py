@@ -9,25 +9,12 @@ import threading
 import pytest
 import tiny
 import torch
-from helpers import greedy, uncached_greedy
+from helpers import count_hooks, greedy, uncached_greedy
 
 import vtprune
 from vtprune import compat
 
-METHODS = {
-    "fastv": dict(keep=0.25),
-    "pdrop": dict(keep=0.25),
-    "random": dict(keep=0.25),
-    "uniform": dict(keep=0.25),
-    "mustdrop": dict(keep=0.25),
-    "visionzip": dict(keep=0.25),
-    "hired": dict(keep=0.25),
-    "layerskip": dict(keep=0.25),
-}
-
-
-def _hooks(model):
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+METHODS = vtprune.method_names()  # every registered method, at keep=0.25
 
 
 def _llava():
@@ -49,12 +36,12 @@ def _ending_with_image(family, model):
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", METHODS)
 def test_a_prompt_ending_with_an_image_keeps_its_last_token(family, method):
     model = tiny.BUILDERS[family]()
     kw = _ending_with_image(family, model)
     last = kw["input_ids"].shape[1] - 1
-    with torch.no_grad(), vtprune.pruned(model, method, **METHODS[method]):
+    with torch.no_grad(), vtprune.pruned(model, method, keep=0.25):
         logits = model(**kw).logits
         st = vtprune.stats(model)
     assert st.keep_ratio < 0.6, "the plan pruned nothing: the test would prove nothing"
@@ -95,17 +82,17 @@ def test_cached_generate_after_a_trailing_image_equals_the_uncached_pruned_steps
 def test_model_dependent_options_are_named_and_the_previous_plan_survives(method, opts, match):
     model = _llava()
     kw = tiny.inputs("llava", model, [1], seed=2)
-    base = _hooks(model)  # transformers' own output-capturing hooks
+    base = count_hooks(model)  # transformers' own output-capturing hooks
     with torch.no_grad():
         first = vtprune.apply(model, "pdrop", keep=0.5)
         before = model(**kw).logits
-        hooks = _hooks(model)
+        hooks = count_hooks(model)
         with pytest.raises(ValueError, match=match):
             vtprune.apply(model, method, **opts)
-        assert vtprune.api.handle_of(model) is first and _hooks(model) == hooks
+        assert vtprune.api.handle_of(model) is first and count_hooks(model) == hooks
         assert torch.equal(model(**kw).logits, before)
         vtprune.remove(model)
-        assert _hooks(model) == base
+        assert count_hooks(model) == base
 
 
 def test_a_failure_while_installing_rolls_back_to_the_previous_plan(monkeypatch):
@@ -114,12 +101,12 @@ def test_a_failure_while_installing_rolls_back_to_the_previous_plan(monkeypatch)
 
     model = _llava()
     kw = tiny.inputs("llava", model, [1], seed=2)
-    base = _hooks(model)
+    base = count_hooks(model)
     with torch.no_grad():
         ref = model(**kw).logits
         vtprune.apply(model, "fastv", keep=0.5)
         pruned = model(**kw).logits
-        hooks = _hooks(model)
+        hooks = count_hooks(model)
 
         def broken(self, handles):  # the tower probe fails after registering its hooks
             original(self, handles)
@@ -130,10 +117,10 @@ def test_a_failure_while_installing_rolls_back_to_the_previous_plan(monkeypatch)
         with pytest.raises(RuntimeError, match="disk on fire"):
             vtprune.apply(model, "hired", keep=0.5)
         monkeypatch.undo()
-        assert _hooks(model) == hooks
+        assert count_hooks(model) == hooks
         assert torch.equal(model(**kw).logits, pruned)
         vtprune.remove(model)
-        assert _hooks(model) == base and "get_image_features" not in vars(model.model)
+        assert count_hooks(model) == base and "get_image_features" not in vars(model.model)
         assert torch.equal(model(**kw).logits, ref)
 
 
@@ -141,7 +128,7 @@ def test_a_failure_while_installing_rolls_back_to_the_previous_plan(monkeypatch)
 def test_a_deep_copy_carries_its_own_working_plan():
     model = _llava()
     kw = tiny.inputs("llava", model, [1], seed=3)
-    base = _hooks(model)
+    base = count_hooks(model)
     with torch.no_grad():
         ref = model(**kw).logits
         vtprune.apply(model, "pdrop", keep=0.4)
@@ -151,12 +138,12 @@ def test_a_deep_copy_carries_its_own_working_plan():
         assert torch.equal(clone(**kw).logits, pruned)
         assert vtprune.stats(clone).keep_ratio < 0.6
         vtprune.remove(clone)
-        assert _hooks(clone) == base and "__deepcopy__" not in vars(clone)
+        assert count_hooks(clone) == base and "__deepcopy__" not in vars(clone)
         assert torch.equal(clone(**kw).logits, ref)
         # the original keeps its plan, and its own remove still reaches every hook
         assert torch.equal(model(**kw).logits, pruned)
         vtprune.remove(model)
-        assert _hooks(model) == base and torch.equal(model(**kw).logits, ref)
+        assert count_hooks(model) == base and torch.equal(model(**kw).logits, ref)
 
 
 def test_stats_are_per_request_across_threads():
@@ -202,20 +189,20 @@ def test_stats_of_a_generate_output_are_that_requests():
 @pytest.mark.parametrize("first_on_outer", [True, False])
 def test_a_plan_on_the_inner_and_the_outer_model_is_refused(first_on_outer):
     model = _llava()
-    base = _hooks(model)
+    base = count_hooks(model)
     first, second = (model, model.model) if first_on_outer else (model.model, model)
     vtprune.apply(first, "fastv", keep=0.5)
     where = "outer" if first_on_outer else "inner"
     with pytest.raises(ValueError, match=f"a plan \\(fastv\\) is already applied to the {where}"):
         vtprune.apply(second, "pdrop", keep=0.5)
     vtprune.remove(first)
-    assert _hooks(model) == base
+    assert count_hooks(model) == base
 
 
 def test_removing_a_replaced_handle_leaves_the_current_plan():
     model = _llava()
     kw = tiny.inputs("llava", model, [1], seed=8)
-    base = _hooks(model)
+    base = count_hooks(model)
     old = vtprune.apply(model, "fastv", keep=0.5)
     current = vtprune.apply(model, "pdrop", keep=0.5)
     old.remove()
@@ -224,7 +211,7 @@ def test_removing_a_replaced_handle_leaves_the_current_plan():
         model(**kw)
     assert vtprune.stats(model).keep_ratio < 0.9
     current.remove()
-    assert _hooks(model) == base
+    assert count_hooks(model) == base
 
 
 def test_a_config_object_changed_after_construction_is_checked_again_at_apply():
