@@ -285,3 +285,18 @@ def test_mustdrop_keep_counts_the_vision_merge_on_trained_models(arch):
             st = vtprune.stats(model)
         assert abs(st.keep_ratio - keep) < 0.02, (keep, st.keep_ratio)
         assert st.visual_tokens_per_layer[0] < st.visual_tokens_in  # the merge did remove tokens
+
+
+@pytest.mark.parametrize("crop,patch", [(32, 8), (24, 8)])
+@pytest.mark.parametrize("method", ["visionzip", "hired", "random", "uniform"])
+def test_keep_is_met_on_llava_next_with_small_crops(crop, patch, method):
+    """With 9-16 tokens per crop, per-crop rounding and the protected newline tokens must come out of
+    the image's budget, not on top of it (VisionZip once kept 0.32 for keep 0.25 here)."""
+    model = tiny.llava_next(crop=crop, patch=patch)
+    for size in [(2 * crop, 2 * crop), (crop * 5 // 4, 2 * crop)]:
+        kw = tiny.inputs("llava_next", model, [1], seed=34, sizes=[size])
+        for keep in (0.5, 0.25, 0.11):
+            with torch.no_grad(), vtprune.pruned(model, method, keep=keep):
+                model(**kw)
+                ratio = vtprune.stats(model).keep_ratio
+            assert abs(ratio - keep) < 0.02, (size, keep, ratio)

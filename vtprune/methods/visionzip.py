@@ -22,6 +22,7 @@ import torch
 from vtprune.config import MethodConfig, ModelInfo, register_method
 from vtprune.integrations.base import ImageLayout
 from vtprune.methods.hired import token_scores
+from vtprune.selection import split_budget
 from vtprune.stages import VisionContext, VisionStage
 
 DOMINANT_SHARE = 54 / 64
@@ -60,11 +61,14 @@ class VisionZip(MethodConfig):
         if self.keep is None and self.dominant is None and self.contextual is None:
             return min(n, 54), min(max(0, n - 54), 10)
         if self.keep is not None:
-            k = int(self.keep * n + 0.5)
-            d = min(k, int(k * DOMINANT_SHARE + 0.5))
-            return d, k - d
+            return self.split(int(self.keep * n + 0.5))
         d = min(n, self.dominant or 0)
         return d, min(n - d, self.contextual or 0)
+
+    def split(self, k: int) -> tuple[int, int]:
+        """``k`` kept tokens as (dominant, contextual), in the papers' 54:10 proportion."""
+        d = min(k, int(k * DOMINANT_SHARE + 0.5))
+        return d, k - d
 
     def stages(self, info: ModelInfo) -> list:
         return [VisionZipStage(self)]
@@ -92,8 +96,8 @@ class VisionZipStage(VisionStage):
                 scores = token_scores(img, self.layer).cpu()
                 keys = _token_keys(img, self.layer)
                 keep_local = img.newline.clone()
-                for part in _partitions(img):
-                    d, c = self.cfg.per_partition(part.numel())
+                parts = _partitions(img)
+                for part, (d, c) in zip(parts, self.budgets(img, parts)):
                     kept, groups = zip_partition(scores[part], keys[part], d, c)
                     keep_local[part[kept]] = True
                     pos = img.positions.to(ctx.embeds.device)
@@ -102,6 +106,18 @@ class VisionZipStage(VisionStage):
                         ctx.replace(img.row, pos[part[target]], vec)
                 keep[img.row, img.positions[keep_local].to(keep.device)] = True
         return keep
+
+    def budgets(self, img: ImageLayout, parts: list[torch.Tensor]) -> list[tuple[int, int]]:
+        """(dominant, contextual) per partition.
+
+        With ``keep`` the image's budget is ``round(keep * tokens)``: the protected newline tokens
+        come out of it, and the rest is split over the partitions in proportion to their size
+        (largest remainders), so small LLaVA-NeXT crops do not each round up on top of it.
+        """
+        if self.cfg.keep is None:
+            return [self.cfg.per_partition(p.numel()) for p in parts]
+        total = max(0, int(self.cfg.keep * img.num_tokens + 0.5) - int(img.newline.sum()))
+        return [self.cfg.split(k) for k in split_budget(total, [p.numel() for p in parts])]
 
 
 def _partitions(img: ImageLayout) -> list[torch.Tensor]:
