@@ -27,6 +27,7 @@ class LlavaNextAdapter(Adapter):
     vision_block = LlavaAdapter.vision_block
     vision_layers_count = LlavaAdapter.vision_layers_count
     vision_feature_layer = LlavaAdapter.vision_feature_layer
+    tower_projector = LlavaAdapter.tower_projector
 
     def image_specs(self, call: dict) -> list[ImageSpec]:
         if call.get("pixel_values") is None:

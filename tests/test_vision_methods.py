@@ -9,7 +9,7 @@ import torch
 import vtprune
 from vtprune.integrations.base import GridSegment, ImageLayout
 from vtprune.methods.hired import HiRED, HiREDStage, crop_shares
-from vtprune.methods.visionzip import zip_partition
+from vtprune.methods.visionzip import VisionZip, zip_partition
 
 
 def _next_like_image(side=4, grid=(2, 2)):
@@ -74,15 +74,18 @@ def test_hired_stats_and_newline_option():
 def test_visionzip_merge_groups_follow_key_similarity():
     scores = torch.tensor([9.0, 1, 2, 8, 3, 4, 0.5])
     keys = torch.tensor([[1.0, 0], [0, 1], [0, 1], [1, 0], [1, 0.1], [0.1, 1], [1, 0]])
-    kept, groups = zip_partition(scores, keys, dominant=2, contextual=2)
-    # dominant: 0 and 3; the rest [1, 2, 4, 5, 6] gives targets 1 and 4 (evenly spaced);
+    plan = zip_partition(scores, keys, dominant=2, contextual=2)
+    # dominant: 0 and 3; the rest [1, 2, 4, 5, 6] gives targets 1 and 4 (every 5 // 2 = 2nd);
     # 2 and 5 point like target 1's key, 6 like target 4's
-    assert kept.tolist() == [0, 1, 3, 4]
-    assert [(t, m.tolist()) for t, m in groups] == [(1, [1, 2, 5]), (4, [4, 6])]
+    assert plan.kept.tolist() == [0, 1, 3, 4]
+    assert plan.targets.tolist() == [1, 4]
+    assert [m.tolist() for m in plan.members] == [[2, 5], [6]]
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_visionzip_contextual_tokens_are_group_means(family):
+@pytest.mark.parametrize("family,patches", [("llava", 5), ("qwen2_vl", 6)])
+def test_visionzip_keeps_dominant_rows_unchanged(family, patches):
+    """6 dominant + 2 contextual: on LLaVA the CLS token is one of the 6 dominant tokens (5 patch rows
+    copied unchanged); Qwen2-VL has no CLS, so all 6 are patches."""
     model = tiny.BUILDERS[family]()
     kw = tiny.inputs(family, model, [1], seed=31)
     seen = {}
@@ -101,13 +104,16 @@ def test_visionzip_contextual_tokens_are_group_means(family):
         h.remove()
     assert st.visual_tokens_per_layer[0] == 8
     pruned = seen["embeds"][0]
-    # the pruned input holds 8 visual rows where the image began: 6 dominant rows copied
-    # unchanged, 2 contextual rows that are means of their groups
     ids = kw["input_ids"][0]
     first = int(torch.nonzero(ids == tiny.IMAGE)[0])
     vis_orig = original[ids == tiny.IMAGE]
     exact = [bool((vis_orig == v).all(-1).any()) for v in pruned[first : first + 8]]
-    assert sum(exact) == 6
+    assert sum(exact) == patches
+
+
+def test_visionzip_options_are_validated():
+    with pytest.raises(ValueError, match="merge.*'sum'.*official"):
+        VisionZip(merge="sum")
 
 
 def test_mustdrop_window_merge_on_hand_built_grid():
