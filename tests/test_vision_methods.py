@@ -306,3 +306,9 @@ def test_keep_is_met_on_llava_next_with_small_crops(crop, patch, method):
                 model(**kw)
                 ratio = vtprune.stats(model).keep_ratio
             assert abs(ratio - keep) < 0.02, (size, keep, ratio)
+
+
+def test_visionzip_keep_gives_the_papers_splits():
+    """keep = 64/128/192 of 576 resolves to the papers' 54+10 / 108+20 / 162+30 (CLS among the dominant)."""
+    for k, split in [(64, (54, 10)), (128, (108, 20)), (192, (162, 30))]:
+        assert VisionZip(keep=k / 576).per_partition(576) == split
