@@ -111,6 +111,19 @@ def test_visionzip_keeps_dominant_rows_unchanged(family, patches):
     assert sum(exact) == patches
 
 
+def test_visionzip_counts_a_cls_placeholder_among_the_dominant_tokens():
+    """With the "full" feature strategy the CLS token has its own placeholder: it stays there, as one
+    of the dominant tokens, and no projected CLS feature is added into a freed slot."""
+    model = tiny.llava(strategy="full")
+    kw = tiny.inputs("llava", model, [1], seed=35)
+    first = int(torch.nonzero(kw["input_ids"][0] == tiny.IMAGE)[0])
+    for opts, n in [(dict(dominant=10, contextual=4), 14), (dict(keep=0.25), round(0.25 * 65))]:
+        with torch.no_grad(), vtprune.pruned(model, "visionzip", **opts):
+            model(**kw)
+            kept = vtprune.stats(model).selections["visionzip"][0]
+        assert kept.numel() == n and first in kept.tolist(), opts
+
+
 def test_visionzip_options_are_validated():
     with pytest.raises(ValueError, match="merge.*'sum'.*official"):
         VisionZip(merge="sum")

@@ -59,14 +59,15 @@ def _finish(model, attn):
     return model.eval()
 
 
-def llava(attn: str = "sdpa", seed: int = 0, dtype=torch.float32):
+def llava(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, strategy: str = "default"):
+    """``strategy="full"`` keeps the CLS token as an image token (65 per image instead of 64)."""
     torch.manual_seed(seed)
     cfg = LlavaConfig(
         vision_config=_clip(),
         text_config=LlamaConfig(**_text()),
         image_token_id=IMAGE,
         vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=strategy,
     )
     return _finish(LlavaForConditionalGeneration(cfg).to(dtype), attn)
 
@@ -143,7 +144,7 @@ def inputs(
     n_images = sum(images_per_row)
     kw: dict = {}
     if family == "llava":
-        counts = [64] * n_images
+        counts = [64 + (model.config.vision_feature_select_strategy == "full")] * n_images
         kw["pixel_values"] = torch.randn(n_images, 3, 32, 32, generator=gen)
     elif family == "llava_next":
         from vtprune.integrations.llava_next import LlavaNextAdapter

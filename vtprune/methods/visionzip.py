@@ -140,23 +140,32 @@ class VisionZipStage(VisionStage):
         fixed = torch.nonzero(img.newline).flatten()
         if self.cfg.drop_newlines:
             fixed = fixed[:0]
-        cls_slots = _cls_placeholders(img, self.layer)
-        fixed = torch.cat([fixed, cls_slots])  # with the "full" feature strategy CLS has a slot
-        parts = _partitions(img, cls_slots)
+        parts = _partitions(img, self.layer)
         kept, merges = [fixed], []
-        for part, (d, c) in zip(parts, self.budgets(img, parts, fixed.numel())):
-            carry_cls = tower is not None and not cls_slots.numel() and 0 < d and d + c < part.numel()
-            plan = zip_partition(scores[part], keys[part], d - carry_cls, c)
-            kept += [part[plan.dominant], part[plan.targets]]
-            merges += [(part[t], part[m]) for t, m in zip(plan.targets.tolist(), plan.members) if m.numel()]
-            if carry_cls:
-                slot = part[first_free(part.numel(), plan.kept)]
+        for part, (d, c) in zip(parts, self.budgets(img, [p.size for p in parts], fixed.numel())):
+            if d + c >= part.size:  # nothing to prune here: no merge, no CLS feature added
+                kept += [part.patches, part.cls]
+                continue
+            # the CLS token is one of the dominant ones where it reaches the language model: in its
+            # own placeholder ("full" feature strategy) or projected from the tower into a free slot
+            with_cls = d > 0 and (part.cls.numel() > 0 or tower is not None)
+            plan = zip_partition(scores[part.patches], keys[part.patches], d - with_cls, c)
+            kept.append(part.patches[plan.kept])
+            merges += [
+                (part.patches[t], part.patches[m])
+                for t, m in zip(plan.targets.tolist(), plan.members)
+                if m.numel()
+            ]
+            if with_cls and part.cls.numel():
+                kept.append(part.cls)
+            elif with_cls:
+                slot = part.patches[first_free(part.patches.numel(), plan.kept)]
                 kept.append(slot.view(1))
-                tower.add_cls(slot, part)
+                tower.add_cls(slot, part.patches)
         self._write_merges(ctx, img, merges, tower)
         return torch.cat(kept).sort().values
 
-    def budgets(self, img: ImageLayout, parts: list[torch.Tensor], n_fixed: int) -> list[tuple[int, int]]:
+    def budgets(self, img: ImageLayout, sizes: list[int], n_fixed: int) -> list[tuple[int, int]]:
         """(dominant, contextual) per partition.
 
         With ``keep`` the image's budget is ``round(keep * tokens)``: the protected newline tokens
@@ -164,9 +173,9 @@ class VisionZipStage(VisionStage):
         (largest remainders), so small LLaVA-NeXT crops do not each round up on top of it.
         """
         if self.cfg.keep is None:
-            return [self.cfg.per_partition(p.numel()) for p in parts]
+            return [self.cfg.per_partition(n) for n in sizes]
         total = max(0, int(self.cfg.keep * img.num_tokens + 0.5) - n_fixed)
-        return [self.cfg.split(k) for k in split_budget(total, [p.numel() for p in parts])]
+        return [self.cfg.split(k) for k in split_budget(total, sizes)]
 
     def _write_merges(self, ctx: VisionContext, img: ImageLayout, merges: list, tower) -> None:
         """Hand each merged target's (and carried CLS's) new input embedding to the context."""
@@ -225,25 +234,33 @@ class _TowerFeatures:
         return list(zip(torch.cat(self.slots).tolist(), out))
 
 
-def _cls_placeholders(img: ImageLayout, layer: int) -> torch.Tensor:
-    """Image tokens that are a crop's CLS token (only with LLaVA's "full" feature strategy)."""
+@dataclass
+class _Partition:
+    """The image tokens of one tower crop: its patches and, with LLaVA's "full" feature strategy,
+    the placeholder holding the crop's CLS token (empty otherwise)."""
+
+    patches: torch.Tensor
+    cls: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.patches.numel() + self.cls.numel()
+
+
+def _partitions(img: ImageLayout, layer: int) -> list[_Partition]:
+    """One partition per tower crop (newlines belong to none)."""
+    tokens = torch.nonzero(~img.newline).flatten()
     captured = img.vision[layer]
-    if img.source is None or "received" in captured:
-        return torch.zeros(0, dtype=torch.long)
-    per_crop = captured["keys"].shape[1]
-    return torch.nonzero((img.source >= 0) & (img.source % per_crop == 0)).flatten()
-
-
-def _partitions(img: ImageLayout, exclude: torch.Tensor) -> list[torch.Tensor]:
-    """Image-token indices of each partition: one per tower crop (newlines and ``exclude`` out)."""
-    candidate = ~img.newline
-    candidate[exclude] = False
-    patch = torch.nonzero(candidate).flatten()
-    if img.crops == 1 or img.source is None:
-        return [patch]
-    per_crop = 1 + img.extra["crop_side"] ** 2  # tower tokens per crop, CLS included
-    crop = img.source[patch] // per_crop
-    return [patch[crop == j] for j in range(img.crops) if bool((crop == j).any())]
+    if img.source is None or "received" in captured:  # Qwen2-VL: one image, no CLS
+        return [_Partition(tokens, tokens[:0])]
+    per_crop = captured["keys"].shape[1]  # tower tokens per crop, CLS first
+    src = img.source[tokens]
+    crop, is_cls = src // per_crop, src % per_crop == 0
+    return [
+        _Partition(tokens[(crop == j) & ~is_cls], tokens[(crop == j) & is_cls])
+        for j in range(img.crops)
+        if bool((crop == j).any())
+    ]
 
 
 def _token_keys(img: ImageLayout, layer: int) -> torch.Tensor:
