@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import shutil
 import time
 
@@ -270,7 +271,7 @@ def train(
     ckpt = os.path.join(out, CKPT_NAME)
     start, elapsed, cpu = 0, 0.0, 0.0
     if os.path.exists(ckpt):
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_state(ckpt)
         if state["arch"] != arch or state["seed"] != seed or state["steps"] != steps:
             raise SystemExit(
                 f"{ckpt} belongs to another run ({state['arch']}, seed {state['seed']}); remove it"
@@ -358,6 +359,22 @@ def train(
     write_readme(out, info)
     shutil.rmtree(os.path.join(out, "checkpoint"), ignore_errors=True)
     return info
+
+
+def load_state(path: str) -> dict:
+    """A training checkpoint, unpickled with ``weights_only=True``.
+
+    Checkpoints hold only tensors, numbers, strings and containers of them (state dicts, the
+    optimizer's state, the run's arch/seed/step), so nothing else is ever unpickled: a tampered or
+    foreign checkpoint cannot run code on resume, it is refused.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise SystemExit(
+            f"{path} holds objects other than tensors and plain values, so it is not loaded; remove it "
+            f"to start over ({str(e).splitlines()[0]})"
+        ) from e
 
 
 def _save_state(path, model, probe, opt, arch, seed, steps, step, elapsed, cpu) -> None:

@@ -133,6 +133,12 @@ class Adapter:
         """Index of the tower layer whose output becomes the image features."""
         raise NotImplementedError
 
+    def tower_projector(self) -> nn.Module | None:
+        """The module mapping one tower token's feature-layer hidden state to its language-model
+        input (LLaVA's ``multi_modal_projector``), or ``None`` where the family has no such
+        per-token map (Qwen2-VL's merger takes 2x2 patches)."""
+        return None
+
     # -- visual layout --------------------------------------------------------------------
     def image_specs(self, call: dict) -> list[ImageSpec]:
         """Token structure of every image in the call, in the order HF scatters features."""

@@ -40,6 +40,13 @@ class LlavaAdapter(Adapter):
         k = k if isinstance(k, int) else k[-1]
         return (k % (self.vision_layers_count + 1)) - 1
 
+    def tower_projector(self):
+        """The projector, when the features come from one tower layer (several are concatenated
+        per token before it otherwise)."""
+        if not isinstance(self.config.vision_feature_layer, int):
+            return None
+        return self.mm_model.multi_modal_projector
+
     def image_specs(self, call: dict) -> list[ImageSpec]:
         pixel_values = call.get("pixel_values")
         if pixel_values is None:

@@ -27,6 +27,7 @@ class LlavaNextAdapter(Adapter):
     vision_block = LlavaAdapter.vision_block
     vision_layers_count = LlavaAdapter.vision_layers_count
     vision_feature_layer = LlavaAdapter.vision_feature_layer
+    tower_projector = LlavaAdapter.tower_projector
 
     def required_call_params(self) -> tuple[str, ...]:
         return ("image_sizes",)

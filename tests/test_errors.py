@@ -99,7 +99,14 @@ WRONG_TYPE = {
         "key_ratio": "0.08",
         "decode": "true",
     },
-    "visionzip": {"keep": "x", "dominant": 5.0, "contextual": "10", "layer": "-2"},
+    "visionzip": {
+        "keep": "x",
+        "dominant": 5.0,
+        "contextual": "10",
+        "layer": "-2",
+        "merge": "sum",
+        "drop_newlines": 1,
+    },
 }
 
 

@@ -155,7 +155,7 @@ def test_training_resumes_exactly_after_an_interrupt(tmp_path, monkeypatch):
     monkeypatch.setattr(tt, "generate_synthvqa", interrupt_at_step_3)
     with pytest.raises(KeyboardInterrupt):
         tt.train("qwen2_vl", str(tmp_path / "resumed"), **opts)
-    assert torch.load(tmp_path / "resumed" / tt.CKPT_NAME, weights_only=False)["step"] == 2
+    assert torch.load(tmp_path / "resumed" / tt.CKPT_NAME, weights_only=True)["step"] == 2
     monkeypatch.setattr(tt, "generate_synthvqa", real)
     tt.train("qwen2_vl", str(tmp_path / "resumed"), **opts)
 
@@ -164,3 +164,32 @@ def test_training_resumes_exactly_after_an_interrupt(tmp_path, monkeypatch):
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert not (tmp_path / "resumed" / "checkpoint").exists()
+
+
+def _leave_a_mark(path):
+    open(path, "w").close()
+    return {}
+
+
+class _Payload:
+    """Unpickling this would call ``_leave_a_mark``: what a tampered checkpoint could do."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return _leave_a_mark, (self.path,)
+
+
+def test_training_refuses_a_checkpoint_that_is_not_plain_weights(tmp_path):
+    """Resume unpickles with ``weights_only=True``: a checkpoint holding any other object is refused
+    before anything in it runs."""
+    import vtprune.eval.train_tiny as tt
+
+    mark = tmp_path / "ran"
+    ckpt = tmp_path / "run" / tt.CKPT_NAME
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"arch": "qwen2_vl", "seed": 0, "steps": 4, "model": _Payload(str(mark))}, ckpt)
+    with pytest.raises(SystemExit, match="not loaded"):
+        tt.train("qwen2_vl", str(tmp_path / "run"), steps=4, batch_size=2, eval_n=4, threads=1)
+    assert not mark.exists()

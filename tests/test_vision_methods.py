@@ -10,7 +10,7 @@ import vtprune
 from vtprune import compat
 from vtprune.integrations.base import GridSegment, ImageLayout
 from vtprune.methods.hired import HiRED, HiREDStage, crop_shares
-from vtprune.methods.visionzip import zip_partition
+from vtprune.methods.visionzip import VisionZip, zip_partition
 
 
 def _next_like_image(side=4, grid=(2, 2)):
@@ -75,15 +75,18 @@ def test_hired_stats_and_newline_option():
 def test_visionzip_merge_groups_follow_key_similarity():
     scores = torch.tensor([9.0, 1, 2, 8, 3, 4, 0.5])
     keys = torch.tensor([[1.0, 0], [0, 1], [0, 1], [1, 0], [1, 0.1], [0.1, 1], [1, 0]])
-    kept, groups = zip_partition(scores, keys, dominant=2, contextual=2)
-    # dominant: 0 and 3; the rest [1, 2, 4, 5, 6] gives targets 1 and 4 (evenly spaced);
+    plan = zip_partition(scores, keys, dominant=2, contextual=2)
+    # dominant: 0 and 3; the rest [1, 2, 4, 5, 6] gives targets 1 and 4 (every 5 // 2 = 2nd);
     # 2 and 5 point like target 1's key, 6 like target 4's
-    assert kept.tolist() == [0, 1, 3, 4]
-    assert [(t, m.tolist()) for t, m in groups] == [(1, [1, 2, 5]), (4, [4, 6])]
+    assert plan.kept.tolist() == [0, 1, 3, 4]
+    assert plan.targets.tolist() == [1, 4]
+    assert [m.tolist() for m in plan.members] == [[2, 5], [6]]
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_visionzip_contextual_tokens_are_group_means(family):
+@pytest.mark.parametrize("family,patches", [("llava", 5), ("qwen2_vl", 6)])
+def test_visionzip_keeps_dominant_rows_unchanged(family, patches):
+    """6 dominant + 2 contextual: on LLaVA the CLS token is one of the 6 dominant tokens (5 patch rows
+    copied unchanged); Qwen2-VL has no CLS, so all 6 are patches."""
     model = tiny.BUILDERS[family]()
     kw = tiny.inputs(family, model, [1], seed=31)
     seen = {}
@@ -102,13 +105,29 @@ def test_visionzip_contextual_tokens_are_group_means(family):
         h.remove()
     assert st.visual_tokens_per_layer[0] == 8
     pruned = seen["embeds"][0]
-    # the pruned input holds 8 visual rows where the image began: 6 dominant rows copied
-    # unchanged, 2 contextual rows that are means of their groups
     ids = kw["input_ids"][0]
     first = int(torch.nonzero(ids == tiny.IMAGE)[0])
     vis_orig = original[ids == tiny.IMAGE]
     exact = [bool((vis_orig == v).all(-1).any()) for v in pruned[first : first + 8]]
-    assert sum(exact) == 6
+    assert sum(exact) == patches
+
+
+def test_visionzip_counts_a_cls_placeholder_among_the_dominant_tokens():
+    """With the "full" feature strategy the CLS token has its own placeholder: it stays there, as one
+    of the dominant tokens, and no projected CLS feature is added into a freed slot."""
+    model = tiny.llava(strategy="full")
+    kw = tiny.inputs("llava", model, [1], seed=35)
+    first = int(torch.nonzero(kw["input_ids"][0] == tiny.IMAGE)[0])
+    for opts, n in [(dict(dominant=10, contextual=4), 14), (dict(keep=0.25), round(0.25 * 65))]:
+        with torch.no_grad(), vtprune.pruned(model, "visionzip", **opts):
+            model(**kw)
+            kept = vtprune.stats(model).selections["visionzip"][0]
+        assert kept.numel() == n and first in kept.tolist(), opts
+
+
+def test_visionzip_options_are_validated():
+    with pytest.raises(ValueError, match="merge.*'sum'.*official"):
+        VisionZip(merge="sum")
 
 
 def test_mustdrop_window_merge_on_hand_built_grid():
@@ -286,3 +305,24 @@ def test_mustdrop_keep_counts_the_vision_merge_on_trained_models(arch):
             st = vtprune.stats(model)
         assert abs(st.keep_ratio - keep) < 0.02, (keep, st.keep_ratio)
         assert st.visual_tokens_per_layer[0] < st.visual_tokens_in  # the merge did remove tokens
+
+
+@pytest.mark.parametrize("crop,patch", [(32, 8), (24, 8)])
+@pytest.mark.parametrize("method", ["visionzip", "hired", "random", "uniform"])
+def test_keep_is_met_on_llava_next_with_small_crops(crop, patch, method):
+    """With 9-16 tokens per crop, per-crop rounding and the protected newline tokens must come out of
+    the image's budget, not on top of it (VisionZip once kept 0.32 for keep 0.25 here)."""
+    model = tiny.llava_next(crop=crop, patch=patch)
+    for size in [(2 * crop, 2 * crop), (crop * 5 // 4, 2 * crop)]:
+        kw = tiny.inputs("llava_next", model, [1], seed=34, sizes=[size])
+        for keep in (0.5, 0.25, 0.11):
+            with torch.no_grad(), vtprune.pruned(model, method, keep=keep):
+                model(**kw)
+                ratio = vtprune.stats(model).keep_ratio
+            assert abs(ratio - keep) < 0.02, (size, keep, ratio)
+
+
+def test_visionzip_keep_gives_the_papers_splits():
+    """keep = 64/128/192 of 576 resolves to the papers' 54+10 / 108+20 / 162+30 (CLS among the dominant)."""
+    for k, split in [(64, (54, 10)), (128, (108, 20)), (192, (162, 30))]:
+        assert VisionZip(keep=k / 576).per_partition(576) == split

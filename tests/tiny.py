@@ -43,14 +43,14 @@ def _text(**kw):
     return base
 
 
-def _clip():
+def _clip(image_size: int = 32, patch_size: int = 4):
     return CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=3,
         num_attention_heads=2,
-        image_size=32,
-        patch_size=4,
+        image_size=image_size,
+        patch_size=patch_size,
     )
 
 
@@ -59,25 +59,27 @@ def _finish(model, attn):
     return model.eval()
 
 
-def llava(attn: str = "sdpa", seed: int = 0, dtype=torch.float32):
+def llava(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, strategy: str = "default"):
+    """``strategy="full"`` keeps the CLS token as an image token (65 per image instead of 64)."""
     torch.manual_seed(seed)
     cfg = LlavaConfig(
         vision_config=_clip(),
         text_config=LlamaConfig(**_text()),
         image_token_id=IMAGE,
         vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=strategy,
     )
     return _finish(LlavaForConditionalGeneration(cfg).to(dtype), attn)
 
 
-def llava_next(attn: str = "sdpa", seed: int = 0, dtype=torch.float32):
+def llava_next(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, crop: int = 32, patch: int = 4):
+    """``crop``-pixel crops of ``(crop / patch)**2`` tokens each; grids up to 2 x 2 crops."""
     torch.manual_seed(seed)
     cfg = LlavaNextConfig(
-        vision_config=_clip(),
+        vision_config=_clip(crop, patch),
         text_config=LlamaConfig(**_text()),
         image_token_id=IMAGE,
-        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        image_grid_pinpoints=[[crop, 2 * crop], [2 * crop, crop], [2 * crop, 2 * crop]],
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
     )
@@ -142,7 +144,7 @@ def inputs(
     n_images = sum(images_per_row)
     kw: dict = {}
     if family == "llava":
-        counts = [64] * n_images
+        counts = [64 + (model.config.vision_feature_select_strategy == "full")] * n_images
         kw["pixel_values"] = torch.randn(n_images, 3, 32, 32, generator=gen)
     elif family == "llava_next":
         from vtprune.integrations.llava_next import LlavaNextAdapter
@@ -152,10 +154,11 @@ def inputs(
         counts = [ad._spec(list(s)).num_tokens for s in sizes]
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        n_patch = [image_size_to_num_patches(list(s), model.config.image_grid_pinpoints, 32) for s in sizes]
-        pv = torch.zeros(n_images, max(n_patch), 3, 32, 32)
+        crop = model.config.vision_config.image_size
+        n_patch = [image_size_to_num_patches(list(s), model.config.image_grid_pinpoints, crop) for s in sizes]
+        pv = torch.zeros(n_images, max(n_patch), 3, crop, crop)
         for i, p in enumerate(n_patch):
-            pv[i, :p] = torch.randn(p, 3, 32, 32, generator=gen)
+            pv[i, :p] = torch.randn(p, 3, crop, crop, generator=gen)
         kw["pixel_values"] = pv
         kw["image_sizes"] = torch.tensor(sizes)
     else:

@@ -10,6 +10,7 @@ the others physically (hidden states, positions, masks, KV cache).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,12 +24,15 @@ class VisionContext:
     """What a vision stage sees (one batched call).
 
     ``visual`` marks the image tokens among the language model's input slots;
-    ``layouts[b]`` describes the images of row ``b`` (positions, grids, newline flags).
+    ``layouts[b]`` describes the images of row ``b`` (positions, grids, newline flags);
+    ``project`` maps feature-layer tower hidden states ``[k, D]`` to language-model inputs (the
+    model's own projector), or is ``None`` where the family has no per-token one.
     """
 
     embeds: torch.Tensor
     visual: torch.Tensor
     layouts: list[list[ImageLayout]]
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
     generator: torch.Generator | None = None
     extras: dict = field(default_factory=dict)
     replacements: list = field(default_factory=list)

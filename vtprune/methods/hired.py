@@ -9,9 +9,20 @@ rest is shared by the crops in proportion to how many of the base image's top
 the true ``rows x cols`` spatial blocks of the base grid (the official code cuts horizontal
 bands). Each crop keeps its top tokens by its own selection-layer score.
 
-Decisions: LLaVA-NeXT newline tokens are kept by default (``drop_newlines=True`` drops them as
-the official code does). Qwen2-VL has no CLS token: its score is the attention a token receives
-from all patches of its image in the chosen tower block (``vtprune.runtime.vision``).
+Decisions:
+
+* LLaVA-NeXT newline tokens are kept by default (``drop_newlines=True`` drops them as the
+  official code does).
+* The crops' share of the budget is split by largest remainder (``selection.allocate``: floors
+  first, then one more token to the crops with the largest fractional parts, capped by what a
+  crop holds). The official code floors each crop's share, so it keeps up to ``crops - 1``
+  tokens fewer than its own total; ours spends the total exactly.
+* A crop's candidates are its tokens that survive LLaVA-NeXT's unpadding. The official code
+  picks each crop's top tokens over the whole crop and then loses those that fall in the
+  padding, so padded images keep fewer tokens than budgeted; here the budget goes to tokens
+  the language model sees.
+* Qwen2-VL has no CLS token: its score is the attention a token receives from all patches of
+  its image in the chosen tower block (``vtprune.runtime.vision``).
 """
 
 from __future__ import annotations

@@ -1,16 +1,37 @@
 """VisionZip: dominant tokens by CLS attention, the rest merged into a few contextual tokens.
 
 Per partition (the image for LLaVA-1.5 and Qwen2-VL; the base image and *each* crop for
-LLaVA-NeXT, so budgets are stated per crop): the ``dominant`` tokens with the highest CLS
-attention at the feature layer stay as they are. Of the others, ``contextual`` evenly spaced
-ones become merge targets; every remaining token joins the target whose tower key is most
-similar (cosine, keys averaged over heads) and each target's language-model input becomes the
-mean of its group. The papers' settings 54+10 / 108+20 / 162+30 give 64 / 128 / 192 tokens per
-576; ``keep`` splits its budget in the same 54:10 proportion.
+LLaVA-NeXT, so explicit counts are per crop), with ``dominant + contextual`` tokens to keep:
 
-Decisions: merging happens on the projected features (the language model's input), not
-before the projector, because the placeholder count is fixed by the prompt; merged tokens sit
-at their target's original position. Qwen2-VL uses the received-attention substitute score.
+* Dominant: the CLS token counts as one of the ``dominant`` tokens, as in the official code
+  (which passes ``dominant - 1`` to its top-k); the other ``dominant - 1`` are the patches with
+  the highest CLS attention (summed over heads) at the feature layer.
+* Contextual: of the remaining ``n`` patches, in their original order, every ``n // contextual``-th
+  one (the first ``contextual`` of them) is a merge target; every other remaining patch joins the
+  target whose tower key (mean over heads) is most similar by cosine.
+* Merge (``merge="official"``, default): a target becomes ``target + mean(its other members)``,
+  formed on the tower's feature-layer hidden states and then passed through the model's own
+  projector, as the official code does. ``merge="mean"`` instead averages the group, target
+  included, on the projected features.
+
+The papers' settings 54+10 / 108+20 / 162+30 give 64 / 128 / 192 tokens per 576. ``keep``
+takes ``round(keep * tokens)`` per image: protected LLaVA-NeXT newline tokens come out of it,
+the rest is split over the partitions by size and each share 54:10 into dominant:contextual.
+
+Decisions (the prompt fixes the placeholder count, and kept tokens keep their positions):
+
+* The CLS token has no placeholder of its own; its projected feature takes the slot of the
+  first patch of its partition that is neither dominant nor a target (always a merged one).
+  A partition that keeps all its tokens is left untouched (no CLS, nothing merged).
+* Merged tokens sit at their target's original position.
+* LLaVA-NeXT: newline tokens are kept by default (``drop_newlines=True`` drops them as the
+  official code does) and count towards ``keep``; the candidates of a crop are its tokens that
+  survive unpadding (the official code picks over the whole crop, padding included).
+* Qwen2-VL has no CLS token and no per-token tower feature before its projector: the merger
+  maps each token's 2x2 patches through a per-patch LayerNorm (in Qwen2.5-VL, reordered into
+  attention windows). All ``dominant`` tokens are patches, ranked by the received-attention
+  substitute score, and ``merge="official"`` forms ``target + mean(other members)`` on the
+  merger's outputs, the language model's inputs.
 """
 
 from __future__ import annotations
@@ -19,12 +40,21 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.config import MethodConfig, ModelInfo, check_vision_layer, register_method
+from vtprune.config import (
+    MethodConfig,
+    ModelInfo,
+    check_bool,
+    check_choice,
+    check_vision_layer,
+    register_method,
+)
 from vtprune.integrations.base import ImageLayout
 from vtprune.methods.hired import token_scores
+from vtprune.selection import split_budget
 from vtprune.stages import VisionContext, VisionStage
 
 DOMINANT_SHARE = 54 / 64
+MERGES = ("official", "mean")
 
 
 @register_method("visionzip")
@@ -33,10 +63,14 @@ class VisionZip(MethodConfig):
     """VisionZip (Yang et al., 2024).
 
     Args:
-        dominant: dominant tokens per partition (image, or LLaVA-NeXT base/crop).
+        dominant: dominant tokens per partition (image, or LLaVA-NeXT base/crop), CLS included
+            where the tower has one.
         contextual: contextual (merged) tokens per partition.
-        keep: alternatively, the kept fraction of each partition, split 54:10.
+        keep: alternatively, the kept fraction of each image, split 54:10.
         layer: tower layer whose CLS attention and keys are used (default: the feature layer).
+        merge: ``"official"`` (target + mean of the other members, before the projector) or
+            ``"mean"`` (mean of the group, target included, after the projector).
+        drop_newlines: drop LLaVA-NeXT row-newline tokens as the official code does.
 
     Example:
         >>> VisionZip(dominant=54, contextual=10).per_partition(576)
@@ -46,6 +80,8 @@ class VisionZip(MethodConfig):
     dominant: int | None = None
     contextual: int | None = None
     layer: int | None = None
+    merge: str = "official"
+    drop_newlines: bool = False
 
     def validate(self) -> None:
         for name in ("dominant", "contextual"):
@@ -59,17 +95,22 @@ class VisionZip(MethodConfig):
             )
         if self.keep is not None and (self.dominant is not None or self.contextual is not None):
             raise ValueError("visionzip: give either 'keep' or 'dominant'/'contextual', not both")
+        check_choice(self.name, "merge", self.merge, MERGES)
+        check_bool(self.name, "drop_newlines", self.drop_newlines)
 
     def per_partition(self, n: int) -> tuple[int, int]:
         """(dominant, contextual) for a partition of ``n`` tokens."""
         if self.keep is None and self.dominant is None and self.contextual is None:
             return min(n, 54), min(max(0, n - 54), 10)
         if self.keep is not None:
-            k = int(self.keep * n + 0.5)
-            d = min(k, int(k * DOMINANT_SHARE + 0.5))
-            return d, k - d
+            return self.split(int(self.keep * n + 0.5))
         d = min(n, self.dominant or 0)
         return d, min(n - d, self.contextual or 0)
+
+    def split(self, k: int) -> tuple[int, int]:
+        """``k`` kept tokens as (dominant, contextual), in the papers' 54:10 proportion."""
+        d = min(k, int(k * DOMINANT_SHARE + 0.5))
+        return d, k - d
 
     def stages(self, info: ModelInfo) -> list:
         check_vision_layer(self.name, "layer", self.layer, info)
@@ -87,6 +128,12 @@ class VisionZipStage(VisionStage):
         self.layer = adapter.vision_feature_layer() if self.cfg.layer is None else self.cfg.layer
         return [self.layer]
 
+    def vision_hidden_layers(self, adapter) -> list[int]:
+        # the projector's input (CLS and merges are formed there) is the feature layer's output,
+        # whichever layer the scores come from
+        self.feature_layer = adapter.vision_feature_layer()
+        return [self.feature_layer] if adapter.tower_projector() is not None else []
+
     def expected_count(self, n_image: int) -> int:
         d, c = self.cfg.per_partition(n_image)
         return d + c
@@ -95,29 +142,139 @@ class VisionZipStage(VisionStage):
         keep = torch.zeros_like(ctx.visual)
         for row in ctx.layouts:
             for img in row:
-                scores = token_scores(img, self.layer).cpu()
-                keys = _token_keys(img, self.layer)
-                keep_local = img.newline.clone()
-                for part in _partitions(img):
-                    d, c = self.cfg.per_partition(part.numel())
-                    kept, groups = zip_partition(scores[part], keys[part], d, c)
-                    keep_local[part[kept]] = True
-                    pos = img.positions.to(ctx.embeds.device)
-                    for target, members in groups:
-                        vec = ctx.embeds[img.row, pos[part[members]]].mean(0)
-                        ctx.replace(img.row, pos[part[target]], vec)
-                keep[img.row, img.positions[keep_local].to(keep.device)] = True
+                local = self.zip_image(ctx, img)
+                keep[img.row, img.positions[local].to(keep.device)] = True
         return keep
 
+    def zip_image(self, ctx: VisionContext, img: ImageLayout) -> torch.Tensor:
+        """Kept indices within the image's tokens; merged and CLS vectors go to ``ctx.replace``."""
+        scores = token_scores(img, self.layer).cpu()
+        keys = _token_keys(img, self.layer)
+        tower = _TowerFeatures(img, self.feature_layer, ctx.project) if ctx.project is not None else None
+        fixed = torch.nonzero(img.newline).flatten()
+        if self.cfg.drop_newlines:
+            fixed = fixed[:0]
+        parts = _partitions(img, self.layer)
+        kept, merges = [fixed], []
+        for part, (d, c) in zip(parts, self.budgets(img, [p.size for p in parts], fixed.numel())):
+            if d + c >= part.size:  # nothing to prune here: no merge, no CLS feature added
+                kept += [part.patches, part.cls]
+                continue
+            # the CLS token is one of the dominant ones where it reaches the language model: in its
+            # own placeholder ("full" feature strategy) or projected from the tower into a free slot
+            with_cls = d > 0 and (part.cls.numel() > 0 or tower is not None)
+            plan = zip_partition(scores[part.patches], keys[part.patches], d - with_cls, c)
+            kept.append(part.patches[plan.kept])
+            merges += [
+                (part.patches[t], part.patches[m])
+                for t, m in zip(plan.targets.tolist(), plan.members)
+                if m.numel()
+            ]
+            if with_cls and part.cls.numel():
+                kept.append(part.cls)
+            elif with_cls:
+                slot = part.patches[first_free(part.patches.numel(), plan.kept)]
+                kept.append(slot.view(1))
+                tower.add_cls(slot, part.patches)
+        self._write_merges(ctx, img, merges, tower)
+        return torch.cat(kept).sort().values
 
-def _partitions(img: ImageLayout) -> list[torch.Tensor]:
-    """Image-token indices of each partition: one per tower crop (newlines excluded)."""
-    patch = torch.nonzero(~img.newline).flatten()
-    if img.crops == 1 or img.source is None:
-        return [patch]
-    per_crop = 1 + img.extra["crop_side"] ** 2  # tower tokens per crop, CLS included
-    crop = img.source[patch] // per_crop
-    return [patch[crop == j] for j in range(img.crops) if bool((crop == j).any())]
+    def budgets(self, img: ImageLayout, sizes: list[int], n_fixed: int) -> list[tuple[int, int]]:
+        """(dominant, contextual) per partition.
+
+        With ``keep`` the image's budget is ``round(keep * tokens)``: the protected newline tokens
+        come out of it, and the rest is split over the partitions in proportion to their size
+        (largest remainders), so small LLaVA-NeXT crops do not each round up on top of it.
+        """
+        if self.cfg.keep is None:
+            return [self.cfg.per_partition(n) for n in sizes]
+        total = max(0, int(self.cfg.keep * img.num_tokens + 0.5) - n_fixed)
+        return [self.cfg.split(k) for k in split_budget(total, sizes)]
+
+    def _write_merges(self, ctx: VisionContext, img: ImageLayout, merges: list, tower) -> None:
+        """Hand each merged target's (and carried CLS's) new input embedding to the context."""
+        pos = img.positions.to(ctx.embeds.device)
+        if tower is not None and self.cfg.merge == "official":
+            for target, members in merges:
+                tower.add_merge(target, members)
+        else:  # on the language model's inputs: "mean", or a tower without per-token features
+            lm = ctx.embeds[img.row]
+            for target, members in merges:
+                ctx.replace(img.row, pos[target], self._lm_merge(lm[pos[target]], lm[pos[members]]))
+        if tower is not None:
+            for slot, vec in tower.project():
+                ctx.replace(img.row, pos[slot], vec.to(ctx.embeds.device))
+
+    def _lm_merge(self, target: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+        if self.cfg.merge == "official":
+            return target + others.mean(0)
+        return torch.cat([target.unsqueeze(0), others]).mean(0)
+
+
+class _TowerFeatures:
+    """Feature-layer hidden states of one image's tower tokens, and vectors to project from them.
+
+    Token ``i`` of the image came from tower row ``source[i]`` (CLS at row 0 of each crop);
+    :meth:`project` runs the model's projector once over everything added.
+    """
+
+    def __init__(self, img: ImageLayout, layer: int, projector):
+        hidden = img.vision[layer]["hidden"]  # [crops, 1 + patches, D]
+        self.per_crop = hidden.shape[1]
+        self.flat = hidden.reshape(-1, hidden.shape[-1])
+        self.source = img.source
+        self.projector = projector
+        self.slots: list[torch.Tensor] = []
+        self.rows: list[torch.Tensor] = []
+
+    def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.flat[self.source[tokens].to(self.flat.device)]
+
+    def add_cls(self, slot: torch.Tensor, part: torch.Tensor) -> None:
+        crop = int(self.source[part[0]]) // self.per_crop
+        self.slots.append(slot.view(1))
+        self.rows.append(self.flat[crop * self.per_crop].unsqueeze(0))
+
+    def add_merge(self, target: torch.Tensor, members: torch.Tensor) -> None:
+        # the official combination: the target plus the mean of the others assigned to it
+        h = self._hidden(target.view(1)) + self._hidden(members).mean(0, keepdim=True)
+        self.slots.append(target.view(1))
+        self.rows.append(h)
+
+    def project(self) -> list[tuple[int, torch.Tensor]]:
+        if not self.rows:
+            return []
+        out = self.projector(torch.cat(self.rows))
+        return list(zip(torch.cat(self.slots).tolist(), out))
+
+
+@dataclass
+class _Partition:
+    """The image tokens of one tower crop: its patches and, with LLaVA's "full" feature strategy,
+    the placeholder holding the crop's CLS token (empty otherwise)."""
+
+    patches: torch.Tensor
+    cls: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.patches.numel() + self.cls.numel()
+
+
+def _partitions(img: ImageLayout, layer: int) -> list[_Partition]:
+    """One partition per tower crop (newlines belong to none)."""
+    tokens = torch.nonzero(~img.newline).flatten()
+    captured = img.vision[layer]
+    if img.source is None or "received" in captured:  # Qwen2-VL: one image, no CLS
+        return [_Partition(tokens, tokens[:0])]
+    per_crop = captured["keys"].shape[1]  # tower tokens per crop, CLS first
+    src = img.source[tokens]
+    crop, is_cls = src // per_crop, src % per_crop == 0
+    return [
+        _Partition(tokens[(crop == j) & ~is_cls], tokens[(crop == j) & is_cls])
+        for j in range(img.crops)
+        if bool((crop == j).any())
+    ]
 
 
 def _token_keys(img: ImageLayout, layer: int) -> torch.Tensor:
@@ -128,34 +285,69 @@ def _token_keys(img: ImageLayout, layer: int) -> torch.Tensor:
     return flat[img.source.clamp(min=0).to(flat.device)].cpu()
 
 
-def zip_partition(scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int):
-    """Dominant + contextual selection within one partition (indices local to it).
+@dataclass
+class ZipPlan:
+    """One partition's selection (indices local to it): dominant patches, merge targets and, per
+    target, the other patches merged into it."""
 
-    Returns the kept indices and, for each contextual target, ``(target, members)`` where
-    members (the target included) are averaged into the target.
+    dominant: torch.Tensor
+    targets: torch.Tensor
+    members: list[torch.Tensor]
+
+    @property
+    def kept(self) -> torch.Tensor:
+        return torch.cat([self.dominant, self.targets]).sort().values
+
+
+def contextual_targets(n: int, contextual: int) -> torch.Tensor:
+    """Which of ``n`` remaining tokens become merge targets: every ``n // contextual``-th, the first
+    ``contextual`` of them (the official spacing; the tail of the range gets none).
+
+    Example:
+        >>> contextual_targets(10, 3).tolist()
+        [0, 3, 6]
+    """
+    contextual = min(contextual, n)
+    if contextual == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.arange(0, n, max(1, n // contextual))[:contextual]
+
+
+def zip_partition(scores: torch.Tensor, keys: torch.Tensor, dominant: int, contextual: int) -> ZipPlan:
+    """Dominant + contextual selection within one partition.
+
+    ``dominant`` patches with the highest ``scores`` stay; of the rest (in order),
+    :func:`contextual_targets` picks the targets and each other patch joins the target with the
+    most similar key (cosine; the first on ties).
 
     Example:
         >>> s = torch.tensor([9.0, 1, 2, 8, 3, 4])
         >>> k = torch.tensor([[1.0, 0], [0, 1], [0, 1], [1, 0], [1, 0.1], [0.1, 1]])
-        >>> kept, groups = zip_partition(s, k, dominant=2, contextual=2)
-        >>> kept.tolist(), [(t, m.tolist()) for t, m in groups]
-        ([0, 1, 3, 4], [(1, [1, 2, 5]), (4, [4])])
+        >>> plan = zip_partition(s, k, dominant=2, contextual=2)
+        >>> plan.kept.tolist(), [m.tolist() for m in plan.members]
+        ([0, 1, 3, 4], [[2, 5], []])
     """
-    n = scores.numel()
-    dominant = min(dominant, n)
+    dominant = min(dominant, scores.numel())
     order = torch.sort(scores, descending=True, stable=True).indices
     dom = order[:dominant].sort().values
     rest = order[dominant:].sort().values
-    contextual = min(contextual, rest.numel())
-    if contextual == 0:
-        return dom, []
-    pick = torch.div(torch.arange(contextual) * rest.numel(), contextual, rounding_mode="floor")
+    pick = contextual_targets(rest.numel(), contextual)
     targets = rest[pick]
-    others = rest[~torch.isin(rest, targets)]
+    others = rest[~torch.isin(torch.arange(rest.numel()), pick)]
+    if not others.numel() or not targets.numel():
+        return ZipPlan(dom, targets, [others[:0] for _ in targets.tolist()])
     kn = torch.nn.functional.normalize(keys.float(), dim=-1)
-    nearest = (kn[others] @ kn[targets].T).argmax(1) if others.numel() else others
-    groups = []
-    for j, t in enumerate(targets.tolist()):
-        members = torch.cat([torch.tensor([t]), others[nearest == j]]).sort().values
-        groups.append((t, members))
-    return torch.cat([dom, targets]).sort().values, groups
+    nearest = (kn[others] @ kn[targets].T).argmax(1)
+    return ZipPlan(dom, targets, [others[nearest == j] for j in range(targets.numel())])
+
+
+def first_free(n: int, taken: torch.Tensor) -> int:
+    """The lowest index in ``range(n)`` not in ``taken`` (where a partition's CLS goes).
+
+    Example:
+        >>> first_free(5, torch.tensor([0, 1, 3]))
+        2
+    """
+    free = torch.ones(n, dtype=torch.bool)
+    free[taken] = False
+    return int(torch.nonzero(free)[0])
