@@ -95,6 +95,10 @@ class Adapter:
 
     family: str = "base"
     supported_classes: tuple[str, ...] = ()
+    # towers without a CLS token score each patch by the attention it receives (Qwen-VL); the
+    # scores are per tower patch, ``patches_per_token`` of them merged into one LM token
+    received_scores: bool = False
+    patches_per_token: int = 1
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -132,6 +136,16 @@ class Adapter:
     def vision_feature_layer(self) -> int:
         """Index of the tower layer whose output becomes the image features."""
         raise NotImplementedError
+
+    def score_block(self, layer: int) -> int:
+        """The tower layer whose scores a method reads when its default would be ``layer``
+        (towers mixing window and full attention move it to a full-attention block)."""
+        return layer
+
+    def vision_patch_order(self, grid_thw, kwargs: dict) -> torch.Tensor | None:
+        """Permutation of tower patches inside the tower's blocks, if they run out of token order
+        (``blocks[i] = patches[order[i]]``); ``None`` when the blocks see the token order."""
+        return None
 
     # -- visual layout --------------------------------------------------------------------
     def image_specs(self, call: dict) -> list[ImageSpec]:
