@@ -147,6 +147,9 @@ class Adapter:
         (``blocks[i] = patches[order[i]]``); ``None`` when the blocks see the token order."""
         return None
 
+    def check_call(self, call: dict) -> None:
+        """Refuse a prefill call whose inputs would silently mislead the model (family-specific)."""
+
     # -- visual layout --------------------------------------------------------------------
     def image_specs(self, call: dict) -> list[ImageSpec]:
         """Token structure of every image in the call, in the order HF scatters features."""
@@ -207,7 +210,10 @@ class Adapter:
         b, n = inputs_embeds.shape[:2]
         return torch.arange(n, device=inputs_embeds.device).unsqueeze(0).expand(b, n)
 
-    def decode_position_ids(self, seen: int, q_len: int, batch: int, device) -> torch.Tensor:
-        """Original positions of new tokens when ``seen`` original tokens precede them."""
+    def decode_position_ids(
+        self, seen: int, q_len: int, batch: int, device, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Original positions of new tokens when ``seen`` original tokens precede them (what the
+        text model does without ``position_ids``: it counts cached tokens, padding included)."""
         pos = torch.arange(seen, seen + q_len, device=device)
         return pos.unsqueeze(0).expand(batch, q_len)
