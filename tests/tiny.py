@@ -86,9 +86,12 @@ def llava_next(attn: str = "sdpa", seed: int = 0, dtype=torch.float32):
     return _finish(LlavaNextForConditionalGeneration(cfg).to(dtype), attn)
 
 
-def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32):
+def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, **text_kw):
+    """Tiny Qwen2-VL; ``text_kw`` overrides text-config fields (e.g. sliding-window layer types)."""
     torch.manual_seed(seed)
-    text = _text(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    text = _text(
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}, **text_kw
+    )
     cfg = Qwen2VLConfig(
         vision_config=dict(
             depth=2,
