@@ -129,7 +129,9 @@ class HiREDStage(VisionStage):
 
     def vision_layers(self, adapter) -> list[int]:
         self.select_layer = (
-            adapter.vision_feature_layer() if self.cfg.select_layer is None else self.cfg.select_layer
+            adapter.score_block(adapter.vision_feature_layer())
+            if self.cfg.select_layer is None
+            else self.cfg.select_layer
         )
         return sorted({self.cfg.split_layer, self.select_layer})
 

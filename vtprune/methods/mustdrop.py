@@ -145,7 +145,7 @@ class MustDropVisionStage(VisionStage):
         self.cfg, self.key_cap = cfg, key_cap
 
     def vision_layers(self, adapter) -> list[int]:
-        self.last = adapter.vision_layers_count - 1
+        self.last = adapter.score_block(adapter.vision_layers_count - 1)
         return [self.last]
 
     def vision_hidden_layers(self, adapter) -> list[int]:

@@ -125,7 +125,8 @@ class VisionZipStage(VisionStage):
         self.cfg = cfg
 
     def vision_layers(self, adapter) -> list[int]:
-        self.layer = adapter.vision_feature_layer() if self.cfg.layer is None else self.cfg.layer
+        default = adapter.score_block(adapter.vision_feature_layer())
+        self.layer = default if self.cfg.layer is None else self.cfg.layer
         return [self.layer]
 
     def vision_hidden_layers(self, adapter) -> list[int]:
