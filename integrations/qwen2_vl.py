@@ -21,6 +21,12 @@ class Qwen2VLAdapter(Adapter):
         "Qwen2_5_VLModel",
     )
 
+    has_cls = False  # vision-stage scores: the received-attention substitute (vtprune.runtime.vision)
+
+    @property
+    def patches_per_token(self) -> int:
+        return self.config.vision_config.spatial_merge_size**2
+
     @property
     def vision_tower(self):
         return self.mm_model.visual

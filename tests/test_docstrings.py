@@ -9,6 +9,7 @@ import pytest
 
 MODULES = [
     "vtprune.selection",
+    "vtprune.images",
     "vtprune.stages",
     "vtprune.flops",
     "vtprune.config",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 
-from vtprune.integrations.base import GridSegment, ImageSpec
+from vtprune.images import GridSegment, ImageSpec
 
 from .plumbing import bind_call
 from .state import ACTIVE
@@ -45,7 +45,7 @@ class EncoderTap:
                 if len(specs) == len(feats):
                     out._vtprune_specs = {id(f): spec for f, spec in zip(feats, specs)}
                     if raw:
-                        vision = split_per_image(self.probe.finish(raw), specs, self.adapter.family)
+                        vision = split_per_image(self.probe.finish(raw), specs, self.adapter)
                         out._vtprune_vision = {id(f): v for f, v in zip(feats, vision)}
                         self._attach_vision_to_active(vision)
             return out
