@@ -10,6 +10,8 @@ import pytest
 MODULES = [
     "vtprune.selection",
     "vtprune.images",
+    "vtprune.diversity",
+    "vtprune.methods.divprune",
     "vtprune.stages",
     "vtprune.flops",
     "vtprune.config",
