@@ -89,8 +89,22 @@ class Adapter:
             tower_tokens_per_crop=self.tower_tokens_per_crop,
             tower_layers=self.vision_layers_count,
             projector=self.tower_projector(),
+            score_block=self.score_block,
             **kw,
         )
+
+    def score_block(self, layer: int) -> int:
+        """The tower layer whose scores a method reads when its default would be ``layer``
+        (towers mixing window and full attention move it to a full-attention block)."""
+        return layer
+
+    def vision_patch_order(self, grid_thw, kwargs: dict) -> torch.Tensor | None:
+        """Permutation of tower patches inside the tower's blocks, if they run out of token order
+        (``blocks[i] = patches[order[i]]``); ``None`` when the blocks see the token order."""
+        return None
+
+    def check_call(self, call: dict) -> None:
+        """Refuse a prefill call whose inputs would silently mislead the model (family-specific)."""
 
     # -- visual layout --------------------------------------------------------------------
     def image_specs(self, call: dict) -> list[ImageSpec]:
@@ -152,7 +166,10 @@ class Adapter:
         b, n = inputs_embeds.shape[:2]
         return torch.arange(n, device=inputs_embeds.device).unsqueeze(0).expand(b, n)
 
-    def decode_position_ids(self, seen: int, q_len: int, batch: int, device) -> torch.Tensor:
-        """Original positions of new tokens when ``seen`` original tokens precede them."""
+    def decode_position_ids(
+        self, seen: int, q_len: int, batch: int, device, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Original positions of new tokens when ``seen`` original tokens precede them (what the
+        text model does without ``position_ids``: it counts cached tokens, padding included)."""
         pos = torch.arange(seen, seen + q_len, device=device)
         return pos.unsqueeze(0).expand(batch, q_len)

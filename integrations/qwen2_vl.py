@@ -14,13 +14,7 @@ from .base import Adapter, GridSegment, ImageSpec
 
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
-    supported_classes = (
-        "Qwen2VLForConditionalGeneration",
-        "Qwen2VLModel",
-        "Qwen2_5_VLForConditionalGeneration",
-        "Qwen2_5_VLModel",
-    )
-
+    supported_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
     has_cls = False  # vision-stage scores: the received-attention substitute (vtprune.runtime.vision)
 
     @property
@@ -53,6 +47,33 @@ class Qwen2VLAdapter(Adapter):
     def required_call_params(self) -> tuple[str, ...]:
         return ("image_grid_thw", "video_grid_thw", "mm_token_type_ids")
 
+    def check_call(self, call: dict) -> None:
+        """Refuse a prompt with visual placeholders but no (or inconsistent) ``mm_token_type_ids``.
+
+        transformers builds the 3-D M-RoPE positions from ``mm_token_type_ids``; without it the
+        model silently falls back to 1-D positions, and pruned tokens would carry those.
+        """
+        ids = call.get("input_ids")
+        if ids is None:
+            return
+        visual = torch.isin(ids, torch.tensor(self.visual_token_ids(), device=ids.device))
+        if not bool(visual.any()):
+            return
+        types = call.get("mm_token_type_ids")
+        name = type(self.mm_model).__name__
+        if types is None:
+            raise ValueError(
+                f"vtprune: this {name} prompt holds image/video placeholder tokens but no "
+                "mm_token_type_ids; without it transformers silently falls back to 1-D positions "
+                "instead of 3-D M-RoPE. Pass the processor's mm_token_type_ids (text 0, image 1, video 2) "
+                "with input_ids"
+            )
+        if types.shape != ids.shape or bool((types.to(ids.device)[visual] == 0).any()):
+            raise ValueError(
+                f"vtprune: mm_token_type_ids does not match input_ids ({name}): it must have their shape "
+                "and mark every image/video placeholder token (image 1, video 2)"
+            )
+
     def encoder_methods(self) -> tuple[str, ...]:
         return ("get_image_features", "get_video_features")
 
@@ -81,8 +102,20 @@ class Qwen2VLAdapter(Adapter):
         b, n = inputs_embeds.shape[:2]
         return torch.arange(n, device=inputs_embeds.device).view(1, 1, n).expand(3, b, n)
 
-    def decode_position_ids(self, seen: int, q_len: int, batch: int, device) -> torch.Tensor:
-        text = super().decode_position_ids(seen, q_len, batch, device)
+    def decode_position_ids(
+        self, seen: int, q_len: int, batch: int, device, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """3-D positions of new tokens: text position + the model's per-row ``rope_deltas``.
+
+        As transformers does for Qwen: with a 2-D mask the text position counts each row's real
+        tokens (a left-padded row's pads do not advance it), since ``rope_deltas`` (max position
+        + 1 - real tokens, per row, from the unpruned prompt) is relative to that count.
+        """
+        if attention_mask is not None and attention_mask.dim() == 2:
+            mask = attention_mask.to(device).long()
+            text = (mask.cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+        else:
+            text = super().decode_position_ids(seen, q_len, batch, device)
         deltas = getattr(self.mm_model, "rope_deltas", None)
         pos = text.unsqueeze(0).expand(3, batch, q_len)
         if deltas is not None:

@@ -49,7 +49,7 @@ def row_alone(family: str, kw: dict, b: int, images_per_row: list[int]) -> dict:
     n = images_per_row[b]
     if n == 0:
         return one
-    if family == "qwen2_vl":
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         grid = kw["image_grid_thw"]
         patches = grid.prod(-1)
         start = int(patches[:first].sum())

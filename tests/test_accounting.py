@@ -158,3 +158,20 @@ def test_stage_timing_synchronises_cuda_only_when_asked(monkeypatch):
     with timed.timed():
         pass
     assert len(syncs) == 2 and timed.overhead_s > 0
+
+
+@pytest.fixture(scope="module")
+def qwen25():
+    model = tiny.qwen2_5_vl(num_hidden_layers=32)  # LLaVA's depth: in-LLM methods reach keep=0.11
+    # one 32x32-patch image: 256 tokens in 64 windows, enough for 2% at keep=0.11
+    return model, tiny.inputs("qwen2_5_vl", model, [1], seed=1, sizes=[(32, 32)])
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "random", "uniform", "hired", "visionzip", "mustdrop"])
+@pytest.mark.parametrize("keep", [0.5, 0.25, 0.11])
+def test_qwen2_5_vl_keep_target_within_two_percent(qwen25, method, keep):
+    model, kw = qwen25
+    with vtprune.pruned(model, method, keep=keep):
+        _run(model, kw)
+        got = vtprune.stats(model).keep_ratio
+    assert abs(got - keep) / keep <= 0.02, (method, keep, got)

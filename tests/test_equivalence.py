@@ -9,7 +9,7 @@ from helpers import count_hooks, greedy, row_alone, uncached_greedy
 
 import vtprune
 
-FAMILIES = ["llava", "llava_next", "qwen2_vl"]
+FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
 PLANS = {
     "fastv": dict(keep=0.5),
     "pdrop": dict(keep=0.4),
@@ -87,9 +87,11 @@ def test_cached_generate_equals_uncached_pruned_steps(family_model, method):
 def test_left_padded_batch_equals_rows_alone(family_model, method):
     family, model = family_model
     images = [1, 2, 0]
-    sizes = {"llava_next": [(32, 64), (64, 64), (64, 32)], "qwen2_vl": [(16, 16), (8, 12), (12, 16)]}.get(
-        family
-    )
+    sizes = {
+        "llava_next": [(32, 64), (64, 64), (64, 32)],
+        "qwen2_vl": [(16, 16), (8, 12), (12, 16)],
+        "qwen2_5_vl": [(8, 12), (8, 8), (12, 8)],
+    }.get(family)
     kw = tiny.inputs(family, model, images, side="left", seed=4, sizes=sizes)
     with vtprune.pruned(model, method, **PLANS[method]):
         batch = greedy(model, kw, 5)

@@ -7,6 +7,7 @@ import tiny
 import torch
 
 import vtprune
+from vtprune import compat
 from vtprune.integrations.llava_next import LlavaNextAdapter
 
 
@@ -101,3 +102,58 @@ def test_llava_next_newlines_kept_unless_asked(method):
             model(**kw)
             kept = set(vtprune.stats(model).selections[method][0].tolist())
         assert len(newline_pos & kept) < len(newline_pos)
+
+
+# -- silent traps (issue 13 item 5) ------------------------------------------------------------
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_prompt_without_mm_token_type_ids_is_refused(family):
+    # transformers would silently fall back to 1-D positions, which the kept tokens would carry
+    model = tiny.BUILDERS[family]()
+    kw = tiny.inputs(family, model, [1], seed=21)
+    types = kw.pop("mm_token_type_ids")
+    with torch.no_grad(), vtprune.pruned(model, "uniform", keep=0.5):
+        with pytest.raises(ValueError, match="mm_token_type_ids"):
+            model(**kw)
+        with pytest.raises(ValueError, match="mm_token_type_ids"):
+            model(**kw, mm_token_type_ids=torch.zeros_like(types))  # placeholders marked as text
+        model(**kw, mm_token_type_ids=types)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_gapped_positions_without_a_mask_are_not_read_as_packed_sequences(family):
+    # kept tokens keep gapped original positions; with no attention mask and no cache,
+    # transformers' mask helpers would split the row into block-diagonal "packed" sequences
+    model = tiny.BUILDERS[family]()
+    kw = tiny.inputs(family, model, [1], seed=22)
+    mask = kw.pop("attention_mask")
+    with torch.no_grad(), vtprune.pruned(model, "uniform", keep=0.25):
+        bare = model(**kw, use_cache=False).logits
+        masked = model(**kw, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(bare, masked, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_qwen_decode_positions_follow_each_rows_rope_deltas(family):
+    # a padded batch decoded by hand (no position_ids): each row's 3-D position must be its own
+    # (real tokens so far + its rope_deltas), as transformers' generate computes it
+    model = tiny.BUILDERS[family]()
+    kw = tiny.inputs(family, model, [1, 2, 0], side="left", seed=23, sizes=[(8, 12), (8, 8), (12, 8)])
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, k: seen.append(k.get("position_ids")), with_kwargs=True
+    )
+    try:
+        with torch.no_grad(), vtprune.pruned(model, "uniform", keep=0.3):
+            model.generate(**kw, max_new_tokens=2, do_sample=False)
+            expected = seen[-1][1:, :, -1]  # generate's [text; t; h; w] at the first decode step
+            out = model(**kw)
+            mask = torch.cat([kw["attention_mask"], torch.ones(3, 1, dtype=torch.long)], 1)
+            model(
+                input_ids=torch.full((3, 1), 5),
+                attention_mask=mask,
+                **compat.cache_kwargs(compat.output_cache(out)),
+            )
+    finally:
+        hook.remove()
+    assert (kw["attention_mask"] == 0).sum(1).tolist() != [0, 0, 0]  # rows really padded differently
+    assert torch.equal(seen[-1][..., -1], expected)

@@ -1,4 +1,4 @@
-"""Tiny LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL models built from configs, and inputs for them.
+"""Tiny LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL models built from configs, and inputs for them.
 
 Random weights, offline, a few MB each: what the equivalence tests need. Each builder returns
 the model in eval mode; each input builder returns the kwargs a processor would.
@@ -14,6 +14,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
@@ -86,9 +88,12 @@ def llava_next(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, crop: int
     return _finish(LlavaNextForConditionalGeneration(cfg).to(dtype), attn)
 
 
-def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32):
+def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, **text_kw):
+    """Tiny Qwen2-VL; ``text_kw`` overrides text-config fields (e.g. sliding-window layer types)."""
     torch.manual_seed(seed)
-    text = _text(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    text = _text(
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}, **text_kw
+    )
     cfg = Qwen2VLConfig(
         vision_config=dict(
             depth=2,
@@ -107,7 +112,34 @@ def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32):
     return _finish(Qwen2VLForConditionalGeneration(cfg).to(dtype), attn)
 
 
-BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl}
+def qwen2_5_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, fullatt=(1,), **text_kw):
+    """Tiny Qwen2.5-VL: 3 tower blocks, window attention except ``fullatt`` (default block 1, so
+    the last block is a window block), windows of 2x2 merge units (16 px / 4 px patches / merge 2)."""
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    cfg = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=16,
+            fullatt_block_indexes=list(fullatt),
+        ),
+        text_config=_text(rope_parameters=rope, **text_kw),
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VSTART,
+    )
+    return _finish(Qwen2_5_VLForConditionalGeneration(cfg).to(dtype), attn)
+
+
+BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
+QWEN = ("qwen2_vl", "qwen2_5_vl")
 
 
 def _prompt(n_image_tokens: list[int], pre: int, post: int, gen: torch.Generator, vstart: bool):
@@ -137,7 +169,7 @@ def inputs(
 ):
     """Processor-like kwargs: rows with ``images_per_row[b]`` images each (0 = text only).
 
-    ``sizes`` (LLaVA-NeXT: (h, w) per image; Qwen2-VL: (h, w) patch grid per image) vary the
+    ``sizes`` (LLaVA-NeXT: (h, w) per image; Qwen: (h, w) patch grid per image) vary the
     number of visual tokens per image.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -162,18 +194,19 @@ def inputs(
         kw["pixel_values"] = pv
         kw["image_sizes"] = torch.tensor(sizes)
     else:
-        sizes = sizes or [(16, 16)] * n_images
+        # Qwen2.5-VL: smaller default images (still 6 windows each) keep its share of the suite short
+        sizes = sizes or [(16, 16) if family == "qwen2_vl" else (8, 12)] * n_images
         counts = [h * w // 4 for h, w in sizes]
         kw["pixel_values"] = torch.randn(sum(h * w for h, w in sizes), 3 * 2 * 4 * 4, generator=gen)
         kw["image_grid_thw"] = torch.tensor([[1, h, w] for h, w in sizes])
     rows, k = [], 0
     for b, m in enumerate(images_per_row):
         p = post[b] if post is not None else 3 + b
-        rows.append(_prompt(counts[k : k + m], pre=2 + b, post=p, gen=gen, vstart=family == "qwen2_vl"))
+        rows.append(_prompt(counts[k : k + m], pre=2 + b, post=p, gen=gen, vstart=family in QWEN))
         k += m
     ids, mask = _pad(rows, side)
     kw.update(input_ids=ids, attention_mask=mask)
-    if family == "qwen2_vl":
+    if family in QWEN:
         kw["mm_token_type_ids"] = (ids == IMAGE).int()
     if n_images == 0:
         for key in ("pixel_values", "image_sizes", "image_grid_thw"):

@@ -89,7 +89,6 @@ def apply(model, method, *, timing: bool = False, **options) -> Handle:
     for cfg in configs:
         cfg.check()
     adapter = adapter_for(model)
-    _check_model(adapter)
     _refuse_nested(model, adapter)
     wiring = compat.check_wiring(adapter)
     compat.warn_if_untested()
@@ -97,6 +96,7 @@ def apply(model, method, *, timing: bool = False, **options) -> Handle:
         num_layers=adapter.num_layers, family=adapter.family, vision_layers=_tower_depth(adapter)
     )
     stages = [stage for cfg in configs for stage in cfg.stages(info)]
+    _check_model(adapter, configs, stages)
     keys = [s.key for s in stages]
     if len(set(keys)) != len(keys):
         raise ValueError(f"two stages act at the same point with the same method: {keys}")
@@ -160,11 +160,25 @@ def _deepcopy_with_plan(handle: Handle):
     return __deepcopy__
 
 
-def _check_model(adapter) -> None:
+def _check_model(adapter, configs, stages) -> None:
+    """Hybrid decoders (sliding-window, linear-attention layers): vision-stage plans only.
+
+    A vision stage prunes before the language model, which then builds every layer type's mask
+    and cache itself; in-LLM stages hand layers gathered masks and per-layer cache lengths that
+    only full-attention layers understand.
+    """
+    from vtprune.stages import VisionStage
+
     types = getattr(adapter.text_config, "layer_types", None) or []
-    if any(t != "full_attention" for t in types):
+    other = sorted({t for t in types if t != "full_attention"})
+    in_llm = [s.key for s in stages if not isinstance(s, VisionStage)]
+    if other and in_llm:
+        names = ", ".join(c.name for c in configs)
         raise NotImplementedError(
-            f"vtprune: decoders with sliding-window or other non-full attention layers are not supported ({sorted(set(types))})"
+            f"vtprune: this decoder mixes layer types {sorted(set(types))}; {names} prunes inside the "
+            f"language model ({', '.join(in_llm)}), which vtprune supports only when every layer is "
+            "full_attention. Use a method that prunes before the language model (hired, visionzip, "
+            "random, uniform) on this model"
         )
 
 

@@ -124,6 +124,9 @@ class ImageView:
     tower_tokens_per_crop: int | None = None  # tower tokens per crop, CLS included
     tower_layers: int | None = None  # depth of the vision tower
     projector: Callable[[torch.Tensor], torch.Tensor] | None = None  # tower feature -> LM input
+    # the tower layer a method reads scores from when its default is a layer (towers mixing
+    # window and full attention, Qwen2.5-VL: a full-attention block); ``None``: that layer itself
+    score_block: Callable[[int], int] | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     # -- structure ------------------------------------------------------------------------
@@ -211,6 +214,15 @@ class ImageView:
         ]
 
     # -- tower-side tensors ---------------------------------------------------------------
+    def default_block(self, layer: int) -> int:
+        """The tower layer whose scores stand for a method's default ``layer``."""
+        return layer if self.score_block is None else self.score_block(layer)
+
+    @property
+    def score_layer(self) -> int:
+        """The tower layer feature-layer methods (HiRED, VisionZip) read scores from by default."""
+        return self.default_block(self.feature_layer)
+
     def captured(self, layer: int) -> dict:
         got = self.layout.vision.get(layer)
         if got is None:

@@ -112,11 +112,14 @@ class HiREDStage(VisionStage):
         self.cfg, self.fraction = cfg, budget
         self.keep = cfg.keep
 
-    def select_layer(self, feature_layer: int) -> int:
-        return feature_layer if self.cfg.select_layer is None else self.cfg.select_layer
+    def select_layer(self, default: int) -> int:
+        """The scoring layer: ``select_layer`` if set, else ``default`` (the feature layer's score
+        block: on Qwen2.5-VL the last full-attention block at or before it)."""
+        return default if self.cfg.select_layer is None else self.cfg.select_layer
 
     def vision_layers(self, adapter) -> list[int]:
-        return sorted({self.cfg.split_layer, self.select_layer(adapter.vision_feature_layer())})
+        default = adapter.score_block(adapter.vision_feature_layer())
+        return sorted({self.cfg.split_layer, self.select_layer(default)})
 
     def expected_count(self, n_image: int) -> int:
         return int(n_image * (self.cfg.keep if self.cfg.keep is not None else self.fraction) + 0.5)
@@ -130,7 +133,7 @@ class HiREDStage(VisionStage):
         return int(view.crops * view.segments[0].size * self.fraction)
 
     def pick(self, view: ImageView, budget: int) -> torch.Tensor:
-        sel = view.cls_scores(self.select_layer(view.feature_layer))
+        sel = view.cls_scores(self.select_layer(view.score_layer))
         newlines = view.newline_indices
         fixed = newlines if not self.cfg.drop_newlines else newlines[:0]
         n_part = view.segments[0].size  # N: patch tokens of one partition

@@ -107,7 +107,7 @@ class LayerSkip(MethodConfig):
         elif self.keep is not None:
             layer = max(1, min(n - 1, round(self.keep * n)))
         else:
-            layer = round(n * QWEN_CUT) if info.family == "qwen2_vl" else n // 2
+            layer = round(n * QWEN_CUT) if info.family in ("qwen2_vl", "qwen2_5_vl") else n // 2
         check_layer(self.name, "cut_layer", layer, n)
         return layer
 

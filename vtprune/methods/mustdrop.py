@@ -144,7 +144,8 @@ class MustDropVisionStage(VisionStage):
         self.cfg, self.key_cap = cfg, key_cap
 
     def vision_layers(self, adapter) -> list[int]:
-        return [adapter.vision_layers_count - 1]  # the key set reads the last tower layer
+        # the key set reads the last tower layer (or the full-attention block standing for it)
+        return [adapter.score_block(adapter.vision_layers_count - 1)]
 
     def vision_hidden_layers(self, adapter) -> list[int]:
         return [0]
@@ -164,7 +165,7 @@ class MustDropVisionStage(VisionStage):
 
     def plan(self, view: ImageView):
         """Kept local indices, the key set, and (target, members) merges of one image."""
-        last = view.tower_layers - 1  # the key set reads the last tower layer
+        last = view.default_block(view.tower_layers - 1)  # as in vision_layers
         score = view.cls_scores(last)
         n_patch = view.num_tokens - view.num_newlines
         n_key = min(n_patch, math.ceil(self.cfg.key_ratio * max(n_patch - 1, 0)))

@@ -123,11 +123,13 @@ class VisionZipStage(VisionStage):
     def __init__(self, cfg: VisionZip):
         self.cfg = cfg
 
-    def layer(self, feature_layer: int) -> int:
-        return feature_layer if self.cfg.layer is None else self.cfg.layer
+    def layer(self, default: int) -> int:
+        """The scoring layer: ``layer`` if set, else ``default`` (the feature layer's score block:
+        on Qwen2.5-VL the last full-attention block at or before it)."""
+        return default if self.cfg.layer is None else self.cfg.layer
 
     def vision_layers(self, adapter) -> list[int]:
-        return [self.layer(adapter.vision_feature_layer())]
+        return [self.layer(adapter.score_block(adapter.vision_feature_layer()))]
 
     def vision_hidden_layers(self, adapter) -> list[int]:
         # the projector's input (CLS and merges are formed there) is the feature layer's output,
@@ -154,7 +156,7 @@ class VisionZipStage(VisionStage):
 
     def pick(self, view: ImageView, budget: list[tuple[int, int]]) -> Pick:
         """Kept indices within the image's tokens, with the merged (and carried CLS) vectors."""
-        layer = self.layer(view.feature_layer)
+        layer = self.layer(view.score_layer)
         scores = view.cls_scores(layer)
         keys = view.keys(layer)
         tower = _TowerFeatures(view) if view.projector is not None else None

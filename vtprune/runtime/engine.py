@@ -197,6 +197,7 @@ class Runtime:
         state.prefilling = True
         state.overhead_s = 0.0 if self.timing else None
         if ids is not None:
+            self.adapter.check_call(call)
             state.input_ids = ids
             specs, vision = self.encoder.specs_for_call(call)
             state.layouts = self.adapter.layouts(ids, specs)
@@ -228,7 +229,9 @@ class Runtime:
         ACTIVE.set(state)
         if call.get("position_ids") is None:
             seen = state.orig_len + cache.get_seq_length() - state.sets[0].length
-            call["position_ids"] = self.adapter.decode_position_ids(seen, q_len, ref.shape[0], ref.device)
+            call["position_ids"] = self.adapter.decode_position_ids(
+                seen, q_len, ref.shape[0], ref.device, attention_mask=call.get("attention_mask")
+            )
             return (), call
         return None
 

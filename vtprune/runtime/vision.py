@@ -8,7 +8,9 @@ probabilities are O(heads * tokens * head_dim) extra work per crop.
 
 Qwen2-VL's tower has no CLS token. Its documented substitute is the mean attention each patch
 *receives* from all patches of its image in the chosen block (rotary applied as the tower
-does), averaged over the 2x2 patches merged into one language-model token.
+does), averaged over the 2x2 patches merged into one language-model token. Qwen2.5-VL's blocks
+run on a window-permuted patch order: the probe records the permutation when the tower starts
+and maps every capture (scores, keys, hidden states) back to the token order in ``finish``.
 
 Captures are detached: they feed selections (scores, similarities), which are not differentiated.
 """
@@ -96,10 +98,23 @@ class ReceivedProbe(_Probe):
 
     def install(self, handles: list) -> None:
         """Register the probe's hooks into ``handles`` (as they go: a failure leaves none behind)."""
+        tower = self.adapter.vision_tower
+        handles.append(tower.register_forward_pre_hook(self._keep_order, with_kwargs=True))
         self.install_hidden(handles)
         for layer in self.layers:
             attention = self.adapter.vision_attention(layer)
             handles.append(attention.register_forward_pre_hook(self._keep(layer), with_kwargs=True))
+
+    def _keep_order(self, module, args, kwargs):
+        """Record the patch order the tower's blocks will run on (Qwen2.5-VL: window order)."""
+        capture = CAPTURE.get()
+        if capture is None:
+            return
+        grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+        if grid is not None:
+            order = self.adapter.vision_patch_order(grid, kwargs)
+            if order is not None:
+                capture["order"] = order
 
     def _keep(self, layer: int):
         def hook(module, args, kwargs):
@@ -115,9 +130,18 @@ class ReceivedProbe(_Probe):
 
     @classmethod
     def finish(cls, raw: dict) -> dict:
+        """Per layer: ``received`` ``[patches]``, ``keys`` ``[patches, head_dim]`` and, for hidden
+        layers, ``hidden`` ``[patches, D]``, all in the token order of the tower's input."""
+        order = raw.pop("order", None)
         hidden = cls.split_hidden(raw)
         out = {layer: {"received": scores, "keys": keys} for layer, (scores, keys) in raw.items()}
-        return _merge_layers(out, hidden)
+        merged = _merge_layers(out, hidden)
+        if order is not None:
+            inverse = torch.argsort(order)  # blocks[i] = patches[order[i]], so patches = blocks[inverse]
+            for tensors in merged.values():
+                for name, t in tensors.items():
+                    tensors[name] = t[inverse.to(t.device)]
+        return merged
 
 
 def _received_attention(attn, hidden, cu_seqlens, rotary):
