@@ -12,82 +12,13 @@ logic. The runtime (``vtprune.runtime``) asks an adapter for:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
+# the image-structure types live in the core; re-exported here for code that imported them from here
+from vtprune.images import GridSegment, ImageLayout, ImageSpec, ImageView
 
-@dataclass(frozen=True)
-class GridSegment:
-    """A rectangular block of visual tokens inside one image's token run.
-
-    Token ``(r, c)`` of the block sits at ``offset + r * row_stride + c`` within the image's
-    tokens. ``row_stride > cols`` when each row is followed by a newline token (LLaVA-NeXT).
-
-    Example:
-        >>> GridSegment(offset=576, rows=2, cols=3, row_stride=4).token_index(1, 2)
-        582
-    """
-
-    offset: int
-    rows: int
-    cols: int
-    row_stride: int
-    name: str = "grid"
-
-    def token_index(self, r: int, c: int) -> int:
-        return self.offset + r * self.row_stride + c
-
-    def indices(self) -> torch.Tensor:
-        r = torch.arange(self.rows).unsqueeze(1) * self.row_stride
-        c = torch.arange(self.cols).unsqueeze(0)
-        return (self.offset + r + c).flatten()
-
-    @property
-    def size(self) -> int:
-        return self.rows * self.cols
-
-
-@dataclass
-class ImageLayout:
-    """The placeholder tokens of one image (or video) in one batch row.
-
-    ``positions`` are the sequence indices of the image's tokens in its row (at the language
-    model's input); ``segments`` tile the image's patch tokens; ``newline`` flags the
-    LLaVA-NeXT row-separator tokens (learned ``image_newline`` vectors, not patches).
-    """
-
-    row: int
-    positions: torch.Tensor
-    segments: list[GridSegment]
-    newline: torch.Tensor
-    extra: dict = field(default_factory=dict)
-    source: torch.Tensor | None = None
-    crops: int = 1
-    vision: dict = field(default_factory=dict)  # tower layer -> captured scores of this image
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.positions.numel())
-
-
-@dataclass(frozen=True)
-class ImageSpec:
-    """Token structure of one image, before it is placed in a row.
-
-    ``crops`` is how many vision-tower inputs the image used (LLaVA-NeXT: base + grid crops);
-    ``source[i]`` says where token ``i`` came from in the tower's output, flattened over
-    ``(crop, tower token)`` (CLS included at tower token 0), or -1 for tokens with no tower
-    origin (newlines). Vision-side scores (CLS attention) are read through it.
-    """
-
-    num_tokens: int
-    segments: tuple[GridSegment, ...]
-    newline_offsets: tuple[int, ...] = ()
-    extra: tuple = ()
-    crops: int = 1
-    source: torch.Tensor | None = field(default=None, compare=False, hash=False)
+__all__ = ["Adapter", "GridSegment", "ImageLayout", "ImageSpec", "ImageView"]
 
 
 class Adapter:
@@ -95,9 +26,9 @@ class Adapter:
 
     family: str = "base"
     supported_classes: tuple[str, ...] = ()
-    # towers without a CLS token score each patch by the attention it receives (Qwen-VL); the
-    # scores are per tower patch, ``patches_per_token`` of them merged into one LM token
-    received_scores: bool = False
+    #: the tower has a CLS token (else vision-stage scores use the received-attention substitute)
+    has_cls: bool = True
+    #: tower patches merged into one language-model token (Qwen2-VL: 2x2)
     patches_per_token: int = 1
 
     def __init__(self, model: nn.Module):
@@ -142,6 +73,25 @@ class Adapter:
         input (LLaVA's ``multi_modal_projector``), or ``None`` where the family has no such
         per-token map (Qwen2-VL's merger takes 2x2 patches)."""
         return None
+
+    @property
+    def tower_tokens_per_crop(self) -> int | None:
+        """Tower tokens per crop, CLS included (how captured tower rows split into crops)."""
+        return None
+
+    def image_view(self, layout: ImageLayout, **kw) -> ImageView:
+        """One image as a vision-stage method sees it, with this family's tower knowledge."""
+        return ImageView(
+            layout,
+            patches_per_token=self.patches_per_token,
+            has_cls=self.has_cls,
+            feature_layer=self.vision_feature_layer(),
+            tower_tokens_per_crop=self.tower_tokens_per_crop,
+            tower_layers=self.vision_layers_count,
+            projector=self.tower_projector(),
+            score_block=self.score_block,
+            **kw,
+        )
 
     def score_block(self, layer: int) -> int:
         """The tower layer whose scores a method reads when its default would be ``layer``

@@ -40,6 +40,11 @@ class LlavaAdapter(Adapter):
         k = k if isinstance(k, int) else k[-1]
         return (k % (self.vision_layers_count + 1)) - 1
 
+    @property
+    def tower_tokens_per_crop(self) -> int:
+        vc = self.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2 + 1
+
     def tower_projector(self):
         """The projector, when the features come from one tower layer (several are concatenated
         per token before it otherwise)."""

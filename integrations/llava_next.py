@@ -28,6 +28,7 @@ class LlavaNextAdapter(Adapter):
     vision_layers_count = LlavaAdapter.vision_layers_count
     vision_feature_layer = LlavaAdapter.vision_feature_layer
     tower_projector = LlavaAdapter.tower_projector
+    tower_tokens_per_crop = LlavaAdapter.tower_tokens_per_crop
 
     def required_call_params(self) -> tuple[str, ...]:
         return ("image_sizes",)

@@ -15,11 +15,11 @@ from .base import Adapter, GridSegment, ImageSpec
 class Qwen2VLAdapter(Adapter):
     family = "qwen2_vl"
     supported_classes = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
-    received_scores = True  # no CLS token: scores are the attention each patch receives
+    has_cls = False  # vision-stage scores: the received-attention substitute (vtprune.runtime.vision)
 
-    def __init__(self, model):
-        super().__init__(model)
-        self.patches_per_token = self.config.vision_config.spatial_merge_size**2
+    @property
+    def patches_per_token(self) -> int:
+        return self.config.vision_config.spatial_merge_size**2
 
     @property
     def vision_tower(self):

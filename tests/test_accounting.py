@@ -48,7 +48,9 @@ def test_pdrop_pyramid_tokens_per_layer(shaped):
     assert st.equivalent_tokens == 270
 
 
-@pytest.mark.parametrize("method", ["fastv", "pdrop", "random", "uniform", "hired", "visionzip", "mustdrop"])
+@pytest.mark.parametrize(
+    "method", ["fastv", "pdrop", "random", "uniform", "hired", "visionzip", "mustdrop", "divprune"]
+)
 @pytest.mark.parametrize("keep", [0.5, 0.25, 0.11])
 def test_keep_target_within_two_percent(shaped, method, keep):
     model, kw = shaped

@@ -9,6 +9,9 @@ import pytest
 
 MODULES = [
     "vtprune.selection",
+    "vtprune.images",
+    "vtprune.diversity",
+    "vtprune.methods.divprune",
     "vtprune.stages",
     "vtprune.flops",
     "vtprune.config",

@@ -17,6 +17,7 @@ PLANS = {
     "uniform": dict(keep=0.25),
     "hired": dict(keep=0.3),
     "visionzip": dict(keep=0.3),
+    "divprune": dict(keep=0.3),
     # the decode stage makes decoding differ from an uncached recomputation by design; it is
     # checked on its own in test_vision_methods.py
     "mustdrop": dict(keep=0.4, decode=False),
@@ -29,6 +30,7 @@ KEEP_ALL = {
     "uniform": dict(keep=1.0),
     "hired": dict(keep=1.0),
     "visionzip": dict(keep=1.0),
+    "divprune": dict(keep=1.0),
     "mustdrop": dict(keep=1.0),
     "layerskip": dict(keep=1.0, thin_ffn=True, ffn_ratio=1),
 }

@@ -24,7 +24,7 @@ def model():
         (
             "nope",
             {},
-            "unknown method 'nope'; available: fastv, hired, layerskip, mustdrop, pdrop, random, uniform, visionzip",
+            "unknown method 'nope'; available: divprune, fastv, hired, layerskip, mustdrop, pdrop, random, uniform, visionzip",
         ),
         ("fastv", {"kep": 0.5}, "unknown option"),
         ("fastv", {"keep": 0}, r"'keep'=0 is invalid; allowed: a number in \(0, 1\]"),
@@ -68,6 +68,7 @@ WRONG_TYPE = {
     "pdrop": {"keep": [0.5], "layers": "8,16", "ratio": True},
     "random": {"keep": "0.5", "seed": "a", "protect_newlines": 1},
     "uniform": {"keep": "0.5", "protect_newlines": "yes"},
+    "divprune": {"keep": "0.1", "per_crop": 1},
     "hired": {
         "keep": True,
         "budget": "0.2",

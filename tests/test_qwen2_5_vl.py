@@ -10,7 +10,6 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hf
 import vtprune
 from vtprune import compat
 from vtprune.integrations import adapter_for
-from vtprune.methods.hired import token_scores
 from vtprune.runtime.state import state_of_cache
 
 SIZES = [(16, 16), (8, 12)]  # patch grids: 8x8 and 4x6 merge units, windows of 2x2 units
@@ -44,14 +43,15 @@ def test_tower_scores_and_features_are_read_in_token_order(monkeypatch):
     ref = _images(model, kw, "mustdrop", keep=0.5)
     monkeypatch.undo()
     last = 2
+    adapter = adapter_for(model)
     for g, r, (h, w) in zip(got, ref, SIZES):
-        score, ref_score = token_scores(g, last), token_scores(r, last)
+        score, ref_score = adapter.image_view(g).cls_scores(last), adapter.image_view(r).cls_scores(last)
         torch.testing.assert_close(score, ref_score, rtol=1e-5, atol=1e-7)
         assert int(score.argmax()) == int(ref_score.argmax())
         for name, layer in (("keys", last), ("hidden", 0)):
             torch.testing.assert_close(g.vision[layer][name], r.vision[layer][name], rtol=1e-5, atol=1e-6)
         # the check has teeth: in the window order the same scores sit on other tokens
-        order = adapter_for(model).vision_patch_order(torch.tensor([[1, h, w]]), {})
+        order = adapter.vision_patch_order(torch.tensor([[1, h, w]]), {})
         assert not torch.equal(order, torch.arange(order.numel()))
         windowed = r.vision[last]["received"][order].view(g.num_tokens, -1).mean(1)
         assert not torch.allclose(windowed, ref_score)
@@ -60,10 +60,13 @@ def test_tower_scores_and_features_are_read_in_token_order(monkeypatch):
 def test_scores_come_from_a_full_attention_block_by_default():
     model = tiny.qwen2_5_vl()  # blocks 0 and 2 window attention, block 1 full
     kw = tiny.inputs("qwen2_5_vl", model, [1], seed=12)
-    for method, attr in (("hired", "select_layer"), ("visionzip", "layer"), ("mustdrop", "last")):
+    adapter = adapter_for(model)
+    for method, layers in (("hired", [0, 1]), ("visionzip", [1]), ("mustdrop", [1])):
         with vtprune.pruned(model, method, keep=0.5) as handle:
-            assert getattr(handle.stages[0], attr) == 1, method
+            assert handle.stages[0].vision_layers(adapter) == layers, method  # hired: split layer 0 too
     img = _images(model, kw, "hired", keep=0.5)[0]
+    view = adapter.image_view(img)
+    assert view.score_layer == 1 and view.default_block(view.tower_layers - 1) == 1
     # a full block's received attention is a distribution over the whole image
     assert float(img.vision[1]["received"].sum()) == pytest.approx(1.0, abs=1e-5)
 

@@ -8,7 +8,7 @@ import torch
 
 import vtprune
 from vtprune import compat
-from vtprune.integrations.base import GridSegment, ImageLayout
+from vtprune.images import GridSegment, ImageLayout, ImageView
 from vtprune.methods.hired import HiRED, HiREDStage, crop_shares
 from vtprune.methods.visionzip import VisionZip, zip_partition
 
@@ -46,8 +46,8 @@ def test_hired_budget_split_on_hand_built_2x2_attention_map():
     img.vision = {0: {"cls": split.view(5, per_crop)}, 1: {"cls": select.view(5, per_crop)}}
     assert crop_shares(split[1:17], 4, (2, 2), 8) == [4, 3, 0, 1]
     stage = HiREDStage(HiRED(budget=0.25, alpha=0.5, split_layer=0, select_layer=1), 0.25)
-    stage.select_layer = 1
-    kept = stage.pick(img)
+    view = ImageView(img, tower_tokens_per_crop=per_crop)
+    kept = stage.pick(view, stage.budget(view))
     # total = int(5 partitions * 16 * 0.25) = 20; the base gets int(20 * 0.5) = 10; the other 10
     # go 4:3:0:1 -> 5, 3.75, 0, 1.25 -> largest remainders -> 5, 4, 0, 1
     crop_of = torch.where(img.source >= 0, img.source // per_crop, -1)[kept]
@@ -148,8 +148,8 @@ def test_mustdrop_window_merge_on_hand_built_grid():
     cls[1 + 5 * side + 5] = 1.0  # key token in the bottom-right window: that window never merges
     img.vision = {0: {"hidden": feats.unsqueeze(0)}, 3: {"cls": cls.unsqueeze(0)}}
     stage = MustDropVisionStage(MustDrop(key_ratio=0.02))  # ceil(0.02 * 35) = 1 key token
-    stage.last = 3
-    kept, key_set, merges = stage.pick(img)
+    view = ImageView(img, tower_tokens_per_crop=37, tower_layers=4)  # the key set reads layer 3
+    kept, key_set, merges = stage.plan(view)
     assert key_set.tolist() == [35]
     assert len(merges) == 1 and merges[0][0] == 1 * side + 1  # the tile centre represents it
     assert sorted(merges[0][1].tolist()) == [r * side + c for r in range(3) for c in range(3)]

@@ -4,7 +4,8 @@ A method is a small list of stages. The runtime calls each stage with a context 
 expects a boolean mask over the current visual tokens saying which survive; it then removes
 the others physically (hidden states, positions, masks, KV cache).
 
-* :class:`VisionStage` acts once, before the language model, on the projected image tokens.
+* :class:`VisionStage` acts once, before the language model, on the projected image tokens; its
+  default ``select`` hands each image to a pure ``pick(view, budget)``.
 * :class:`PrefillStage` acts before decoder layer ``layer`` during prefill.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vtprune.integrations.base import ImageLayout
+from vtprune.images import ImageLayout, ImageView, instruction_mask
 
 
 @dataclass
@@ -26,7 +27,9 @@ class VisionContext:
     ``visual`` marks the image tokens among the language model's input slots;
     ``layouts[b]`` describes the images of row ``b`` (positions, grids, newline flags);
     ``project`` maps feature-layer tower hidden states ``[k, D]`` to language-model inputs (the
-    model's own projector), or is ``None`` where the family has no per-token one.
+    model's own projector), or is ``None`` where the family has no per-token one;
+    ``adapter`` builds the per-image views (:meth:`views`), ``input_ids`` / ``valid`` locate the
+    prompt's instruction tokens.
     """
 
     embeds: torch.Tensor
@@ -37,6 +40,29 @@ class VisionContext:
     extras: dict = field(default_factory=dict)
     replacements: list = field(default_factory=list)
     protected: list = field(default_factory=list)
+    adapter: object = None
+    input_ids: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    _views: list | None = field(default=None, repr=False)
+
+    def views(self) -> list[ImageView]:
+        """One view per image of the batch, row by row (built once, shared by the stages)."""
+        if self._views is None:
+            valid = self.valid if self.valid is not None else torch.ones_like(self.visual)
+            instruction = instruction_mask(self.visual, valid.bool())
+            make = self.adapter.image_view if self.adapter is not None else ImageView
+            self._views = [
+                make(
+                    img,
+                    index=j,
+                    embeds=self.embeds[img.row],
+                    instruction=instruction[img.row],
+                    input_ids=None if self.input_ids is None else self.input_ids[img.row],
+                )
+                for row in self.layouts
+                for j, img in enumerate(row)
+            ]
+        return self._views
 
     def replace(self, row: int, position, vector: torch.Tensor) -> None:
         """Give a kept visual token a new input embedding (a merge result)."""
@@ -83,22 +109,63 @@ class Stage:
         return self.key
 
 
+@dataclass
+class Pick:
+    """What a vision stage keeps of one image (indices local to the image's tokens).
+
+    ``replace`` gives kept tokens new input embeddings (merges): ``(indices [m], vectors [m, D])``
+    pairs, applied in order; ``protect`` marks kept tokens no later stage may drop.
+    """
+
+    kept: torch.Tensor
+    replace: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    protect: torch.Tensor | None = None
+
+
 class VisionStage(Stage):
+    """Acts once before the language model.
+
+    Subclasses implement :meth:`pick` (one image: its view and its budget in, the kept tokens
+    out) and, where their budget is not ``round(keep * tokens)``, :meth:`budget`; the default
+    :meth:`select` loops over the images. A stage that needs the whole batch at once may
+    override :meth:`select` instead.
+    """
+
     point = "vision"
     #: the stage reads vision-tower keys (VisionZip's similarity), not only attention scores
     needs_keys: bool = False
+    #: the kept fraction per image the default :meth:`budget` spends (``None``: the stage's own rule)
+    keep: float | None = None
 
     def vision_layers(self, adapter) -> list[int]:
-        """Vision-tower layers whose CLS attention (or substitute) this stage reads."""
+        """Vision-tower layers whose CLS attention (or substitute) this stage reads (no side effects)."""
         return []
 
     def vision_hidden_layers(self, adapter) -> list[int]:
         """Vision-tower layers whose output features this stage reads."""
         return []
 
-    def select(self, ctx: VisionContext) -> torch.Tensor:
-        """Boolean ``[B, L]`` mask: which visual slots to keep."""
+    def budget(self, view: ImageView) -> int | None:
+        """Tokens this image may keep: ``round(keep * tokens)`` by default."""
+        return None if self.keep is None else int(self.keep * view.num_tokens + 0.5)
+
+    def pick(self, view: ImageView, budget: int | None) -> torch.Tensor | Pick:
+        """Kept local indices of one image (or a :class:`Pick` with merges / protected tokens)."""
         raise NotImplementedError
+
+    def select(self, ctx: VisionContext) -> torch.Tensor:
+        """Boolean ``[B, L]`` mask: which visual slots to keep (the images' picks, merges applied)."""
+        keep = torch.zeros_like(ctx.visual)
+        for view in ctx.views():
+            out = self.pick(view, self.budget(view))
+            out = out if isinstance(out, Pick) else Pick(out)
+            pos = view.positions
+            keep[view.row, pos[out.kept.to(pos.device)].to(keep.device)] = True
+            for local, vectors in out.replace:
+                ctx.replace(view.row, pos[local.to(pos.device)], vectors)
+            if out.protect is not None:
+                ctx.protect(view.row, pos[out.protect.to(pos.device)])
+        return keep
 
     def expected_count(self, n_image: int) -> int:
         """Tokens an image of ``n_image`` tokens keeps (for FLOPs without running the model)."""

@@ -1,6 +1,7 @@
 """Built-in methods; importing this package registers them by name."""
 
 from .baselines import RandomPrune, UniformPrune
+from .divprune import DivPrune
 from .fastv import FastV
 from .hired import HiRED
 from .layerskip import LayerSkip
@@ -9,6 +10,7 @@ from .pdrop import PyramidDrop
 from .visionzip import VisionZip
 
 __all__ = [
+    "DivPrune",
     "FastV",
     "HiRED",
     "LayerSkip",

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.config import MethodConfig, ModelInfo, check_bool, check_int, register_method
-from vtprune.integrations.base import ImageLayout
+from vtprune.images import ImageView
 from vtprune.selection import split_budget, strided_grid
-from vtprune.stages import VisionContext, VisionStage
+from vtprune.stages import VisionStage
 
 
 @register_method("random")
@@ -73,34 +73,25 @@ class ImageBudgetStage(VisionStage):
     def expected_count(self, n_image: int) -> int:
         return int(n_image * self.keep + 0.5)
 
-    def select(self, ctx: VisionContext) -> torch.Tensor:
-        keep = torch.zeros_like(ctx.visual)
-        for row in ctx.layouts:
-            for j, img in enumerate(row):
-                # seeded per image by its place in its own row: a prompt draws the same tokens
-                # alone or inside any batch
-                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + j)
-                local = self.pick(img, gen)
-                keep[img.row, img.positions[local].to(keep.device)] = True
-        return keep
-
-    def pick(self, img: ImageLayout, gen: torch.Generator) -> torch.Tensor:
-        """Indices (within the image's tokens) to keep."""
-        n = img.num_tokens
-        budget = int(n * self.keep + 0.5)
+    def pick(self, view: ImageView, budget: int) -> torch.Tensor:
+        """Indices (within the image's tokens) to keep: ``budget`` of them, newlines first."""
+        lay = view.layout  # structure only: everything here is host-side index arithmetic
         fixed = (
-            torch.nonzero(img.newline).flatten()
+            torch.nonzero(lay.newline).flatten()
             if self.protect_newlines
             else torch.zeros(0, dtype=torch.long)
         )
         budget = max(0, budget - fixed.numel())
         if self.kind == "random":
-            candidates = torch.nonzero(~img.newline).flatten()
+            # seeded per image by its place in its own row: a prompt draws the same tokens alone
+            # or inside any batch
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + view.index)
+            candidates = torch.nonzero(~lay.newline).flatten()
             chosen = candidates[torch.randperm(candidates.numel(), generator=gen)[:budget]]
         else:
-            parts = split_budget(budget, [s.size for s in img.segments])
+            parts = split_budget(budget, [s.size for s in view.segments])
             chosen = torch.cat(
-                [s.indices()[strided_grid(s.rows, s.cols, k)] for s, k in zip(img.segments, parts)]
+                [s.indices()[strided_grid(s.rows, s.cols, k)] for s, k in zip(view.segments, parts)]
                 or [torch.zeros(0, dtype=torch.long)]
             )
         return torch.cat([fixed, chosen]).sort().values

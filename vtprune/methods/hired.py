@@ -22,7 +22,7 @@ Decisions:
   padding, so padded images keep fewer tokens than budgeted; here the budget goes to tokens
   the language model sees.
 * Qwen2-VL has no CLS token: its score is the attention a token receives from all patches of
-  its image in the chosen tower block (``vtprune.runtime.vision``).
+  its image in the chosen tower block (``ImageView.cls_scores``, ``vtprune.runtime.vision``).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from vtprune.config import (
     check_vision_layer,
     register_method,
 )
-from vtprune.integrations.base import ImageLayout
+from vtprune.images import ImageView
 from vtprune.selection import allocate
-from vtprune.stages import VisionContext, VisionStage
+from vtprune.stages import VisionStage
 
 
 @register_method("hired")
@@ -87,22 +87,6 @@ class HiRED(MethodConfig):
         return [HiREDStage(self, budget)]
 
 
-def token_scores(img: ImageLayout, layer: int, name: str = "cls") -> torch.Tensor:
-    """Per image token, a vision-side score at tower ``layer`` (``-inf`` for newline tokens).
-
-    CLS towers: the CLS attention of the tower token each image token came from. Qwen2-VL: the
-    mean attention received by the 2x2 patches merged into the token.
-    """
-    captured = img.vision.get(layer)
-    if captured is None:
-        raise RuntimeError(f"vtprune: no vision-tower scores captured at layer {layer} for this image")
-    if "received" in captured:
-        return captured["received"].view(img.num_tokens, -1).mean(1)
-    flat = captured[name].flatten()
-    src = img.source.to(flat.device)
-    return torch.where(src >= 0, flat[src.clamp(min=0)], torch.tensor(float("-inf"), device=flat.device))
-
-
 def crop_shares(base_scores: torch.Tensor, side: int, grid: tuple[int, int], top_n: int) -> list[int]:
     """How many of the base image's ``top_n`` tokens fall in each crop's region (row-major crops).
 
@@ -125,51 +109,50 @@ class HiREDStage(VisionStage):
     key = "hired"
 
     def __init__(self, cfg: HiRED, budget: float | None):
-        self.cfg, self.budget = cfg, budget
+        self.cfg, self.fraction = cfg, budget
+        self.keep = cfg.keep
+
+    def select_layer(self, default: int) -> int:
+        """The scoring layer: ``select_layer`` if set, else ``default`` (the feature layer's score
+        block: on Qwen2.5-VL the last full-attention block at or before it)."""
+        return default if self.cfg.select_layer is None else self.cfg.select_layer
 
     def vision_layers(self, adapter) -> list[int]:
-        self.select_layer = (
-            adapter.score_block(adapter.vision_feature_layer())
-            if self.cfg.select_layer is None
-            else self.cfg.select_layer
-        )
-        return sorted({self.cfg.split_layer, self.select_layer})
+        default = adapter.score_block(adapter.vision_feature_layer())
+        return sorted({self.cfg.split_layer, self.select_layer(default)})
 
     def expected_count(self, n_image: int) -> int:
-        return int(n_image * (self.cfg.keep if self.cfg.keep is not None else self.budget) + 0.5)
+        return int(n_image * (self.cfg.keep if self.cfg.keep is not None else self.fraction) + 0.5)
 
-    def select(self, ctx: VisionContext) -> torch.Tensor:
-        keep = torch.zeros_like(ctx.visual)
-        for row in ctx.layouts:
-            for img in row:
-                local = self.pick(img)
-                keep[img.row, img.positions[local].to(keep.device)] = True
-        return keep
-
-    def pick(self, img: ImageLayout) -> torch.Tensor:
-        sel = token_scores(img, self.select_layer).cpu()
-        newlines = torch.nonzero(img.newline).flatten()
-        fixed = newlines if not self.cfg.drop_newlines else newlines[:0]
-        n_part = img.segments[0].size  # N: patch tokens of one partition
+    def budget(self, view: ImageView) -> int:
+        """Patch tokens to choose: ``round(keep * tokens)`` less the kept newlines, or
+        ``int(partitions * N * budget)`` (the official rule, newlines on top)."""
         if self.cfg.keep is not None:
-            total = max(0, int(self.cfg.keep * img.num_tokens + 0.5) - fixed.numel())
-        else:
-            total = int(img.crops * n_part * self.budget)
-        if img.crops == 1 or len(img.segments) == 1:
-            chosen = _top(sel, torch.nonzero(~img.newline).flatten(), total)
+            fixed = 0 if self.cfg.drop_newlines else view.num_newlines
+            return max(0, int(self.cfg.keep * view.num_tokens + 0.5) - fixed)
+        return int(view.crops * view.segments[0].size * self.fraction)
+
+    def pick(self, view: ImageView, budget: int) -> torch.Tensor:
+        sel = view.cls_scores(self.select_layer(view.score_layer))
+        newlines = view.newline_indices
+        fixed = newlines if not self.cfg.drop_newlines else newlines[:0]
+        n_part = view.segments[0].size  # N: patch tokens of one partition
+        if view.crops == 1 or len(view.segments) == 1:
+            chosen = _top(sel, view.patch_indices, budget)
             return torch.cat([fixed, chosen]).sort().values
-        base_idx = img.segments[0].indices()
-        base_k = min(int(total * self.cfg.alpha), n_part)
+        base_idx = view.segments[0].indices().to(sel.device)
+        base_k = min(int(budget * self.cfg.alpha), n_part)
         chosen = [_top(sel, base_idx, base_k)]
-        split = token_scores(img, self.cfg.split_layer).cpu()
-        side = img.extra["crop_side"]
-        grid = img.extra["crop_grid"]
+        split = view.cls_scores(self.cfg.split_layer)
+        side = view.extra["crop_side"]
+        grid = view.extra["crop_grid"]
+        # one host read per multi-crop image: the crops' shares feed a largest-remainder split
         shares = crop_shares(split[base_idx], side, grid, int(n_part * (1 - self.cfg.alpha)))
-        per_crop = 1 + side * side
-        crop_of = torch.where(img.source >= 0, img.source // per_crop, -1)
+        crop_of = view.layout.source // view.tower_tokens_per_crop  # host tensors: no device sync
+        crop_of = crop_of.masked_fill(view.layout.source < 0, -1)
         members = [torch.nonzero(crop_of == j + 1).flatten() for j in range(len(shares))]
-        budgets = allocate(total - base_k, shares, [m.numel() for m in members])
-        chosen += [_top(sel, m, k) for m, k in zip(members, budgets)]
+        budgets = allocate(budget - base_k, shares, [m.numel() for m in members])
+        chosen += [_top(sel, m.to(sel.device), k) for m, k in zip(members, budgets)]
         return torch.cat([fixed, *chosen]).sort().values
 
 

@@ -37,12 +37,11 @@ from vtprune.config import (
     check_layer_list,
     register_method,
 )
-from vtprune.integrations.base import ImageLayout
+from vtprune.images import ImageView
 from vtprune.methods.fastv import text_query_slots
-from vtprune.methods.hired import token_scores
 from vtprune.scoring import projected_query_probs
 from vtprune.selection import pyramid_average, pyramid_ratio, scale_layers
-from vtprune.stages import DecodeStage, PrefillContext, PrefillStage, VisionContext, VisionStage
+from vtprune.stages import DecodeStage, Pick, PrefillContext, PrefillStage, VisionStage
 
 PRESETS = {"192": (0.001, 0.001), "128": (0.0012, 0.001), "64": (0.011, 0.01)}
 DEFAULT_LAYERS = [2, 6, 10, 14]
@@ -145,8 +144,8 @@ class MustDropVisionStage(VisionStage):
         self.cfg, self.key_cap = cfg, key_cap
 
     def vision_layers(self, adapter) -> list[int]:
-        self.last = adapter.score_block(adapter.vision_layers_count - 1)
-        return [self.last]
+        # the key set reads the last tower layer (or the full-attention block standing for it)
+        return [adapter.score_block(adapter.vision_layers_count - 1)]
 
     def vision_hidden_layers(self, adapter) -> list[int]:
         return [0]
@@ -154,32 +153,31 @@ class MustDropVisionStage(VisionStage):
     def expected_count(self, n_image: int) -> int:
         return n_image  # data-dependent: merging never adds tokens
 
-    def select(self, ctx: VisionContext) -> torch.Tensor:
-        keep = torch.zeros_like(ctx.visual)
-        for row in ctx.layouts:
-            for img in row:
-                kept, key_set, merges = self.pick(img)
-                pos = img.positions.to(ctx.embeds.device)
-                for target, members in merges:
-                    ctx.replace(img.row, pos[target], ctx.embeds[img.row, pos[members]].mean(0))
-                keep[img.row, img.positions[kept].to(keep.device)] = True
-                ctx.protect(img.row, img.positions[key_set])
-        return keep
+    def budget(self, view: ImageView) -> None:
+        return None  # data-dependent (similarity threshold; with keep, capped inside pick)
 
-    def pick(self, img: ImageLayout):
+    def pick(self, view: ImageView, budget: None = None) -> Pick:
+        """Kept local indices, the key set (protected), and the window merges of one image."""
+        kept, key_set, merges = self.plan(view)
+        feats = view.features
+        replace = [(target.view(1), feats[members].mean(0, keepdim=True)) for target, members in merges]
+        return Pick(kept, replace, protect=key_set)
+
+    def plan(self, view: ImageView):
         """Kept local indices, the key set, and (target, members) merges of one image."""
-        score = token_scores(img, self.last, name="cls").cpu()
-        n_patch = int((~img.newline).sum())
+        last = view.default_block(view.tower_layers - 1)  # as in vision_layers
+        score = view.cls_scores(last)
+        n_patch = view.num_tokens - view.num_newlines
         n_key = min(n_patch, math.ceil(self.cfg.key_ratio * max(n_patch - 1, 0)))
         if self.key_cap is not None:
-            n_key = min(n_key, int(img.num_tokens * self.key_cap))
+            n_key = min(n_key, int(view.num_tokens * self.key_cap))
         key_set = score.topk(n_key).indices
-        feats = _token_features(img).float()
-        dropped = torch.zeros(img.num_tokens, dtype=torch.bool)
+        feats = view.tower_features(0).float()
+        dropped = torch.zeros(view.num_tokens, dtype=torch.bool, device=feats.device)
         w = self.cfg.window
         sims, tiles = [], []
-        for seg in img.segments:
-            seg_tiles = _tiles(seg, w)  # [T, w*w] token indices, row-major tiles of whole windows
+        for seg in view.segments:
+            seg_tiles = _tiles(seg, w).to(feats.device)  # [T, w*w] token indices, row-major whole windows
             if seg_tiles.numel() == 0:
                 continue
             seg_sims = window_similarity(feats[seg_tiles])
@@ -187,18 +185,18 @@ class MustDropVisionStage(VisionStage):
             sims.append(seg_sims[ok])
             tiles.append(seg_tiles[ok])
         if not tiles:
-            return torch.arange(img.num_tokens), key_set, []
+            return torch.arange(view.num_tokens, device=feats.device), key_set, []
         sims, tiles = torch.cat(sims), torch.cat(tiles)
         if self.cfg.keep is not None:
             # with keep, the merge may not remove more than the budget: the most similar windows go
             # first, and keep=1 merges none (keep-everything equals the unpruned model)
-            room = img.num_tokens - math.ceil(self.cfg.keep * img.num_tokens)
+            room = view.num_tokens - math.ceil(self.cfg.keep * view.num_tokens)
             chosen = sims.argsort(descending=True, stable=True)[: room // (w * w - 1)]
             tiles = tiles[chosen.sort().values]
         centres = tiles[:, (w * w) // 2]
         dropped[tiles.flatten()] = True
         dropped[centres] = False
-        merges = list(zip(centres.tolist(), tiles))
+        merges = list(zip(centres, tiles))
         return torch.nonzero(~dropped).flatten(), key_set, merges
 
 
@@ -221,14 +219,6 @@ def _tiles(seg, w: int) -> torch.Tensor:
         return torch.zeros(0, w * w, dtype=torch.long)
     grid = seg.indices().view(seg.rows, seg.cols)[: rows * w, : cols * w]
     return grid.reshape(rows, w, cols, w).permute(0, 2, 1, 3).reshape(rows * cols, w * w)
-
-
-def _token_features(img: ImageLayout) -> torch.Tensor:
-    hidden = img.vision[0]["hidden"]
-    if img.source is None or hidden.dim() == 2:  # Qwen2-VL: per patch, 4 patches per token
-        return hidden.reshape(img.num_tokens, -1, hidden.shape[-1]).mean(1).cpu()
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    return flat[img.source.clamp(min=0).to(flat.device)].cpu()
 
 
 class MustDropPrefillStage(PrefillStage):

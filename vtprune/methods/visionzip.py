@@ -48,10 +48,9 @@ from vtprune.config import (
     check_vision_layer,
     register_method,
 )
-from vtprune.integrations.base import ImageLayout
-from vtprune.methods.hired import token_scores
+from vtprune.images import ImageView
 from vtprune.selection import split_budget
-from vtprune.stages import VisionContext, VisionStage
+from vtprune.stages import Pick, VisionStage
 
 DOMINANT_SHARE = 54 / 64
 MERGES = ("official", "mean")
@@ -124,87 +123,78 @@ class VisionZipStage(VisionStage):
     def __init__(self, cfg: VisionZip):
         self.cfg = cfg
 
+    def layer(self, default: int) -> int:
+        """The scoring layer: ``layer`` if set, else ``default`` (the feature layer's score block:
+        on Qwen2.5-VL the last full-attention block at or before it)."""
+        return default if self.cfg.layer is None else self.cfg.layer
+
     def vision_layers(self, adapter) -> list[int]:
-        default = adapter.score_block(adapter.vision_feature_layer())
-        self.layer = default if self.cfg.layer is None else self.cfg.layer
-        return [self.layer]
+        return [self.layer(adapter.score_block(adapter.vision_feature_layer()))]
 
     def vision_hidden_layers(self, adapter) -> list[int]:
         # the projector's input (CLS and merges are formed there) is the feature layer's output,
         # whichever layer the scores come from
-        self.feature_layer = adapter.vision_feature_layer()
-        return [self.feature_layer] if adapter.tower_projector() is not None else []
+        return [adapter.vision_feature_layer()] if adapter.tower_projector() is not None else []
 
     def expected_count(self, n_image: int) -> int:
         d, c = self.cfg.per_partition(n_image)
         return d + c
 
-    def select(self, ctx: VisionContext) -> torch.Tensor:
-        keep = torch.zeros_like(ctx.visual)
-        for row in ctx.layouts:
-            for img in row:
-                local = self.zip_image(ctx, img)
-                keep[img.row, img.positions[local].to(keep.device)] = True
-        return keep
-
-    def zip_image(self, ctx: VisionContext, img: ImageLayout) -> torch.Tensor:
-        """Kept indices within the image's tokens; merged and CLS vectors go to ``ctx.replace``."""
-        scores = token_scores(img, self.layer).cpu()
-        keys = _token_keys(img, self.layer)
-        tower = _TowerFeatures(img, self.feature_layer, ctx.project) if ctx.project is not None else None
-        fixed = torch.nonzero(img.newline).flatten()
-        if self.cfg.drop_newlines:
-            fixed = fixed[:0]
-        parts = _partitions(img, self.layer)
-        kept, merges = [fixed], []
-        for part, (d, c) in zip(parts, self.budgets(img, [p.size for p in parts], fixed.numel())):
-            if d + c >= part.size:  # nothing to prune here: no merge, no CLS feature added
-                kept += [part.patches, part.cls]
-                continue
-            # the CLS token is one of the dominant ones where it reaches the language model: in its
-            # own placeholder ("full" feature strategy) or projected from the tower into a free slot
-            with_cls = d > 0 and (part.cls.numel() > 0 or tower is not None)
-            plan = zip_partition(scores[part.patches], keys[part.patches], d - with_cls, c)
-            kept.append(part.patches[plan.kept])
-            merges += [
-                (part.patches[t], part.patches[m])
-                for t, m in zip(plan.targets.tolist(), plan.members)
-                if m.numel()
-            ]
-            if with_cls and part.cls.numel():
-                kept.append(part.cls)
-            elif with_cls:
-                slot = part.patches[first_free(part.patches.numel(), plan.kept)]
-                kept.append(slot.view(1))
-                tower.add_cls(slot, part.patches)
-        self._write_merges(ctx, img, merges, tower)
-        return torch.cat(kept).sort().values
-
-    def budgets(self, img: ImageLayout, sizes: list[int], n_fixed: int) -> list[tuple[int, int]]:
+    def budget(self, view: ImageView) -> list[tuple[int, int]]:
         """(dominant, contextual) per partition.
 
         With ``keep`` the image's budget is ``round(keep * tokens)``: the protected newline tokens
         come out of it, and the rest is split over the partitions in proportion to their size
         (largest remainders), so small LLaVA-NeXT crops do not each round up on top of it.
         """
+        sizes = [p.numel() + c.numel() for p, c in view.partitions()]
         if self.cfg.keep is None:
             return [self.cfg.per_partition(n) for n in sizes]
-        total = max(0, int(self.cfg.keep * img.num_tokens + 0.5) - n_fixed)
+        n_fixed = 0 if self.cfg.drop_newlines else view.num_newlines
+        total = max(0, int(self.cfg.keep * view.num_tokens + 0.5) - n_fixed)
         return [self.cfg.split(k) for k in split_budget(total, sizes)]
 
-    def _write_merges(self, ctx: VisionContext, img: ImageLayout, merges: list, tower) -> None:
-        """Hand each merged target's (and carried CLS's) new input embedding to the context."""
-        pos = img.positions.to(ctx.embeds.device)
+    def pick(self, view: ImageView, budget: list[tuple[int, int]]) -> Pick:
+        """Kept indices within the image's tokens, with the merged (and carried CLS) vectors."""
+        layer = self.layer(view.score_layer)
+        scores = view.cls_scores(layer)
+        keys = view.keys(layer)
+        tower = _TowerFeatures(view) if view.projector is not None else None
+        fixed = view.newline_indices
+        if self.cfg.drop_newlines:
+            fixed = fixed[:0]
+        kept, merges = [fixed], []
+        for (patches, cls), (d, c) in zip(view.partitions(), budget):
+            if d + c >= patches.numel() + cls.numel():  # nothing to prune: no merge, no CLS feature
+                kept += [patches, cls]
+                continue
+            # the CLS token is one of the dominant ones where it reaches the language model: in its
+            # own placeholder ("full" feature strategy) or projected from the tower into a free slot
+            with_cls = d > 0 and (cls.numel() > 0 or tower is not None)
+            plan = zip_partition(scores[patches], keys[patches], d - with_cls, c)
+            kept.append(patches[plan.kept])
+            merges += [(patches[t], patches[m]) for t, m in zip(plan.targets, plan.members) if m.numel()]
+            if with_cls and cls.numel():
+                kept.append(cls)
+            elif with_cls:
+                slot = patches[first_free(patches.numel(), plan.kept)]
+                kept.append(slot.view(1))
+                tower.add_cls(slot, patches)
+        return Pick(torch.cat(kept).sort().values, self._merged(view, merges, tower))
+
+    def _merged(self, view: ImageView, merges: list, tower) -> list:
+        """Each merged target's (and carried CLS's) new input embedding."""
+        out = []
         if tower is not None and self.cfg.merge == "official":
             for target, members in merges:
                 tower.add_merge(target, members)
         else:  # on the language model's inputs: "mean", or a tower without per-token features
-            lm = ctx.embeds[img.row]
+            lm = view.features
             for target, members in merges:
-                ctx.replace(img.row, pos[target], self._lm_merge(lm[pos[target]], lm[pos[members]]))
+                out.append((target.view(1), self._lm_merge(lm[target], lm[members]).unsqueeze(0)))
         if tower is not None:
-            for slot, vec in tower.project():
-                ctx.replace(img.row, pos[slot], vec.to(ctx.embeds.device))
+            out += tower.project()
+        return out
 
     def _lm_merge(self, target: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
         if self.cfg.merge == "official":
@@ -219,20 +209,20 @@ class _TowerFeatures:
     :meth:`project` runs the model's projector once over everything added.
     """
 
-    def __init__(self, img: ImageLayout, layer: int, projector):
-        hidden = img.vision[layer]["hidden"]  # [crops, 1 + patches, D]
+    def __init__(self, view: ImageView):
+        hidden = view.tower_hidden(view.feature_layer)  # [crops, 1 + patches, D]
         self.per_crop = hidden.shape[1]
         self.flat = hidden.reshape(-1, hidden.shape[-1])
-        self.source = img.source
-        self.projector = projector
+        self.source = view.source.to(self.flat.device)
+        self.projector = view.projector
         self.slots: list[torch.Tensor] = []
         self.rows: list[torch.Tensor] = []
 
     def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.flat[self.source[tokens].to(self.flat.device)]
+        return self.flat[self.source[tokens.to(self.source.device)]]
 
     def add_cls(self, slot: torch.Tensor, part: torch.Tensor) -> None:
-        crop = int(self.source[part[0]]) // self.per_crop
+        crop = self.source[part[0]] // self.per_crop  # stays a tensor: no host read
         self.slots.append(slot.view(1))
         self.rows.append(self.flat[crop * self.per_crop].unsqueeze(0))
 
@@ -242,48 +232,10 @@ class _TowerFeatures:
         self.slots.append(target.view(1))
         self.rows.append(h)
 
-    def project(self) -> list[tuple[int, torch.Tensor]]:
+    def project(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not self.rows:
             return []
-        out = self.projector(torch.cat(self.rows))
-        return list(zip(torch.cat(self.slots).tolist(), out))
-
-
-@dataclass
-class _Partition:
-    """The image tokens of one tower crop: its patches and, with LLaVA's "full" feature strategy,
-    the placeholder holding the crop's CLS token (empty otherwise)."""
-
-    patches: torch.Tensor
-    cls: torch.Tensor
-
-    @property
-    def size(self) -> int:
-        return self.patches.numel() + self.cls.numel()
-
-
-def _partitions(img: ImageLayout, layer: int) -> list[_Partition]:
-    """One partition per tower crop (newlines belong to none)."""
-    tokens = torch.nonzero(~img.newline).flatten()
-    captured = img.vision[layer]
-    if img.source is None or "received" in captured:  # Qwen2-VL: one image, no CLS
-        return [_Partition(tokens, tokens[:0])]
-    per_crop = captured["keys"].shape[1]  # tower tokens per crop, CLS first
-    src = img.source[tokens]
-    crop, is_cls = src // per_crop, src % per_crop == 0
-    return [
-        _Partition(tokens[(crop == j) & ~is_cls], tokens[(crop == j) & is_cls])
-        for j in range(img.crops)
-        if bool((crop == j).any())
-    ]
-
-
-def _token_keys(img: ImageLayout, layer: int) -> torch.Tensor:
-    keys = img.vision[layer]["keys"]
-    if img.source is None or "received" in img.vision[layer]:
-        return keys.reshape(img.num_tokens, -1, keys.shape[-1]).mean(1).cpu()  # 2x2 merged patches
-    flat = keys.reshape(-1, keys.shape[-1])
-    return flat[img.source.clamp(min=0).to(flat.device)].cpu()
+        return [(torch.cat(self.slots), self.projector(torch.cat(self.rows)))]
 
 
 @dataclass
@@ -332,23 +284,24 @@ def zip_partition(scores: torch.Tensor, keys: torch.Tensor, dominant: int, conte
     order = torch.sort(scores, descending=True, stable=True).indices
     dom = order[:dominant].sort().values
     rest = order[dominant:].sort().values
-    pick = contextual_targets(rest.numel(), contextual)
+    pick = contextual_targets(rest.numel(), contextual).to(rest.device)
     targets = rest[pick]
-    others = rest[~torch.isin(torch.arange(rest.numel()), pick)]
+    others = rest[~torch.isin(torch.arange(rest.numel(), device=rest.device), pick)]
     if not others.numel() or not targets.numel():
-        return ZipPlan(dom, targets, [others[:0] for _ in targets.tolist()])
+        return ZipPlan(dom, targets, [others[:0] for _ in range(targets.numel())])
     kn = torch.nn.functional.normalize(keys.float(), dim=-1)
     nearest = (kn[others] @ kn[targets].T).argmax(1)
     return ZipPlan(dom, targets, [others[nearest == j] for j in range(targets.numel())])
 
 
-def first_free(n: int, taken: torch.Tensor) -> int:
-    """The lowest index in ``range(n)`` not in ``taken`` (where a partition's CLS goes).
+def first_free(n: int, taken: torch.Tensor) -> torch.Tensor:
+    """The lowest index in ``range(n)`` not in ``taken`` (where a partition's CLS goes), as a
+    0-d tensor on ``taken``'s device (no host read).
 
     Example:
-        >>> first_free(5, torch.tensor([0, 1, 3]))
+        >>> int(first_free(5, torch.tensor([0, 1, 3])))
         2
     """
-    free = torch.ones(n, dtype=torch.bool)
-    free[taken] = False
-    return int(torch.nonzero(free)[0])
+    free = torch.ones(n, dtype=torch.int8, device=taken.device)
+    free[taken] = 0
+    return torch.argmax(free)

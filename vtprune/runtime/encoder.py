@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 
-from vtprune.integrations.base import GridSegment, ImageSpec
+from vtprune.images import GridSegment, ImageSpec
 
 from .plumbing import bind_call
 from .state import ACTIVE

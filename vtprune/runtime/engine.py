@@ -198,6 +198,7 @@ class Runtime:
         state.overhead_s = 0.0 if self.timing else None
         if ids is not None:
             self.adapter.check_call(call)
+            state.input_ids = ids
             specs, vision = self.encoder.specs_for_call(call)
             state.layouts = self.adapter.layouts(ids, specs)
             images = [img for row in state.layouts for img in row]

@@ -39,7 +39,13 @@ def select(state: RequestState, stage, token_set: TokenSet, compute) -> torch.Te
 def run_vision_stages(state: RequestState, stages, adapter, base: TokenSet, embeds, kwargs) -> None:
     """Keep the visual tokens every vision stage keeps; compact the LM input once."""
     ctx = VisionContext(
-        embeds=embeds, visual=base.visual, layouts=state.layouts, project=adapter.tower_projector()
+        embeds=embeds,
+        visual=base.visual,
+        layouts=state.layouts,
+        project=adapter.tower_projector(),
+        adapter=adapter,
+        input_ids=state.input_ids,
+        valid=base.valid,
     )
     keep_vis = base.visual.clone()
     for stage in stages:

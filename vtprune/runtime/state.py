@@ -53,6 +53,7 @@ class RequestState:
     protected: torch.Tensor | None = None  # [B, orig_len] bool, tokens no stage may drop
     runtime: object = None  # the Runtime serving this request (its attention handlers)
     stats: object = None  # the PruneStats of this request, once its prefill is done
+    input_ids: torch.Tensor | None = None  # [B, orig_len] the prompt (vision stages' instruction ids)
 
     def cached(self, key, build):
         """A value built once per forward call (e.g. per-slot grid tables shared by layers)."""

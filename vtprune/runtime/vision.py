@@ -161,20 +161,18 @@ def _received_attention(attn, hidden, cu_seqlens, rotary):
 
 
 def make_probe(adapter, layers: list[int], keys: bool, hidden_layers: list[int] = ()):
-    probe = ReceivedProbe if adapter.received_scores else ClsProbe
+    probe = ClsProbe if adapter.has_cls else ReceivedProbe
     return probe(adapter, layers, keys, hidden_layers)
 
 
 def split_per_image(finished: dict, specs: list, adapter) -> list[dict]:
-    """Cut the tower-batch tensors into one dict per image (crops of an image are consecutive)."""
+    """Cut the tower-batch tensors into one dict per image (crops of an image are consecutive):
+    CLS towers hold one row per crop, the others one per patch (``patches_per_token`` a token)."""
     per_image = [dict() for _ in specs]
     for layer, tensors in finished.items():
         start = 0
         for i, spec in enumerate(specs):
-            if adapter.received_scores:
-                size = spec.num_tokens * adapter.patches_per_token  # patches before the 2x2 merge
-            else:
-                size = spec.crops
+            size = spec.crops if adapter.has_cls else spec.num_tokens * adapter.patches_per_token
             per_image[i][layer] = {name: t[start : start + size] for name, t in tensors.items()}
             start += size
     return per_image

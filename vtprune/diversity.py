@@ -1,0 +1,63 @@
+"""Set-level selection building blocks: pure functions from features to kept indices.
+
+Nothing here knows about models, hooks or images; vision-stage methods call these on an image's
+features (``ImageView.features``). Everything stays on the features' device: the greedy loops
+below run ``k`` small tensor operations and never read a value back to the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cosine_distances(x: torch.Tensor) -> torch.Tensor:
+    """``[N, N]`` float32 cosine distances ``1 - cos(x_i, x_j)`` of the rows of ``x [N, D]``.
+
+    Example:
+        >>> cosine_distances(torch.tensor([[1.0, 0], [0, 2], [3, 0]])).tolist()
+        [[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]
+    """
+    xn = torch.nn.functional.normalize(x.detach().float(), dim=-1)  # selections are not differentiated
+    return 1.0 - xn @ xn.T
+
+
+def max_min_diversity(x: torch.Tensor, k: int, distances: torch.Tensor | None = None) -> torch.Tensor:
+    """Greedy max-min diversity (farthest-point) selection of ``k`` rows of ``x [N, D]``, sorted.
+
+    The rule of DivPrune (Alvar et al., CVPR 2025) with cosine distance: the first row is the one
+    whose nearest other row is farthest (the largest second-smallest entry of its distance column,
+    its own distance being the smallest); each next row is the one farthest from the rows chosen
+    so far (largest minimum distance). A running minimum over the chosen rows makes it
+    ``O(N k)`` after the ``O(N^2 D)`` distance matrix, in ``k`` device steps without host reads.
+    Ties go to the lowest index (as ``argmax``); a chosen row is never chosen again (the official
+    loop could re-pick one only when every remaining row duplicates a chosen one).
+
+    ``distances`` may be given (``[N, N]``, e.g. :func:`cosine_distances` computed once for a batch).
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1], [-1, 0.05]])
+        >>> max_min_diversity(x, 2).tolist()  # row 3 is the most isolated; row 0 is farthest from it
+        [0, 3]
+        >>> max_min_diversity(x, 0).tolist(), max_min_diversity(x, 9).tolist()
+        ([], [0, 1, 2, 3])
+    """
+    n = x.shape[0]
+    k = max(0, min(int(k), n))
+    device = x.device
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    if k == n:
+        return torch.arange(n, device=device)
+    d = cosine_distances(x) if distances is None else distances.detach().float()
+    chosen = torch.empty(k, dtype=torch.long, device=device)
+    # first: the row whose nearest neighbour (second-smallest distance, after itself) is farthest
+    first = torch.argmax(torch.topk(d, 2, dim=0, largest=False).values[1])
+    chosen[0] = first
+    nearest = d[first].clone()  # each row's distance to its nearest chosen row
+    nearest[first] = float("-inf")
+    for i in range(1, k):
+        nxt = torch.argmax(nearest)
+        chosen[i] = nxt
+        torch.minimum(nearest, d[nxt], out=nearest)
+        nearest[nxt] = float("-inf")
+    return chosen.sort().values
