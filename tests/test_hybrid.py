@@ -15,6 +15,7 @@ VISION = {
     "visionzip": dict(keep=0.3),
     "random": dict(keep=0.3),
     "uniform": dict(keep=0.25),
+    "divprune": dict(keep=0.3),
 }
 
 
