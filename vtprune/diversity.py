@@ -61,3 +61,53 @@ def max_min_diversity(x: torch.Tensor, k: int, distances: torch.Tensor | None = 
         torch.minimum(nearest, d[nxt], out=nearest)
         nearest[nxt] = float("-inf")
     return chosen.sort().values
+
+
+def dpp_greedy_map(similarity: torch.Tensor, quality: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Greedy MAP inference for a DPP with kernel ``L = diag(q) S diag(q)``: ``k`` indices, sorted.
+
+    The fast greedy algorithm of Chen et al. (NeurIPS 2018) with incremental Cholesky updates:
+    each step adds the item with the largest conditional variance ``d_j^2`` (the Schur
+    complement of ``L`` on the chosen set: the factor by which ``det L[Y]`` grows), i.e. the
+    item that maximises ``log det L[Y + j]``; then every ``d^2`` is lowered by the new Cholesky
+    row ``e = (L[j] - c_j C) / d_j``. ``O(N k^2)`` after the kernel, in ``k`` device steps
+    without host reads. ``S [N, N]`` is a similarity (PSD, e.g. a cosine Gram matrix) and
+    ``quality [N]`` any non-negative score (``None``: all ones, pure diversity). Ties go to the
+    lowest index; once the kernel's rank is spent (every remaining ``d^2`` below ``1e-6`` of the
+    largest diagonal entry) the remaining picks take the largest remaining ``d^2`` with no
+    further update (the exact greedy is undefined there: every ``det`` is zero).
+
+    Example:
+        >>> s = torch.tensor([[1.0, 0.9, 0.0], [0.9, 1.0, 0.0], [0.0, 0.0, 1.0]])
+        >>> dpp_greedy_map(s, None, 2).tolist()  # 0 and 1 nearly duplicate each other
+        [0, 2]
+        >>> dpp_greedy_map(s, torch.tensor([1.0, 2.0, 1.5]), 2).tolist()  # quality prefers 1 to 0
+        [1, 2]
+        >>> dpp_greedy_map(s, None, 0).tolist(), dpp_greedy_map(s, None, 5).tolist()
+        ([], [0, 1, 2])
+    """
+    n = similarity.shape[0]
+    k = max(0, min(int(k), n))
+    device = similarity.device
+    if k == 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    if k == n:
+        return torch.arange(n, device=device)
+    kernel = similarity.detach().float()
+    if quality is not None:
+        q = quality.detach().float()
+        kernel = q.unsqueeze(1) * kernel * q.unsqueeze(0)
+    d2 = torch.diagonal(kernel).clone()  # conditional variances of the unchosen items
+    tol = d2.max() * 1e-6
+    rows = torch.zeros(k, n, device=device)  # the Cholesky rows C, one per chosen item
+    chosen = torch.empty(k, dtype=torch.long, device=device)
+    for i in range(k):
+        j = torch.argmax(d2)
+        chosen[i] = j
+        dj = d2[j]
+        e = (kernel[j] - rows[:i, j] @ rows[:i]) / torch.sqrt(dj.clamp(min=tol))
+        e = torch.where(dj > tol, e, torch.zeros_like(e))
+        rows[i] = e
+        d2 -= e * e
+        d2[j] = float("-inf")
+    return chosen.sort().values
