@@ -48,7 +48,17 @@ def test_pdrop_pyramid_tokens_per_layer(shaped):
     assert st.equivalent_tokens == 270
 
 
-KEEP_METHODS = ["fastv", "pdrop", "random", "uniform", "hired", "visionzip", "mustdrop", "divprune"]
+KEEP_METHODS = [
+    "fastv",
+    "pdrop",
+    "random",
+    "uniform",
+    "hired",
+    "visionzip",
+    "mustdrop",
+    "divprune",
+    "cdpruner",
+]
 
 
 @pytest.mark.parametrize("shape", ["shaped", "qwen25"])  # LLaVA-1.5 geometry; Qwen2.5-VL's windows

@@ -18,6 +18,7 @@ PLANS = {
     "hired": dict(keep=0.3),
     "visionzip": dict(keep=0.3),
     "divprune": dict(keep=0.3),
+    "cdpruner": dict(keep=0.3),
     # the decode stage makes decoding differ from an uncached recomputation by design; it is
     # checked on its own in test_vision_methods.py
     "mustdrop": dict(keep=0.4, decode=False),
@@ -31,6 +32,7 @@ KEEP_ALL = {
     "hired": dict(keep=1.0),
     "visionzip": dict(keep=1.0),
     "divprune": dict(keep=1.0),
+    "cdpruner": dict(keep=1.0),
     "mustdrop": dict(keep=1.0),
     "layerskip": dict(keep=1.0, thin_ffn=True, ffn_ratio=1),
 }

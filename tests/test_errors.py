@@ -24,7 +24,7 @@ def model():
         (
             "nope",
             {},
-            "unknown method 'nope'; available: divprune, fastv, hired, layerskip, mustdrop, pdrop, random, uniform, visionzip",
+            "unknown method 'nope'; available: cdpruner, divprune, fastv, hired, layerskip, mustdrop, pdrop, random, uniform, visionzip",
         ),
         ("fastv", {"kep": 0.5}, "unknown option"),
         ("fastv", {"keep": 0}, r"'keep'=0 is invalid; allowed: a number in \(0, 1\]"),
@@ -69,6 +69,7 @@ WRONG_TYPE = {
     "random": {"keep": "0.5", "seed": "a", "protect_newlines": 1},
     "uniform": {"keep": "0.5", "protect_newlines": "yes"},
     "divprune": {"keep": "0.1", "per_crop": 1},
+    "cdpruner": {"keep": "0.1", "quality": "exp", "theta": 1.0, "negate": 0, "per_crop": "no"},
     "hired": {
         "keep": True,
         "budget": "0.2",

@@ -16,6 +16,7 @@ VISION = {
     "random": dict(keep=0.3),
     "uniform": dict(keep=0.25),
     "divprune": dict(keep=0.3),
+    "cdpruner": dict(keep=0.3),
 }
 
 

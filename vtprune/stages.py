@@ -134,6 +134,9 @@ class VisionStage(Stage):
     point = "vision"
     #: the stage reads vision-tower keys (VisionZip's similarity), not only attention scores
     needs_keys: bool = False
+    #: the selection reads the prompt (CDPruner's instruction relevance): an uncached replay of a
+    #: longer prompt must reuse the prefill's selection rather than recompute it
+    reads_prompt: bool = False
     #: the kept fraction per image the default :meth:`budget` spends (``None``: the stage's own rule)
     keep: float | None = None
 

@@ -1,6 +1,7 @@
 """Built-in methods; importing this package registers them by name."""
 
 from .baselines import RandomPrune, UniformPrune
+from .cdpruner import CDPruner
 from .divprune import DivPrune
 from .fastv import FastV
 from .hired import HiRED
@@ -10,6 +11,7 @@ from .pdrop import PyramidDrop
 from .visionzip import VisionZip
 
 __all__ = [
+    "CDPruner",
     "DivPrune",
     "FastV",
     "HiRED",
