@@ -225,7 +225,10 @@ def media_inputs(family: str, media: list[str], *, side="left", seed=0, sizes=No
     grids = [[frames if k == "v" else 1, h, w] for k, (h, w) in zip(kinds, sizes)]
     counts = [t * h * w // 4 for t, h, w in grids]
     kw: dict = {}
-    for k, pv, key in (("i", "pixel_values", "image_grid_thw"), ("v", "pixel_values_videos", "video_grid_thw")):
+    for k, pv, key in (
+        ("i", "pixel_values", "image_grid_thw"),
+        ("v", "pixel_values_videos", "video_grid_thw"),
+    ):
         g = [grid for kind, grid in zip(kinds, grids) if kind == k]
         if g:
             kw[pv] = torch.randn(sum(t * h * w for t, h, w in g), 3 * 2 * 4 * 4, generator=gen)
