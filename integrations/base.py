@@ -119,45 +119,63 @@ class Adapter:
         """Names of the multimodal model's encoder methods whose outputs carry image features."""
         return ("get_image_features",)
 
-    def layouts(self, input_ids: torch.Tensor, specs: list[ImageSpec]) -> list[list[ImageLayout]]:
-        """Per batch row, the layouts of its images, from placeholder positions and specs.
+    def media_token_ids(self) -> dict[str, tuple[int, ...]]:
+        """Placeholder token ids per kind of media (``"image"``, ``"video"``): HF scatters each
+        kind's features into that kind's placeholders separately."""
+        return {"image": self.visual_token_ids()}
 
-        HF writes image features with ``masked_scatter`` in row-major order of the placeholder
-        tokens, so image ``i`` of the batch takes the next ``num_tokens`` placeholders.
+    def layouts(
+        self, input_ids: torch.Tensor, specs: list[ImageSpec], vision: list[dict] | None = None
+    ) -> list[list[ImageLayout]]:
+        """Per batch row, the layouts of its images and videos (in prompt order), from placeholder
+        positions and specs (with ``vision[i]``, spec ``i``'s captured tower scores, attached).
+
+        HF writes each kind's features with ``masked_scatter`` in row-major order of that kind's
+        placeholder tokens, so the ``i``-th image spec takes the next ``num_tokens`` image
+        placeholders and the ``i``-th video spec the next video placeholders, however the two
+        kinds interleave in the prompt.
         """
-        is_visual = torch.zeros_like(input_ids, dtype=torch.bool)
-        for tid in self.visual_token_ids():
-            is_visual |= input_ids == tid
-        rows, cols = is_visual.nonzero(as_tuple=True)
-        rows, cols = rows.cpu(), cols.cpu()
-        specs = specs if rows.numel() else []
-        total = sum(s.num_tokens for s in specs)
-        if total != rows.numel():
-            raise ValueError(
-                f"vtprune: the prompt holds {rows.numel()} image placeholder tokens but the image "
-                f"inputs describe {total}; check that the processor and the model configuration agree"
-            )
         out: list[list[ImageLayout]] = [[] for _ in range(input_ids.shape[0])]
-        start = 0
-        for spec in specs:
-            r = rows[start : start + spec.num_tokens]
-            if (r != r[0]).any():
-                raise ValueError("vtprune: an image's placeholder tokens span two batch rows")
-            newline = torch.zeros(spec.num_tokens, dtype=torch.bool)
-            if spec.newline_offsets:
-                newline[list(spec.newline_offsets)] = True
-            out[int(r[0])].append(
-                ImageLayout(
-                    row=int(r[0]),
-                    positions=cols[start : start + spec.num_tokens],
-                    segments=list(spec.segments),
-                    newline=newline,
-                    extra=dict(spec.extra),
-                    source=spec.source,
-                    crops=spec.crops,
+        for kind, ids in self.media_token_ids().items():
+            mine = [i for i, s in enumerate(specs) if s.kind == kind]
+            is_kind = torch.zeros_like(input_ids, dtype=torch.bool)
+            for tid in ids:
+                is_kind |= input_ids == tid
+            rows, cols = is_kind.nonzero(as_tuple=True)
+            rows, cols = rows.cpu(), cols.cpu()
+            mine = mine if rows.numel() else []
+            total = sum(specs[i].num_tokens for i in mine)
+            if total != rows.numel():
+                raise ValueError(
+                    f"vtprune: the prompt holds {rows.numel()} {kind} placeholder tokens but the {kind} "
+                    f"inputs describe {total}; check that the processor and the model configuration agree"
                 )
-            )
-            start += spec.num_tokens
+            start = 0
+            for i in mine:
+                spec = specs[i]
+                r = rows[start : start + spec.num_tokens]
+                if (r != r[0]).any():
+                    raise ValueError(f"vtprune: an {kind}'s placeholder tokens span two batch rows")
+                newline = torch.zeros(spec.num_tokens, dtype=torch.bool)
+                if spec.newline_offsets:
+                    newline[list(spec.newline_offsets)] = True
+                out[int(r[0])].append(
+                    ImageLayout(
+                        row=int(r[0]),
+                        positions=cols[start : start + spec.num_tokens],
+                        segments=list(spec.segments),
+                        newline=newline,
+                        extra=dict(spec.extra),
+                        source=spec.source,
+                        crops=spec.crops,
+                        vision=vision[i] if vision is not None else {},
+                        kind=spec.kind,
+                        frames=spec.frames,
+                    )
+                )
+                start += spec.num_tokens
+        for row in out:
+            row.sort(key=lambda img: int(img.positions[0]))
         return out
 
     # -- positions ------------------------------------------------------------------------

@@ -44,6 +44,12 @@ class Qwen2VLAdapter(Adapter):
             ids.append(int(self.config.video_token_id))
         return tuple(ids)
 
+    def media_token_ids(self) -> dict[str, tuple[int, ...]]:
+        ids = {"image": (int(self.config.image_token_id),)}
+        if getattr(self.config, "video_token_id", None) is not None:
+            ids["video"] = (int(self.config.video_token_id),)
+        return ids
+
     def required_call_params(self) -> tuple[str, ...]:
         return ("image_grid_thw", "video_grid_thw", "mm_token_type_ids")
 
@@ -78,14 +84,15 @@ class Qwen2VLAdapter(Adapter):
         return ("get_image_features", "get_video_features")
 
     def image_specs(self, call: dict) -> list[ImageSpec]:
+        """Images (``image_grid_thw``) then videos (``video_grid_thw``): each kind is placed in its
+        own placeholders (``Adapter.layouts``), so the two may interleave in the prompt. A video's
+        frames are its ``t`` temporal patches (2-frame tubelets), one grid segment each."""
         merge = self.config.vision_config.spatial_merge_size
         specs = []
-        # HF scatters all images first, then all videos; in the prompt they may interleave, so
-        # only prompts whose media are all images or all videos are laid out here.
-        grids = [g for key in ("image_grid_thw", "video_grid_thw") if (g := call.get(key)) is not None]
-        if len(grids) > 1:
-            raise NotImplementedError("vtprune: prompts mixing images and videos are not supported yet")
-        for grid in grids:
+        for kind, key in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
+            grid = call.get(key)
+            if grid is None:
+                continue
             for t, h, w in torch.as_tensor(grid).tolist():
                 rows, cols = h // merge, w // merge
                 segs = tuple(
@@ -95,7 +102,7 @@ class Qwen2VLAdapter(Adapter):
                     for f in range(t)
                 )
                 n = t * rows * cols
-                specs.append(ImageSpec(n, segs, source=torch.arange(n)))
+                specs.append(ImageSpec(n, segs, source=torch.arange(n), kind=kind, frames=t))
         return specs
 
     def prefill_position_ids(self, inputs_embeds: torch.Tensor) -> torch.Tensor:

@@ -41,20 +41,34 @@ def uncached_greedy(model, kw, selections, steps: int) -> torch.Tensor:
     return torch.cat(out, 1)
 
 
-def row_alone(family: str, kw: dict, b: int, images_per_row: list[int]) -> dict:
-    """Row ``b`` of a padded batch as its own unpadded prompt with its own images."""
+def _slice_media(kw: dict, one: dict, first: int, n: int, pixels: str, grid_key: str) -> None:
+    """Media ``first .. first + n - 1`` of one kind (Qwen: patches of ``grid_key`` rows in ``pixels``)."""
+    if n == 0:
+        return
+    grid = kw[grid_key]
+    patches = grid.prod(-1)
+    start = int(patches[:first].sum())
+    one[pixels] = kw[pixels][start : start + int(patches[first : first + n].sum())]
+    one[grid_key] = grid[first : first + n]
+
+
+def row_alone(family: str, kw: dict, b: int, images_per_row: list) -> dict:
+    """Row ``b`` of a padded batch as its own unpadded prompt with its own images (and videos:
+    Qwen rows given as media strings, as ``tiny.media_inputs`` takes them)."""
     real = kw["attention_mask"][b].bool()
     one = {k: kw[k][b : b + 1, real] for k in ROW_KEYS if k in kw}
+    if isinstance(images_per_row[b], str):
+        before = "".join(images_per_row[:b])
+        mine = images_per_row[b]
+        _slice_media(kw, one, before.count("i"), mine.count("i"), "pixel_values", "image_grid_thw")
+        _slice_media(kw, one, before.count("v"), mine.count("v"), "pixel_values_videos", "video_grid_thw")
+        return one
     first = sum(images_per_row[:b])
     n = images_per_row[b]
     if n == 0:
         return one
     if family in ("qwen2_vl", "qwen2_5_vl"):
-        grid = kw["image_grid_thw"]
-        patches = grid.prod(-1)
-        start = int(patches[:first].sum())
-        one["pixel_values"] = kw["pixel_values"][start : start + int(patches[first : first + n].sum())]
-        one["image_grid_thw"] = grid[first : first + n]
+        _slice_media(kw, one, first, n, "pixel_values", "image_grid_thw")
     else:
         one["pixel_values"] = kw["pixel_values"][first : first + n]
         if "image_sizes" in kw:

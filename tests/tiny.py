@@ -142,12 +142,12 @@ BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwe
 QWEN = ("qwen2_vl", "qwen2_5_vl")
 
 
-def _prompt(n_image_tokens: list[int], pre: int, post: int, gen: torch.Generator, vstart: bool):
+def _prompt(n_image_tokens: list[int], pre: int, post: int, gen: torch.Generator, vstart: bool, kinds=None):
     ids = [1] + torch.randint(3, 100, (pre,), generator=gen).tolist()
-    for n in n_image_tokens:
+    for i, n in enumerate(n_image_tokens):
         if vstart:
             ids.append(VSTART)
-        ids += [IMAGE] * n
+        ids += [VIDEO if kinds is not None and kinds[i] == "v" else IMAGE] * n
         ids += torch.randint(3, 100, (2,), generator=gen).tolist()
     ids += torch.randint(3, 100, (post,), generator=gen).tolist()
     return ids
@@ -211,6 +211,36 @@ def inputs(
     if n_images == 0:
         for key in ("pixel_values", "image_sizes", "image_grid_thw"):
             kw.pop(key, None)
+    return kw
+
+
+def media_inputs(family: str, media: list[str], *, side="left", seed=0, sizes=None, post=None, frames=2):
+    """Qwen kwargs for rows of images and videos: ``media[b]`` spells row ``b``'s media in prompt
+    order (``"ivi"``: image, video, image; ``""``: text only). Videos have ``frames`` temporal
+    patches (``video_grid_thw`` t); ``mm_token_type_ids`` marks images 1 and videos 2, as the
+    processor does. ``sizes``: (h, w) patch grid per medium, in batch order."""
+    gen = torch.Generator().manual_seed(seed)
+    kinds = "".join(media)
+    sizes = sizes or [(8, 8) if family == "qwen2_vl" else (8, 12)] * len(kinds)
+    grids = [[frames if k == "v" else 1, h, w] for k, (h, w) in zip(kinds, sizes)]
+    counts = [t * h * w // 4 for t, h, w in grids]
+    kw: dict = {}
+    for k, pv, key in (
+        ("i", "pixel_values", "image_grid_thw"),
+        ("v", "pixel_values_videos", "video_grid_thw"),
+    ):
+        g = [grid for kind, grid in zip(kinds, grids) if kind == k]
+        if g:
+            kw[pv] = torch.randn(sum(t * h * w for t, h, w in g), 3 * 2 * 4 * 4, generator=gen)
+            kw[key] = torch.tensor(g)
+    rows, k = [], 0
+    for b, m in enumerate(media):
+        p = post[b] if post is not None else 3 + b
+        rows.append(_prompt(counts[k : k + len(m)], pre=2 + b, post=p, gen=gen, vstart=True, kinds=m))
+        k += len(m)
+    ids, mask = _pad(rows, side)
+    kw.update(input_ids=ids, attention_mask=mask)
+    kw["mm_token_type_ids"] = ((ids == IMAGE).int() + 2 * (ids == VIDEO).int()).int()
     return kw
 
 

@@ -64,6 +64,8 @@ class ImageLayout:
     source: torch.Tensor | None = None
     crops: int = 1
     vision: dict = field(default_factory=dict)  # tower layer -> captured scores of this image
+    kind: str = "image"  # "image" or "video" (which placeholder id, which tower run)
+    frames: int = 1  # video: temporal patches (Qwen: 2-frame tubelets), one segment each
 
     @property
     def num_tokens(self) -> int:
@@ -86,6 +88,8 @@ class ImageSpec:
     extra: tuple = ()
     crops: int = 1
     source: torch.Tensor | None = field(default=None, compare=False, hash=False)
+    kind: str = "image"  # "image" or "video": which placeholder tokens it fills
+    frames: int = 1  # video: temporal patches, laid out one after another (one segment each)
 
 
 @dataclass
@@ -145,6 +149,17 @@ class ImageView:
     @property
     def extra(self) -> dict:
         return self.layout.extra
+
+    @property
+    def kind(self) -> str:
+        """``"image"`` or ``"video"``."""
+        return self.layout.kind
+
+    @property
+    def frames(self) -> int:
+        """Frames of a video (Qwen: temporal patches, each a 2-frame tubelet); 1 for an image.
+        Frame ``f`` is ``segments[f]``."""
+        return self.layout.frames
 
     @property
     def crops(self) -> int:

@@ -126,11 +126,12 @@ class HiREDStage(VisionStage):
 
     def budget(self, view: ImageView) -> int:
         """Patch tokens to choose: ``round(keep * tokens)`` less the kept newlines, or
-        ``int(partitions * N * budget)`` (the official rule, newlines on top)."""
+        ``int(partitions * N * budget)`` (the official rule, newlines on top; a video's frames
+        count as its partitions: one budget over the clip)."""
         if self.cfg.keep is not None:
             fixed = 0 if self.cfg.drop_newlines else view.num_newlines
             return max(0, int(self.cfg.keep * view.num_tokens + 0.5) - fixed)
-        return int(view.crops * view.segments[0].size * self.fraction)
+        return int(max(view.crops, view.frames) * view.segments[0].size * self.fraction)
 
     def pick(self, view: ImageView, budget: int) -> torch.Tensor:
         sel = view.cls_scores(self.select_layer(view.score_layer))

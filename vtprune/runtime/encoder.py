@@ -47,24 +47,27 @@ class EncoderTap:
                     if raw:
                         vision = split_per_image(self.probe.finish(raw), specs, self.adapter)
                         out._vtprune_vision = {id(f): v for f, v in zip(feats, vision)}
-                        self._attach_vision_to_active(vision)
+                        self._attach_vision_to_active(vision, {spec.kind for spec in specs})
             return out
 
         encode.__wrapped__ = method
         return encode
 
-    def _attach_vision_to_active(self, vision: list[dict]) -> None:
-        """Direct forward path: the tower runs inside the forward, after the request started."""
+    def _attach_vision_to_active(self, vision: list[dict], kinds: set[str]) -> None:
+        """Direct forward path: the tower runs inside the forward, after the request started, once
+        for the images and once for the videos; each run's scores go to the media of its kind,
+        in the order HF scatters them (row-major over the kind's placeholders)."""
         state = ACTIVE.get()
         if not self.is_mine(state) or not getattr(state, "prefilling", False):
             return
-        images = [img for row in state.layouts for img in row]
+        images = [img for row in state.layouts for img in row if img.kind in kinds]
         if len(images) == len(vision):
             for img, v in zip(images, vision):
                 img.vision = v
 
     def specs_for_call(self, call: dict) -> tuple[list, list[dict]]:
-        """Token structure (and captured tower scores) of every image of a call, in placeholder order."""
+        """Token structure (and captured tower scores) of every image, then every video, of a call
+        (``Adapter.layouts`` places each kind in its own placeholders)."""
         encoded = call.get("mm_encoder_outputs") or {}
         specs, vision = [], []
         for modality in ("image", "video"):
@@ -78,7 +81,9 @@ class EncoderTap:
                 if spec is None:
                     n = len(feat)
                     spec = ImageSpec(
-                        n, (GridSegment(offset=0, rows=1, cols=n, row_stride=n, name="unknown"),)
+                        n,
+                        (GridSegment(offset=0, rows=1, cols=n, row_stride=n, name="unknown"),),
+                        kind=modality,
                     )
                 specs.append(spec)
                 vision.append(captured.get(id(feat), {}))

@@ -200,10 +200,7 @@ class Runtime:
             self.adapter.check_call(call)
             state.input_ids = ids
             specs, vision = self.encoder.specs_for_call(call)
-            state.layouts = self.adapter.layouts(ids, specs)
-            images = [img for row in state.layouts for img in row]
-            for img, v in zip(images, vision):
-                img.vision = v
+            state.layouts = self.adapter.layouts(ids, specs, vision)
         else:
             # without input_ids the placeholders cannot be located reliably: prune nothing
             state.layouts = [[] for _ in range(ref.shape[0])]
