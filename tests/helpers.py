@@ -11,6 +11,17 @@ ROW_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 BANNED = list(range(100, 128))
 
 
+def image_runs(ids: torch.Tensor, image_id: int = 120) -> list[tuple[int, torch.Tensor]]:
+    """(row, positions) of each image: maximal runs of image placeholder tokens (tiny.IMAGE)."""
+    runs = []
+    for b in range(ids.shape[0]):
+        pos = torch.nonzero(ids[b] == image_id).flatten()
+        if pos.numel():
+            breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
+            runs += [(b, p) for p in torch.tensor_split(pos, breaks.tolist())]
+    return runs
+
+
 def count_hooks(model) -> int:
     """Forward (pre-)hooks on every module: what ``apply`` adds and ``remove`` must take away."""
     return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())

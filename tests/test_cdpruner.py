@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
+from helpers import image_runs
 
 import vtprune
 from vtprune.diversity import dpp_greedy_map
@@ -67,17 +68,6 @@ def official_rule(x: torch.Tensor, text: torch.Tensor, k: int) -> list[int]:
     return sorted(chosen)
 
 
-def _image_runs(ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """(row, positions) of each image: maximal runs of image placeholder tokens."""
-    runs = []
-    for b in range(ids.shape[0]):
-        pos = torch.nonzero(ids[b] == tiny.IMAGE).flatten()
-        if pos.numel():
-            breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
-            runs += [(b, p) for p in torch.tensor_split(pos, breaks.tolist())]
-    return runs
-
-
 def _instruction(ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """The row's real text tokens after its last image token (all its text if none follow)."""
     image = ids == tiny.IMAGE
@@ -123,7 +113,7 @@ def test_kept_set_equals_the_official_rule_on_the_input_embeddings(family, keep)
     x, kept = _run(model, kw, keep=keep)
     newline = getattr(model.model, "image_newline", None)
     expected = [[] for _ in case["images"]]
-    for row, pos in _image_runs(kw["input_ids"]):
+    for row, pos in image_runs(kw["input_ids"]):
         k = int(keep * pos.numel() + 0.5)
         if newline is not None:  # candidates: the patch tokens
             pos = pos[~(x[row, pos] == newline).all(-1)]
@@ -158,7 +148,7 @@ def test_prompt_ending_with_the_image_uses_the_text_before_it(family):
     sizes = case["sizes"][:1] if case["sizes"] else None
     kw = tiny.inputs(family, model, [1], seed=22, sizes=sizes, post=[0])
     x, kept = _run(model, kw, keep=0.2)
-    ((row, pos),) = _image_runs(kw["input_ids"])
+    ((row, pos),) = image_runs(kw["input_ids"])
     k = int(0.2 * pos.numel() + 0.5)
     assert kept[0].numel() == k
     newline = getattr(model.model, "image_newline", None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
+from helpers import image_runs
 
 import vtprune
 from vtprune.diversity import max_min_diversity
@@ -30,17 +31,6 @@ def official_rule(x: torch.Tensor, k: int) -> list[int]:
 def test_running_minimum_equals_the_official_loop(n, k):
     x = torch.randn(n, 12, generator=torch.Generator().manual_seed(n))
     assert max_min_diversity(x, k).tolist() == official_rule(x, k)
-
-
-def _image_runs(ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-    """(row, positions) of each image: maximal runs of image placeholder tokens."""
-    runs = []
-    for b in range(ids.shape[0]):
-        pos = torch.nonzero(ids[b] == tiny.IMAGE).flatten()
-        if pos.numel():
-            breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
-            runs += [(b, p) for p in torch.tensor_split(pos, breaks.tolist())]
-    return runs
 
 
 CASES = {
@@ -72,7 +62,7 @@ def test_kept_set_equals_the_official_rule_on_the_projector_outputs(family, keep
     finally:
         grab.remove()
     expected = [[] for _ in case["images"]]
-    for row, pos in _image_runs(kw["input_ids"]):
+    for row, pos in image_runs(kw["input_ids"]):
         k = int(keep * pos.numel() + 0.5)
         expected[row] += pos[official_rule(seen["x"][row, pos], k)].tolist()
     assert [k.tolist() for k in kept] == [sorted(e) for e in expected]

@@ -41,13 +41,10 @@ def max_min_diversity(x: torch.Tensor, k: int, distances: torch.Tensor | None = 
         >>> max_min_diversity(x, 0).tolist(), max_min_diversity(x, 9).tolist()
         ([], [0, 1, 2, 3])
     """
-    n = x.shape[0]
+    n, device = x.shape[0], x.device
     k = max(0, min(int(k), n))
-    device = x.device
-    if k == 0:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    if k == n:
-        return torch.arange(n, device=device)
+    if k in (0, n):
+        return _all_or_none(k, device)
     d = cosine_distances(x) if distances is None else distances.detach().float()
     chosen = torch.empty(k, dtype=torch.long, device=device)
     # first: the row whose nearest neighbour (second-smallest distance, after itself) is farthest
@@ -86,13 +83,10 @@ def dpp_greedy_map(similarity: torch.Tensor, quality: torch.Tensor | None, k: in
         >>> dpp_greedy_map(s, None, 0).tolist(), dpp_greedy_map(s, None, 5).tolist()
         ([], [0, 1, 2])
     """
-    n = similarity.shape[0]
+    n, device = similarity.shape[0], similarity.device
     k = max(0, min(int(k), n))
-    device = similarity.device
-    if k == 0:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    if k == n:
-        return torch.arange(n, device=device)
+    if k in (0, n):
+        return _all_or_none(k, device)
     kernel = similarity.detach().float()
     if quality is not None:
         q = quality.detach().float()
@@ -111,3 +105,8 @@ def dpp_greedy_map(similarity: torch.Tensor, quality: torch.Tensor | None, k: in
         d2 -= e * e
         d2[j] = float("-inf")
     return chosen.sort().values
+
+
+def _all_or_none(k: int, device) -> torch.Tensor:
+    """The answer of a selection asked for no item (empty) or for all ``k`` of them."""
+    return torch.arange(k, device=device)
