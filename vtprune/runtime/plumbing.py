@@ -78,6 +78,12 @@ def refuse_compiled() -> None:
         )
 
 
+try:  # looked up once: the check runs in every decoder layer's hook at every step
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _eval_frame_callback
+except ImportError:  # a torch without Dynamo (or with a renamed private API)
+    _eval_frame_callback = None
+
+
 def under_torch_compile() -> bool:
     """Whether the calling code runs inside ``torch.compile``, traced or not.
 
@@ -88,8 +94,4 @@ def under_torch_compile() -> bool:
     """
     if torch.compiler.is_compiling():
         return True
-    try:
-        from torch._C._dynamo.eval_frame import get_eval_frame_callback
-    except ImportError:  # a torch without Dynamo (or with a renamed private API)
-        return False
-    return get_eval_frame_callback() is not None
+    return _eval_frame_callback is not None and _eval_frame_callback() is not None
