@@ -14,7 +14,18 @@ from tqdm import tqdm
 import vtprune
 from vtprune.flops import count_flops
 
-DEFAULT_METHODS = ["fastv", "pdrop", "hired", "visionzip", "mustdrop", "layerskip", "random", "uniform"]
+DEFAULT_METHODS = [
+    "fastv",
+    "pdrop",
+    "hired",
+    "visionzip",
+    "mustdrop",
+    "layerskip",
+    "divprune",
+    "cdpruner",
+    "random",
+    "uniform",
+]
 
 
 def load_default(arch: str = "llava"):
