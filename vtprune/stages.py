@@ -104,6 +104,9 @@ class PrefillContext:
 class Stage:
     point: str = "?"
     key: str = "?"
+    #: the selection reads the prompt: an uncached replay of a longer prompt must reuse the
+    #: prefill's selection rather than recompute it (prefill stages; CDPruner's relevance)
+    reads_prompt: bool = False
 
     def describe(self) -> str:
         return self.key
@@ -134,9 +137,6 @@ class VisionStage(Stage):
     point = "vision"
     #: the stage reads vision-tower keys (VisionZip's similarity), not only attention scores
     needs_keys: bool = False
-    #: the selection reads the prompt (CDPruner's instruction relevance): an uncached replay of a
-    #: longer prompt must reuse the prefill's selection rather than recompute it
-    reads_prompt: bool = False
     #: the kept fraction per image the default :meth:`budget` spends (``None``: the stage's own rule)
     keep: float | None = None
 
@@ -177,6 +177,7 @@ class VisionStage(Stage):
 
 class PrefillStage(Stage):
     point = "prefill"
+    reads_prompt = True  # every prefill stage scores with the prompt's own tokens
     layer: int = 0
     #: a stage that scores with layer ``layer - 1``'s own attention needs that layer's input
     needs_previous_input: bool = False

@@ -25,8 +25,7 @@ def select(state: RequestState, stage, token_set: TokenSet, compute) -> torch.Te
     # vision stages depend only on the images, so they recompute (and redo their merges);
     # prefill stages, and vision stages that read the prompt, depend on the prompt, whose growth
     # replay must not see
-    reads_prompt = isinstance(stage, PrefillStage) or getattr(stage, "reads_prompt", False)
-    if replay is not None and stage.key in replay and reads_prompt:
+    if replay is not None and stage.key in replay and stage.reads_prompt:
         keep_vis = replayed_keep(replay[stage.key], token_set, state.orig_len)
     else:
         keep_vis = compute()
