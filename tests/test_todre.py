@@ -188,3 +188,20 @@ def test_importance_start_probes_the_tower_and_isolated_does_not():
         assert count_hooks(model.model.vision_tower) == before
     with vtprune.pruned(model, "todre"):
         assert count_hooks(model.model.vision_tower) > before
+
+
+def test_flops_estimate_sees_the_same_tokens_per_layer_as_a_run():
+    """``expected_tokens_per_layer`` (what the FLOPs estimate without a run counts) matches the run."""
+    from vtprune.stages import expected_tokens_per_layer
+
+    model = tiny.llava()
+    kw = tiny.inputs("llava", model, [1], seed=56)
+    with torch.no_grad(), vtprune.pruned(model, "todre", keep=0.25):
+        model(**kw)
+        st = vtprune.stats(model)
+    info = _info(model)
+    expected = expected_tokens_per_layer(
+        ToDRE(keep=0.25).stages(info), int(st.visual_tokens_in), info.num_layers
+    )
+    assert st.visual_tokens_per_layer == expected
+    assert expected[-1] < expected[0] < st.visual_tokens_in
