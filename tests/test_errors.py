@@ -24,7 +24,7 @@ def model():
         (
             "nope",
             {},
-            "unknown method 'nope'; available: cdpruner, divprune, fastv, hired, layerskip, mustdrop, pdrop, random, uniform, visionzip",
+            "unknown method 'nope'; available: cdpruner, divprune, fastv, hired, layerskip, mustdrop, pdrop, random, todre, uniform, visionzip",
         ),
         ("fastv", {"kep": 0.5}, "unknown option"),
         ("fastv", {"keep": 0}, r"'keep'=0 is invalid; allowed: a number in \(0, 1\]"),
@@ -46,6 +46,8 @@ def model():
         ("mustdrop", {"preset": "100"}, r"'preset'='100' is invalid; allowed: '192', '128', '64'"),
         ("mustdrop", {"window": 1}, r"'window'=1 is invalid"),
         ("mustdrop", {"keep": 0.3, "preset": "64"}, "either 'keep' or thresholds"),
+        ("todre", {"layer": 8}, r"'layer'=8 is out of range; allowed: an integer in 1..7"),
+        ("todre", {"split": 1.5}, r"'split'=1.5 is invalid; allowed: a number in \[0, 1\]"),
         (
             "random",
             {"seed": -1},
@@ -70,6 +72,7 @@ WRONG_TYPE = {
     "uniform": {"keep": "0.5", "protect_newlines": "yes"},
     "divprune": {"keep": "0.1", "per_crop": 1},
     "cdpruner": {"keep": "0.1", "quality": "exp", "theta": 1.0, "negate": 0, "per_crop": "no"},
+    "todre": {"keep": "0.1", "layer": 2.0, "split": "0.5", "score": 1, "init": "center"},
     "hired": {
         "keep": True,
         "budget": "0.2",

@@ -21,7 +21,9 @@ def cosine_distances(x: torch.Tensor) -> torch.Tensor:
     return 1.0 - xn @ xn.T
 
 
-def max_min_diversity(x: torch.Tensor, k: int, distances: torch.Tensor | None = None) -> torch.Tensor:
+def max_min_diversity(
+    x: torch.Tensor, k: int, distances: torch.Tensor | None = None, first: torch.Tensor | int | None = None
+) -> torch.Tensor:
     """Greedy max-min diversity (farthest-point) selection of ``k`` rows of ``x [N, D]``, sorted.
 
     The rule of DivPrune (Alvar et al., CVPR 2025) with cosine distance: the first row is the one
@@ -33,6 +35,8 @@ def max_min_diversity(x: torch.Tensor, k: int, distances: torch.Tensor | None = 
     loop could re-pick one only when every remaining row duplicates a chosen one).
 
     ``distances`` may be given (``[N, N]``, e.g. :func:`cosine_distances` computed once for a batch).
+    ``first`` fixes the first row instead (an index, e.g. the most important token as ToDRE's
+    k-center starts from); the rest of the rule is unchanged.
 
     Example:
         >>> x = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1], [-1, 0.05]])
@@ -40,6 +44,8 @@ def max_min_diversity(x: torch.Tensor, k: int, distances: torch.Tensor | None = 
         [0, 3]
         >>> max_min_diversity(x, 0).tolist(), max_min_diversity(x, 9).tolist()
         ([], [0, 1, 2, 3])
+        >>> max_min_diversity(x, 2, first=2).tolist()  # from row 2, row 0 is the farthest
+        [0, 2]
     """
     n, device = x.shape[0], x.device
     k = max(0, min(int(k), n))
@@ -48,7 +54,10 @@ def max_min_diversity(x: torch.Tensor, k: int, distances: torch.Tensor | None = 
     d = cosine_distances(x) if distances is None else distances.detach().float()
     chosen = torch.empty(k, dtype=torch.long, device=device)
     # first: the row whose nearest neighbour (second-smallest distance, after itself) is farthest
-    first = torch.argmax(torch.topk(d, 2, dim=0, largest=False).values[1])
+    if first is None:
+        first = torch.argmax(torch.topk(d, 2, dim=0, largest=False).values[1])
+    else:
+        first = torch.as_tensor(first, device=d.device)
     chosen[0] = first
     nearest = d[first].clone()  # each row's distance to its nearest chosen row
     nearest[first] = float("-inf")
