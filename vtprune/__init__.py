@@ -25,6 +25,7 @@ from vtprune.methods import (  # noqa: E402
     MustDrop,
     PyramidDrop,
     RandomPrune,
+    SparseVLM,
     UniformPrune,
     VisionZip,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "PruneStats",
     "PyramidDrop",
     "RandomPrune",
+    "SparseVLM",
     "UniformPrune",
     "VisionZip",
     "apply",

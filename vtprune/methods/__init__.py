@@ -8,6 +8,7 @@ from .hired import HiRED
 from .layerskip import LayerSkip
 from .mustdrop import MustDrop
 from .pdrop import PyramidDrop
+from .sparsevlm import SparseVLM
 from .visionzip import VisionZip
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "MustDrop",
     "PyramidDrop",
     "RandomPrune",
+    "SparseVLM",
     "UniformPrune",
     "VisionZip",
 ]
