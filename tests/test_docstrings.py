@@ -12,6 +12,8 @@ MODULES = [
     "vtprune.images",
     "vtprune.diversity",
     "vtprune.methods.divprune",
+    "vtprune.clustering",
+    "vtprune.methods.sparsevlm",
     "vtprune.stages",
     "vtprune.flops",
     "vtprune.config",

@@ -24,7 +24,7 @@ def model():
         (
             "nope",
             {},
-            "unknown method 'nope'; available: cdpruner, divprune, fastv, hired, layerskip, mustdrop, pdrop, random, uniform, visionzip",
+            "unknown method 'nope'; available: cdpruner, divprune, fastv, hired, layerskip, mustdrop, pdrop, random, sparsevlm, uniform, visionzip",
         ),
         ("fastv", {"kep": 0.5}, "unknown option"),
         ("fastv", {"keep": 0}, r"'keep'=0 is invalid; allowed: a number in \(0, 1\]"),
@@ -70,6 +70,7 @@ WRONG_TYPE = {
     "uniform": {"keep": "0.5", "protect_newlines": "yes"},
     "divprune": {"keep": "0.1", "per_crop": 1},
     "cdpruner": {"keep": "0.1", "quality": "exp", "theta": 1.0, "negate": 0, "per_crop": "no"},
+    "sparsevlm": {"keep": "0.1", "budget": 64.0, "layers": "2,6,15", "recycle": 1},
     "hired": {
         "keep": True,
         "budget": "0.2",
