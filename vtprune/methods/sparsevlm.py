@@ -52,7 +52,6 @@ from vtprune.config import (
     MethodConfig,
     ModelInfo,
     check_bool,
-    check_choice,
     check_layer_list,
     register_method,
 )
@@ -96,12 +95,9 @@ class SparseVLM(MethodConfig):
 
     def validate(self) -> None:
         if self.budget is not None:
-            check_choice(
-                self.name,
-                "budget",
-                self.budget if type(self.budget) is int else str(self.budget),
-                tuple(SCHEDULES),
-            )
+            if type(self.budget) is not int or self.budget not in SCHEDULES:  # 64.0 == 64: refuse floats
+                allowed = ", ".join(map(str, SCHEDULES))
+                raise ValueError(f"sparsevlm: option 'budget'={self.budget!r} is invalid; allowed: {allowed}")
             if self.keep is not None:
                 raise ValueError("sparsevlm: give either 'keep' or 'budget', not both")
         if self.layers is not None:
