@@ -13,6 +13,8 @@ MODULES = [
     "vtprune.diversity",
     "vtprune.methods.divprune",
     "vtprune.methods.todre",
+    "vtprune.clustering",
+    "vtprune.methods.sparsevlm",
     "vtprune.stages",
     "vtprune.flops",
     "vtprune.config",

@@ -24,7 +24,8 @@ def model():
         (
             "nope",
             {},
-            "unknown method 'nope'; available: cdpruner, divprune, fastv, hired, layerskip, mustdrop, pdrop, random, todre, uniform, visionzip",
+            # every registered method, sorted (the list grows with each method)
+            "unknown method 'nope'; available: " + ", ".join(sorted(vtprune.config.REGISTRY)),
         ),
         ("fastv", {"kep": 0.5}, "unknown option"),
         ("fastv", {"keep": 0}, r"'keep'=0 is invalid; allowed: a number in \(0, 1\]"),
@@ -73,6 +74,7 @@ WRONG_TYPE = {
     "divprune": {"keep": "0.1", "per_crop": 1},
     "cdpruner": {"keep": "0.1", "quality": "exp", "theta": 1.0, "negate": 0, "per_crop": "no"},
     "todre": {"keep": "0.1", "layer": 2.0, "split": "0.5", "score": 1, "init": "center"},
+    "sparsevlm": {"keep": "0.1", "budget": 64.0, "layers": "2,6,15", "recycle": 1},
     "hired": {
         "keep": True,
         "budget": "0.2",

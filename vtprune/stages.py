@@ -99,6 +99,28 @@ class PrefillContext:
     answer_query: torch.Tensor | None = None
     protected: torch.Tensor | None = None
     visual_prompt: torch.Tensor | None = None  # per row, visual tokens before any vision stage
+    lm_input: LMInput | None = None  # the language model's input (stages with ``needs_lm_input``)
+    merges: list = field(default_factory=list)
+
+    def merge(self, row: int, members: torch.Tensor, centres: torch.Tensor) -> None:
+        """Replace kept slot ``centres[i]`` by the mean of the hidden states of ``members``
+        sharing its centre (slots of row ``row``; each centre is also listed as its own member)."""
+        self.merges.append((row, members, centres))
+
+
+@dataclass
+class LMInput:
+    """The language model's input embeddings (the input of decoder layer 0), for stages that
+    read it (SparseVLM chooses its rater tokens there).
+
+    ``embeds [B, L0, D]``, ``visual`` / ``valid [B, L0]`` describe the token set layer 0 saw;
+    ``slots [B, L]`` gives, for each slot the stage sees now, its slot in ``embeds`` (-1 at padding).
+    """
+
+    embeds: torch.Tensor
+    visual: torch.Tensor
+    valid: torch.Tensor
+    slots: torch.Tensor
 
 
 class Stage:
@@ -181,6 +203,8 @@ class PrefillStage(Stage):
     layer: int = 0
     #: a stage that scores with layer ``layer - 1``'s own attention needs that layer's input
     needs_previous_input: bool = False
+    #: the stage reads the language model's input embeddings (``ctx.lm_input``)
+    needs_lm_input: bool = False
 
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         """Boolean ``[B, L]`` mask over the present slots: which visual slots to keep."""

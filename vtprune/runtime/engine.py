@@ -60,6 +60,7 @@ class Runtime:
         self.capture_layers = {
             s.layer - 1 for group in self.prefill_stages.values() for s in group if s.needs_previous_input
         }
+        self.keep_lm_input = any(s.needs_lm_input for group in self.prefill_stages.values() for s in group)
         self.handles: list = []
         self.patched_methods: list[str] = []
         self.patched_forwards: list = []
@@ -309,7 +310,8 @@ class Runtime:
                 return None
             refuse_compiled()  # also when only the decoder layers are compiled
             if state.prefilling:
-                return prefill_layer(state, self.prefill_stages.get(i, ()), self.adapter, i, args, kwargs)
+                stages = self.prefill_stages.get(i, ())
+                return prefill_layer(state, stages, self.adapter, i, args, kwargs, self.keep_lm_input)
             return layer_mask(state, self.adapter.text_config, i, args, kwargs)
 
         return hook

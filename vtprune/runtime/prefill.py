@@ -12,9 +12,9 @@ import functools
 import torch
 
 from vtprune import compat
-from vtprune.stages import PrefillContext, PrefillStage, VisionContext
+from vtprune.stages import LMInput, PrefillContext, PrefillStage, VisionContext
 
-from .plumbing import keep_mask, on_slots, replayed_keep
+from .plumbing import keep_mask, on_slots, replayed_keep, slots_within
 from .state import REPLAY, RequestState
 from .tokens import TokenSet, compact, gather_many, gather_seq
 
@@ -77,10 +77,14 @@ def run_vision_stages(state: RequestState, stages, adapter, base: TokenSet, embe
     kwargs["inputs_embeds"] = gather_seq(embeds, slots, present)
 
 
-def prefill_layer(state: RequestState, stages, adapter, i: int, args, kwargs):
+def prefill_layer(state: RequestState, stages, adapter, i: int, args, kwargs, keep_input: bool = False):
     """Decoder-layer pre-hook at prefill: run the stages placed here, then hand the layer the
-    mask, rotary tables and (absent) position ids of the token set it really holds."""
+    mask, rotary tables and (absent) position ids of the token set it really holds.
+
+    ``keep_input``: remember layer 0's input (the LM input embeddings) for stages that read it."""
     hidden = args[0] if args else kwargs.pop("hidden_states")
+    if keep_input and i == 0:
+        state.step.memo["lm_input"] = (hidden, len(state.sets) - 1)
     if state.step.lm_rotary is None:
         state.step.lm_rotary = kwargs["position_embeddings"]
     for stage in stages:
@@ -128,8 +132,10 @@ def run_prefill_stage(state: RequestState, stage: PrefillStage, adapter, i: int,
         answer_query=answer,
         protected=on_slots(state.protected, cur),
         visual_prompt=state.visual_in.to(hidden.device),
+        lm_input=lm_input(state, cur) if stage.needs_lm_input else None,
     )
     keep_vis = select(state, stage, cur, lambda: stage.select(ctx))
+    hidden = apply_merges(state, stage, cur, ctx, hidden)
     keep = keep_mask(cur, keep_vis)
     if keep is None:
         return hidden
@@ -144,4 +150,51 @@ def run_prefill_stage(state: RequestState, stage: PrefillStage, adapter, i: int,
         adapter.text_config, hidden, new.valid.long(), compat.get_cache(kwargs), layer_idx=i
     )
     state.step.captured_qk = None
+    return hidden
+
+
+def lm_input(state: RequestState, cur: TokenSet) -> LMInput:
+    """Layer 0's input and its token set, with each current slot's slot there."""
+    embeds, s0 = state.step.memo["lm_input"]
+    first = state.sets[s0].to(embeds.device)
+    return LMInput(embeds, first.visual, first.valid, slots_within(first, cur))
+
+
+def apply_merges(state: RequestState, stage, cur: TokenSet, ctx: PrefillContext, hidden):
+    """Give merge centres the mean hidden state of their members (``ctx.merge``).
+
+    The groups are recorded in original positions under ``KEY:members`` / ``KEY:centres`` (one
+    centre per member), so an uncached replay of a longer prompt merges the same tokens.
+    """
+    replay = REPLAY.get()
+    mkey, ckey = f"{stage.key}:members", f"{stage.key}:centres"
+    if replay is not None and mkey in replay:
+        groups = []
+        pos = torch.where(cur.present, cur.orig_index, state.orig_len)
+        for b, (members, centres) in enumerate(zip(replay[mkey], replay[ckey])):
+            if members.numel():
+                table = torch.full((state.orig_len + 1,), -1, dtype=torch.long, device=pos.device)
+                table[pos[b]] = torch.arange(cur.length, device=pos.device)
+                groups.append((b, table[members.to(pos.device)], table[centres.to(pos.device)]))
+    else:
+        groups = ctx.merges
+        orig = cur.orig_index
+        mem_rows = [torch.zeros(0, dtype=torch.long)] * orig.shape[0]
+        cen_rows = list(mem_rows)
+        for b, members, centres in groups:
+            mem_rows[b] = orig[b][members].cpu()
+            cen_rows[b] = orig[b][centres].cpu()
+        if groups:
+            state.selections[mkey], state.selections[ckey] = mem_rows, cen_rows
+            # the stage's own kept set stays the last entry (readers take the last as the final set)
+            state.selections[stage.key] = state.selections.pop(stage.key)
+    if not groups:
+        return hidden
+    hidden = hidden.clone()
+    for b, members, centres in groups:
+        uniq, inverse = torch.unique(centres, return_inverse=True)
+        sums = torch.zeros(uniq.numel(), hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+        sums.index_add_(0, inverse, hidden[b, members].float())
+        counts = torch.bincount(inverse, minlength=uniq.numel()).unsqueeze(1)
+        hidden[b, uniq] = (sums / counts).to(hidden.dtype)
     return hidden
