@@ -69,6 +69,7 @@ WRONG_TYPE = {
     "random": {"keep": "0.5", "seed": "a", "protect_newlines": 1},
     "uniform": {"keep": "0.5", "protect_newlines": "yes"},
     "divprune": {"keep": "0.1", "per_crop": 1},
+    "flowcut": {"keep": "0.1", "smoothing": "half"},
     "cdpruner": {"keep": "0.1", "quality": "exp", "theta": 1.0, "negate": 0, "per_crop": "no"},
     "hired": {
         "keep": True,

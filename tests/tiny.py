@@ -45,11 +45,11 @@ def _text(**kw):
     return base
 
 
-def _clip(image_size: int = 32, patch_size: int = 4):
+def _clip(image_size: int = 32, patch_size: int = 4, layers: int = 3):
     return CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         image_size=image_size,
         patch_size=patch_size,
@@ -61,11 +61,13 @@ def _finish(model, attn):
     return model.eval()
 
 
-def llava(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, strategy: str = "default"):
+def llava(
+    attn: str = "sdpa", seed: int = 0, dtype=torch.float32, strategy: str = "default", tower_layers: int = 3
+):
     """``strategy="full"`` keeps the CLS token as an image token (65 per image instead of 64)."""
     torch.manual_seed(seed)
     cfg = LlavaConfig(
-        vision_config=_clip(),
+        vision_config=_clip(layers=tower_layers),
         text_config=LlamaConfig(**_text()),
         image_token_id=IMAGE,
         vision_feature_layer=-2,

@@ -20,6 +20,7 @@ from vtprune.config import REGISTRY, MethodConfig, method_names, register_method
 from vtprune.methods import (  # noqa: E402
     DivPrune,
     FastV,
+    FlowCut,
     HiRED,
     LayerSkip,
     MustDrop,
@@ -38,6 +39,7 @@ __all__ = [
     "Compose",
     "DivPrune",
     "FastV",
+    "FlowCut",
     "HiRED",
     "LayerSkip",
     "MustDrop",
