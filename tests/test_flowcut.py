@@ -193,8 +193,8 @@ def test_composes_with_a_prefill_stage(llava):
 @pytest.mark.parametrize(
     "family,plan,match",
     [
-        ("llava_next", "flowcut", "supported on LLaVA-1.5 only"),
-        ("qwen2_vl", "flowcut", "supported on LLaVA-1.5 only"),
+        ("llava_next", "flowcut", "supported on LLaVA-1.5 and Qwen2-VL"),
+        ("qwen2_5_vl", "flowcut", "window-permuted"),
         ("llava", vtprune.Compose(vtprune.FlowCut(), vtprune.HiRED()), "with vision stages"),
     ],
 )
@@ -216,3 +216,70 @@ def test_smoothing_out_of_range_is_named():
         ValueError, match=r"flowcut: option 'smoothing'=1.0 is invalid; allowed: a number in \[0, 1\)"
     ):
         vtprune.FlowCut(smoothing=1.0)
+
+
+# -- Qwen2-VL: whole merge groups, the global row ------------------------------------------------
+QWEN_SIZES = [(16, 16), (8, 12), (12, 16)]
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return tiny.qwen2_vl(tower_depth=5)  # pruning after blocks 0, 2 and 4 (before the merger)
+
+
+def test_qwen_merge_groups_stay_whole(qwen):
+    from vtprune.runtime.tower import TOWER
+
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append(TOWER.get().index.clone())
+
+    kw = tiny.inputs("qwen2_vl", qwen, [1, 2], seed=5, sizes=QWEN_SIZES)
+    with torch.no_grad(), vtprune.pruned(qwen, "flowcut", keep=0.2):
+        # registered after the plan's own pre-hook, so it sees the merger's real input
+        spy_handle = qwen.model.visual.merger.register_forward_pre_hook(spy, with_kwargs=True)
+        try:
+            qwen(**kw)
+        finally:
+            spy_handle.remove()
+        st = vtprune.stats(qwen)
+    (index,) = seen
+    groups = index.view(-1, 4)
+    assert groups.shape[0] == round(0.2 * 64) + round(0.2 * 24) + round(0.2 * 48)
+    assert torch.equal(groups[:, 0] % 4, torch.zeros_like(groups[:, 0]))
+    assert torch.equal(groups - groups[:, :1], torch.arange(4).expand_as(groups))
+    assert len(st.tower_tokens_per_layer) == 5
+    assert st.visual_tokens_per_layer[0] == (round(0.2 * 64) + round(0.2 * 24) + round(0.2 * 48)) / 2
+
+
+@pytest.fixture
+def qwen_tables(monkeypatch, qwen):
+    monkeypatch.setitem(eq.PLANS, "flowcut", dict(keep=0.3))
+    monkeypatch.setitem(eq.KEEP_ALL, "flowcut", dict(keep=1.0))
+    return "qwen2_vl", qwen
+
+
+def test_qwen_nothing_to_drop_equals_unpruned(qwen_tables):
+    eq.test_keep_everything_equals_unpruned(qwen_tables, "flowcut")
+
+
+def test_qwen_remove_restores_the_model(qwen_tables):
+    eq.test_remove_restores_exact_outputs_and_module_tree(qwen_tables, "flowcut")
+
+
+def test_qwen_cached_generate_equals_uncached(qwen_tables):
+    eq.test_cached_generate_equals_uncached_pruned_steps(qwen_tables, "flowcut")
+
+
+def test_qwen_padded_batch_equals_rows_alone(qwen_tables):
+    eq.test_left_padded_batch_equals_rows_alone(qwen_tables, "flowcut")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.25, 0.11])
+def test_qwen_keep_target_within_two_percent(qwen, keep):
+    kw = tiny.inputs("qwen2_vl", qwen, [1], seed=1, sizes=[(32, 32)])  # 256 tokens
+    with torch.no_grad(), vtprune.pruned(qwen, "flowcut", keep=keep):
+        qwen(**kw)
+        got = vtprune.stats(qwen).keep_ratio
+    assert abs(got - keep) / keep <= 0.02, got

@@ -90,7 +90,7 @@ def llava_next(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, crop: int
     return _finish(LlavaNextForConditionalGeneration(cfg).to(dtype), attn)
 
 
-def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, **text_kw):
+def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, tower_depth: int = 2, **text_kw):
     """Tiny Qwen2-VL; ``text_kw`` overrides text-config fields (e.g. sliding-window layer types)."""
     torch.manual_seed(seed)
     text = _text(
@@ -98,7 +98,7 @@ def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, **text_kw):
     )
     cfg = Qwen2VLConfig(
         vision_config=dict(
-            depth=2,
+            depth=tower_depth,
             embed_dim=32,
             hidden_size=64,
             num_heads=2,

@@ -128,6 +128,13 @@ class TowerContext:
     patches: int
     cls_in_lm: bool = False
     scratch: dict = field(default_factory=dict)
+    #: towers without CLS (Qwen2-VL): ``cls_probs`` is the mean-query "global" row instead, rows
+    #: are attention sequences (images / frames), slots are patches whose ``group`` consecutive
+    #: slots form one language-model token (kept or dropped together), ``index`` is the patch's
+    #: original place in its row and ``row_patches`` ``[B]`` each row's patches at the tower input
+    has_cls: bool = True
+    group: int = 1
+    row_patches: torch.Tensor | None = None
 
 
 class Stage:

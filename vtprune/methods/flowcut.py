@@ -31,7 +31,19 @@ Deviations from the official code (github.com/TungChintao/FlowCut, a2ecd24):
   the same tokens whatever else is in the batch (shorter rows are padded and masked);
 * scores are computed in float32 and ``0 log 0`` counts as 0 in the entropy.
 
-Supported on LLaVA-1.5 so far; LLaVA-NeXT and Qwen2-VL are refused with a clear error.
+Qwen2-VL (no CLS): the row is the "global" one, the mean query of the image's patches against
+their keys (rotary applied), times ``|| mean_h v_j ||_1``, with no semantic term, as the official
+port; the schedule runs over all blocks, its last drop just before the merger. Unlike the port:
+
+* whole 2x2 merge groups are scored (the sum of their four patches' scores and relations) and
+  kept or dropped together, so the merger still merges neighbouring patches (the port drops
+  single patches, and the merger then merges unrelated ones);
+* each image (video frame) is scored, scheduled and given ``round(keep * tokens)`` on its own,
+  over its own patches (the port is batch size 1 and takes the mean over the whole tower input);
+* the tower goes straight to ``k`` tokens: the port keeps ``4k`` patches (``k`` merged tokens'
+  worth of them, broken groups aside) and prunes to ``k`` again at LLM layer 1, not done here.
+
+Supported on LLaVA-1.5 and Qwen2-VL; LLaVA-NeXT and Qwen2.5-VL are refused with a clear error.
 """
 
 from __future__ import annotations
@@ -113,13 +125,14 @@ def drop_counts(relation: torch.Tensor, present: torch.Tensor, target: int, rpl:
         >>> drop_counts(uniform, torch.tensor([4]), 1, 0).tolist()
         [1]
     """
+    target = torch.as_tensor(target, device=present.device).expand_as(present)
     if rpl == 0:
-        return torch.full_like(present, target).minimum(present)
+        return target.minimum(present)
     n = present.float()
     entropy = -torch.xlogy(relation, relation).sum(1)
     ratio = torch.where(n > 1, entropy / n.clamp_min(2).log(), torch.ones_like(n))
     r = torch.round((n - target) / math.sqrt(rpl) * (1 - ratio**2))
-    return torch.maximum(present - r.long(), torch.full_like(present, target)).minimum(present)
+    return torch.maximum(present - r.long(), target).minimum(present)
 
 
 class FlowCutStage(TowerStage):
@@ -139,6 +152,8 @@ class FlowCutStage(TowerStage):
         return list(range(feature_layer))  # every layer before the feature layer (rpl >= 0)
 
     def after_layer(self, ctx: TowerContext) -> torch.Tensor | None:
+        if not ctx.has_cls:
+            return self._after_layer_units(ctx)
         lm_tokens = ctx.patches + int(ctx.cls_in_lm)
         target = self.target_tokens(lm_tokens) - int(ctx.cls_in_lm)  # patches to keep
         relation, score = flowcut_scores(ctx.cls_probs, ctx.values, ctx.valid)
@@ -156,8 +171,38 @@ class FlowCutStage(TowerStage):
         patches[:, 0] = False
         present = patches.sum(1)
         keep_n = drop_counts(relation, present, target, rpl)
-        ranked = torch.where(patches, current, float("-inf")).argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(ranked).scatter_(
-            1, ranked, torch.arange(ranked.shape[1], device=ranked.device).expand_as(ranked)
-        )
-        return (patches & (rank < keep_n[:, None])) | ~patches & ctx.valid
+        return _top(current, patches, keep_n) | ~patches & ctx.valid
+
+    def _after_layer_units(self, ctx: TowerContext) -> torch.Tensor | None:
+        """Towers without CLS (Qwen2-VL): the mean-query global row times the value density,
+        summed over each merge group, which is scored, smoothed and kept or dropped whole."""
+        g = ctx.group
+        b, t = ctx.valid.shape
+        relation = ctx.cls_probs.mean(1) * ctx.valid  # [B, T] patches
+        score = relation * ctx.values.mean(1).abs().sum(-1)
+        relation = relation.view(b, t // g, g).sum(-1)
+        score = score.view(b, t // g, g).sum(-1)
+        units = ctx.valid[:, ::g]
+        index = ctx.index[:, ::g] // g
+        target = (ctx.row_patches // g).float().mul(self.keep).add(0.5).long().clamp_min(1)
+        past = ctx.scratch.get("cumulative")
+        if past is None:
+            size = int(ctx.row_patches.max()) // g
+            past = ctx.scratch["cumulative"] = score.new_zeros(b, size)
+            current = score
+        else:
+            current = self.smoothing * past.gather(1, index) + (1 - self.smoothing) * score
+        past.scatter_(1, index, torch.where(units, current, past.gather(1, index)))
+        rpl = ctx.feature_layer - ctx.layer - 1
+        if rpl % 2:
+            return None
+        keep_n = drop_counts(relation, units.sum(1), target, rpl)
+        return _top(current, units, keep_n).repeat_interleave(g, dim=1)
+
+
+def _top(score: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: per row, its ``counts[b]`` highest-scoring candidates."""
+    ranked = torch.where(candidates, score, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    steps = torch.arange(ranked.shape[1], device=ranked.device).expand_as(ranked)
+    rank = torch.empty_like(ranked).scatter_(1, ranked, steps)
+    return candidates & (rank < counts[:, None])

@@ -14,7 +14,7 @@ from vtprune.images import GridSegment, ImageSpec
 
 from .plumbing import bind_call
 from .state import ACTIVE
-from .tower import TOWER, TowerCall
+from .tower import TOWER
 from .vision import CAPTURE, split_per_image
 
 
@@ -34,7 +34,7 @@ class EncoderTap:
 
         def encode(*args, **kwargs):
             token = CAPTURE.set({}) if self.probe is not None else None
-            call = TowerCall(self.tower) if self.tower is not None else None
+            call = self.tower.new_call() if self.tower is not None else None
             tower_token = TOWER.set(call) if call is not None else None
             try:
                 out = method(*args, **kwargs)

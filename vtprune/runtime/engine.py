@@ -37,6 +37,7 @@ from .prefill import prefill_layer, run_vision_stages
 from .state import ACTIVE, LABELS, RequestState, StepScratch, attach_to_cache, state_of_cache
 from .tokens import TokenSet
 from .tower import TowerRun
+from .tower_qwen import QwenTowerRun
 from .vision import make_probe
 
 
@@ -336,7 +337,7 @@ def check_tower_plan(adapter, tower_stages: list, vision_stages: list) -> TowerR
             "prefill-stage methods (fastv, pdrop) instead"
         )
     adapter.check_tower_stage(keys)
-    run = TowerRun(adapter, tower_stages)
+    run = (TowerRun if adapter.has_cls else QwenTowerRun)(adapter, tower_stages)
     if not run.after:
         raise NotImplementedError(
             f"vtprune: {keys} reads tower layers before the feature layer, and this model's features "

@@ -105,6 +105,9 @@ class TowerRun:
         self.patches = adapter.tower_tokens_per_crop - 1
         self.cls_in_lm = adapter.config.vision_feature_select_strategy != "default"
 
+    def new_call(self) -> TowerCall:
+        return TowerCall(self)
+
     def install(self, handles: list) -> None:
         """Register the hooks into ``handles`` (as they go: a failure leaves none behind)."""
         for layer in self.after:
