@@ -103,6 +103,13 @@ class Adapter:
         (``blocks[i] = patches[order[i]]``); ``None`` when the blocks see the token order."""
         return None
 
+    def check_tower_stage(self, method: str) -> None:
+        """Refuse a tower stage (pruning between vision-tower layers) this family cannot run."""
+        raise NotImplementedError(
+            f"vtprune: {method} prunes inside the vision tower, which is supported on LLaVA-1.5 and "
+            f"Qwen2-VL so far, not on {self.family}"
+        )
+
     def check_call(self, call: dict) -> None:
         """Refuse a prefill call whose inputs would silently mislead the model (family-specific)."""
 

@@ -45,6 +45,14 @@ class LlavaAdapter(Adapter):
         vc = self.config.vision_config
         return (vc.image_size // vc.patch_size) ** 2 + 1
 
+    def check_tower_stage(self, method: str) -> None:
+        """Tower stages need one feature layer (several layers' features would differ in length)."""
+        if not isinstance(self.config.vision_feature_layer, int):
+            raise NotImplementedError(
+                f"vtprune: {method} prunes inside the vision tower, which needs one vision_feature_layer; "
+                f"this model concatenates layers {self.config.vision_feature_layer}"
+            )
+
     def tower_projector(self):
         """The projector, when the features come from one tower layer (several are concatenated
         per token before it otherwise)."""

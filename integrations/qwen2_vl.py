@@ -53,6 +53,9 @@ class Qwen2VLAdapter(Adapter):
     def required_call_params(self) -> tuple[str, ...]:
         return ("image_grid_thw", "video_grid_thw", "mm_token_type_ids")
 
+    def check_tower_stage(self, method: str) -> None:
+        """Qwen2-VL's blocks see the patches in token order: tower stages run (merge groups whole)."""
+
     def check_call(self, call: dict) -> None:
         """Refuse a prompt with visual placeholders but no (or inconsistent) ``mm_token_type_ids``.
 

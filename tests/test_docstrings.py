@@ -15,6 +15,7 @@ MODULES = [
     "vtprune.methods.todre",
     "vtprune.clustering",
     "vtprune.methods.sparsevlm",
+    "vtprune.methods.flowcut",
     "vtprune.stages",
     "vtprune.flops",
     "vtprune.config",

@@ -72,6 +72,7 @@ WRONG_TYPE = {
     "random": {"keep": "0.5", "seed": "a", "protect_newlines": 1},
     "uniform": {"keep": "0.5", "protect_newlines": "yes"},
     "divprune": {"keep": "0.1", "per_crop": 1},
+    "flowcut": {"keep": "0.1", "smoothing": "half"},
     "cdpruner": {"keep": "0.1", "quality": "exp", "theta": 1.0, "negate": 0, "per_crop": "no"},
     "todre": {"keep": "0.1", "layer": 2.0, "split": "0.5", "score": 1, "init": "center"},
     "sparsevlm": {"keep": "0.1", "budget": 64.0, "layers": "2,6,15", "recycle": 1},

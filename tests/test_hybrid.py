@@ -17,6 +17,7 @@ VISION = {
     "uniform": dict(keep=0.25),
     "divprune": dict(keep=0.3),
     "cdpruner": dict(keep=0.3),
+    "flowcut": dict(keep=0.3),  # a tower stage: it too prunes before the language model
 }
 
 

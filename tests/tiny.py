@@ -45,11 +45,11 @@ def _text(**kw):
     return base
 
 
-def _clip(image_size: int = 32, patch_size: int = 4):
+def _clip(image_size: int = 32, patch_size: int = 4, layers: int = 3):
     return CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         image_size=image_size,
         patch_size=patch_size,
@@ -61,11 +61,13 @@ def _finish(model, attn):
     return model.eval()
 
 
-def llava(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, strategy: str = "default"):
+def llava(
+    attn: str = "sdpa", seed: int = 0, dtype=torch.float32, strategy: str = "default", tower_layers: int = 3
+):
     """``strategy="full"`` keeps the CLS token as an image token (65 per image instead of 64)."""
     torch.manual_seed(seed)
     cfg = LlavaConfig(
-        vision_config=_clip(),
+        vision_config=_clip(layers=tower_layers),
         text_config=LlamaConfig(**_text()),
         image_token_id=IMAGE,
         vision_feature_layer=-2,
@@ -88,7 +90,7 @@ def llava_next(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, crop: int
     return _finish(LlavaNextForConditionalGeneration(cfg).to(dtype), attn)
 
 
-def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, **text_kw):
+def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, tower_depth: int = 2, **text_kw):
     """Tiny Qwen2-VL; ``text_kw`` overrides text-config fields (e.g. sliding-window layer types)."""
     torch.manual_seed(seed)
     text = _text(
@@ -96,7 +98,7 @@ def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, **text_kw):
     )
     cfg = Qwen2VLConfig(
         vision_config=dict(
-            depth=2,
+            depth=tower_depth,
             embed_dim=32,
             hidden_size=64,
             num_heads=2,

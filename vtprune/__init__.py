@@ -20,6 +20,7 @@ from vtprune.config import REGISTRY, MethodConfig, method_names, register_method
 from vtprune.methods import (  # noqa: E402
     DivPrune,
     FastV,
+    FlowCut,
     HiRED,
     LayerSkip,
     MustDrop,
@@ -40,6 +41,7 @@ __all__ = [
     "Compose",
     "DivPrune",
     "FastV",
+    "FlowCut",
     "HiRED",
     "LayerSkip",
     "MustDrop",

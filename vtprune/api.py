@@ -167,11 +167,11 @@ def _check_model(adapter, configs, stages) -> None:
     and cache itself; in-LLM stages hand layers gathered masks and per-layer cache lengths that
     only full-attention layers understand.
     """
-    from vtprune.stages import VisionStage
+    from vtprune.stages import TowerStage, VisionStage
 
     types = getattr(adapter.text_config, "layer_types", None) or []
     other = sorted({t for t in types if t != "full_attention"})
-    in_llm = [s.key for s in stages if not isinstance(s, VisionStage)]
+    in_llm = [s.key for s in stages if not isinstance(s, (VisionStage, TowerStage))]
     if other and in_llm:
         names = ", ".join(c.name for c in configs)
         raise NotImplementedError(

@@ -25,6 +25,7 @@ DEFAULT_METHODS = [
     "cdpruner",
     "todre",
     "sparsevlm",
+    "flowcut",
     "random",
     "uniform",
 ]

@@ -53,3 +53,18 @@ def attention_flops(text_config, tokens_per_layer: list[float]) -> float:
     """``QK^T`` and ``PV`` FLOPs of a dense (unmasked-count) attention over ``n`` tokens per layer."""
     _, h, _, hd, _ = _dims(text_config)
     return float(sum(4 * n * n * h * hd for n in tokens_per_layer))
+
+
+def tower_linear_flops(vision_config, tokens_per_layer: list[float]) -> float:
+    """Matmul FLOPs of the projections and MLP of every vision-tower layer (q, k, v, out
+    projections and a two-matrix MLP: CLIP, Qwen2-VL), ``tokens_per_layer`` counting CLS.
+
+    Example:
+        >>> from transformers import CLIPVisionConfig
+        >>> cfg = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16)
+        >>> round(tower_linear_flops(cfg, [577] * 24) / 1e12, 3)  # CLIP-L/336 as in LLaVA-1.5
+        0.348
+    """
+    d = getattr(vision_config, "embed_dim", None) or vision_config.hidden_size  # Qwen2-VL: embed_dim
+    m = getattr(vision_config, "intermediate_size", None) or int(d * vision_config.mlp_ratio)
+    return float(sum(2 * n * (4 * d * d + 2 * d * m) for n in tokens_per_layer))

@@ -7,6 +7,8 @@ the others physically (hidden states, positions, masks, KV cache).
 * :class:`VisionStage` acts once, before the language model, on the projected image tokens; its
   default ``select`` hands each image to a pure ``pick(view, budget)``.
 * :class:`PrefillStage` acts before decoder layer ``layer`` during prefill.
+* :class:`TowerStage` acts between vision-tower layers: the tokens it drops leave the tower
+  itself, so later tower layers, the projector and the language model all see fewer.
 """
 
 from __future__ import annotations
@@ -121,6 +123,40 @@ class LMInput:
     visual: torch.Tensor
     valid: torch.Tensor
     slots: torch.Tensor
+
+
+@dataclass
+class TowerContext:
+    """What a tower stage sees after tower layer ``layer`` (one tower batch: a row per crop).
+
+    ``hidden`` ``[B, T, D]`` is the layer's output (the next layer's input); ``valid`` ``[B, T]``
+    flags real slots (rows keep different counts, the rest is padding the tower masks out);
+    ``index`` ``[B, T]`` is each slot's original tower token (0 is CLS); ``cls_probs``
+    ``[B, H, T]`` the CLS query row of this layer's attention (softmax over the valid keys),
+    computed beside SDPA from the layer's own projections; ``values`` ``[B, H, T, d]`` its
+    value vectors. ``feature_layer`` is the tower layer whose output becomes the image
+    features; ``patches`` the patch tokens a crop had at the tower's input, ``cls_in_lm``
+    whether the CLS token also reaches the language model (LLaVA's "full" strategy).
+    ``scratch`` is the stage's own per-call memory (e.g. scores carried across layers).
+    """
+
+    layer: int
+    hidden: torch.Tensor
+    valid: torch.Tensor
+    index: torch.Tensor
+    cls_probs: torch.Tensor
+    values: torch.Tensor
+    feature_layer: int
+    patches: int
+    cls_in_lm: bool = False
+    scratch: dict = field(default_factory=dict)
+    #: towers without CLS (Qwen2-VL): ``cls_probs`` is the mean-query "global" row instead, rows
+    #: are attention sequences (images / frames), slots are patches whose ``group`` consecutive
+    #: slots form one language-model token (kept or dropped together), ``index`` is the patch's
+    #: original place in its row and ``row_patches`` ``[B]`` each row's patches at the tower input
+    has_cls: bool = True
+    group: int = 1
+    row_patches: torch.Tensor | None = None
 
 
 class Stage:
@@ -247,6 +283,41 @@ class DecodeStage(Stage):
         self.first_layer, self.key = first_layer, key
 
 
+class TowerStage(Stage):
+    """Drops patch tokens between vision-tower layers (FlowCut).
+
+    The runtime calls :meth:`after_layer` with a :class:`TowerContext` after every layer in
+    :meth:`tower_layers`; the kept slots leave the tower before the next layer. At the language
+    model the image's placeholders shrink to the survivors (:meth:`select`, the same compaction
+    a vision stage gets), so ``keep`` counts what reaches the language model.
+    """
+
+    point = "tower"
+
+    def tower_layers(self, feature_layer: int, depth: int) -> list[int]:
+        """Tower layers after which :meth:`after_layer` runs (their CLS row and values are read)."""
+        raise NotImplementedError
+
+    def after_layer(self, ctx: TowerContext) -> torch.Tensor | None:
+        """Boolean ``[B, T]``: the slots to keep (a subset of ``ctx.valid``, CLS kept), or
+        ``None`` to keep everything."""
+        raise NotImplementedError
+
+    def expected_count(self, n_image: int) -> int:
+        """Tokens of an ``n_image``-token image that reach the language model."""
+        raise NotImplementedError
+
+    def select(self, ctx: VisionContext) -> torch.Tensor:
+        """Boolean ``[B, L]``: the image placeholders whose tokens left the tower."""
+        keep = torch.zeros_like(ctx.visual)
+        for row in ctx.layouts:
+            for img in row:
+                kept = img.vision.get("tower_kept")
+                pos = img.positions if kept is None else img.positions[kept.to(img.positions.device)]
+                keep[img.row, pos.to(keep.device)] = True
+        return keep
+
+
 def expected_tokens_per_layer(stages: list[Stage], n_visual: int, num_layers: int) -> list[int]:
     """Visual tokens each decoder layer sees under ``stages`` for one image of ``n_visual`` tokens.
 
@@ -257,7 +328,7 @@ def expected_tokens_per_layer(stages: list[Stage], n_visual: int, num_layers: in
     """
     n = n_visual
     for s in stages:
-        if isinstance(s, VisionStage):
+        if isinstance(s, (VisionStage, TowerStage)):
             n = s.expected_count(n)
     n_in, counts = n, []
     by_layer = sorted((s for s in stages if isinstance(s, PrefillStage)), key=lambda s: s.layer)

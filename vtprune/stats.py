@@ -22,6 +22,8 @@ class PruneStats:
             ``None`` (not measured) unless the plan was applied with ``timing=True``, because
             measuring it synchronises the GPU at every pruning point.
         selections: per stage key, the original positions of the visual tokens each row kept.
+        tower_tokens_per_layer: with a tower stage, the tokens (CLS included) each vision-tower
+            layer ran on, one number per tower layer, mean over the images; ``None`` otherwise.
 
     Example:
         >>> s = vtprune.stats(model)  # doctest: +SKIP
@@ -36,6 +38,7 @@ class PruneStats:
     kv_cache_lengths: list[int]
     overhead_s: float | None = None
     selections: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+    tower_tokens_per_layer: list[float] | None = None
 
     @property
     def equivalent_tokens(self) -> float:
@@ -50,7 +53,16 @@ class PruneStats:
         per_sample = state.visual_in.tolist()
         vin = float(sum(per_sample)) / max(1, len(per_sample))
         keep = (sum(per_layer) / num_layers) / vin if vin > 0 else 1.0
-        return cls(vin, per_sample, per_layer, keep, lengths, state.overhead_s, dict(state.selections))
+        tower = [
+            img.vision["tower_tokens"]
+            for row in getattr(state, "layouts", [])
+            for img in row
+            if "tower_tokens" in img.vision
+        ]
+        tower_mean = [sum(col) / len(tower) for col in zip(*tower)] if tower else None
+        return cls(
+            vin, per_sample, per_layer, keep, lengths, state.overhead_s, dict(state.selections), tower_mean
+        )
 
     def as_dict(self) -> dict:
         return {
@@ -61,4 +73,5 @@ class PruneStats:
             "keep_ratio": self.keep_ratio,
             "kv_cache_lengths": self.kv_cache_lengths,
             "overhead_s": self.overhead_s,
+            "tower_tokens_per_layer": self.tower_tokens_per_layer,
         }

@@ -4,6 +4,7 @@ from .baselines import RandomPrune, UniformPrune
 from .cdpruner import CDPruner
 from .divprune import DivPrune
 from .fastv import FastV
+from .flowcut import FlowCut
 from .hired import HiRED
 from .layerskip import LayerSkip
 from .mustdrop import MustDrop
@@ -16,6 +17,7 @@ __all__ = [
     "CDPruner",
     "DivPrune",
     "FastV",
+    "FlowCut",
     "HiRED",
     "LayerSkip",
     "MustDrop",

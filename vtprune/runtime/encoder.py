@@ -14,12 +14,13 @@ from vtprune.images import GridSegment, ImageSpec
 
 from .plumbing import bind_call
 from .state import ACTIVE
+from .tower import TOWER
 from .vision import CAPTURE, split_per_image
 
 
 class EncoderTap:
-    def __init__(self, adapter, probe, is_mine):
-        self.adapter, self.probe, self.is_mine = adapter, probe, is_mine
+    def __init__(self, adapter, probe, is_mine, tower=None):
+        self.adapter, self.probe, self.is_mine, self.tower = adapter, probe, is_mine, tower
 
     def wrap(self, method):
         """Record each encoded image's token structure on the encoder output.
@@ -33,19 +34,30 @@ class EncoderTap:
 
         def encode(*args, **kwargs):
             token = CAPTURE.set({}) if self.probe is not None else None
+            call = self.tower.new_call() if self.tower is not None else None
+            tower_token = TOWER.set(call) if call is not None else None
             try:
                 out = method(*args, **kwargs)
             finally:
                 raw = CAPTURE.get() if token is not None else None
                 if token is not None:
                     CAPTURE.reset(token)
+                if tower_token is not None:
+                    TOWER.reset(tower_token)
             feats = getattr(out, "pooler_output", None)
             if isinstance(feats, (list, tuple)):
                 specs = self.adapter.image_specs(bind_call(signature, args, kwargs))
                 if len(specs) == len(feats):
-                    out._vtprune_specs = {id(f): spec for f, spec in zip(feats, specs)}
+                    vision = [{} for _ in specs]
                     if raw:
                         vision = split_per_image(self.probe.finish(raw), specs, self.adapter)
+                    if call is not None and call.index is not None:
+                        feats, kept = call.finish(list(feats), specs)
+                        out.pooler_output = feats
+                        for v, k in zip(vision, kept):
+                            v.update(k)
+                    out._vtprune_specs = {id(f): spec for f, spec in zip(feats, specs)}
+                    if any(vision):
                         out._vtprune_vision = {id(f): v for f, v in zip(feats, vision)}
                         self._attach_vision_to_active(vision, {spec.kind for spec in specs})
             return out

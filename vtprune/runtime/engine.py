@@ -26,7 +26,7 @@ import torch
 from transformers import DynamicCache
 
 from vtprune import compat
-from vtprune.stages import DecodeStage, PrefillStage, SkipStage, VisionStage
+from vtprune.stages import DecodeStage, PrefillStage, SkipStage, TowerStage, VisionStage
 from vtprune.stats import PruneStats
 
 from .attention import wrapper_name
@@ -36,6 +36,8 @@ from .plumbing import bind_call, refuse_compiled, refuse_unsupported
 from .prefill import prefill_layer, run_vision_stages
 from .state import ACTIVE, LABELS, RequestState, StepScratch, attach_to_cache, state_of_cache
 from .tokens import TokenSet
+from .tower import TowerRun
+from .tower_qwen import QwenTowerRun
 from .vision import make_probe
 
 
@@ -48,6 +50,8 @@ class Runtime:
         self.wiring = wiring
         self.timing = timing  # measure overhead_s (synchronises CUDA around every stage)
         self.vision_stages = [s for s in stages if isinstance(s, VisionStage)]
+        tower_stages = [s for s in stages if isinstance(s, TowerStage)]
+        self.tower = check_tower_plan(adapter, tower_stages, self.vision_stages)
         self.decode_stages = [s for s in stages if isinstance(s, DecodeStage)]
         self.skip_stages = [s for s in stages if isinstance(s, SkipStage)]
         self.attention_handlers = {layer: s for s in self.skip_stages for layer in s.attention_layers}
@@ -68,7 +72,9 @@ class Runtime:
         hidden = sorted({layer for st in self.vision_stages for layer in st.vision_hidden_layers(adapter)})
         keys = any(st.needs_keys for st in self.vision_stages)
         self.probe = make_probe(adapter, layers, keys, hidden) if layers or hidden else None
-        self.encoder = EncoderTap(adapter, self.probe, self._mine)
+        self.encoder = EncoderTap(adapter, self.probe, self._mine, self.tower)
+        # the tower's survivors shrink the image placeholders first, like a vision stage's picks
+        self.lm_input_stages = tower_stages + self.vision_stages
         self._per_thread = threading.local()  # each thread's last request (stats(model))
         self._mm_signature = inspect.signature(adapter.mm_model.forward)  # read once, bound per call
 
@@ -92,6 +98,8 @@ class Runtime:
             self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         if self.probe is not None:
             self.probe.install(self.handles)
+        if self.tower is not None:
+            self.tower.install(self.handles)
         for i in self.capture_layers:
             attn = a.layers[i].self_attn
             self.handles.append(attn.q_proj.register_forward_hook(self._keep_projection(0)))
@@ -264,9 +272,9 @@ class Runtime:
         state.visual_in = visual.sum(1)
         state.sets = [base]
         state.layer_set = [0] * len(self.adapter.layers)
-        if self.vision_stages:
+        if self.lm_input_stages:
             with state.timed():
-                run_vision_stages(state, self.vision_stages, self.adapter, base, embeds, kwargs)
+                run_vision_stages(state, self.lm_input_stages, self.adapter, base, embeds, kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = self.adapter.text_config.use_cache
@@ -315,3 +323,26 @@ class Runtime:
             return layer_mask(state, self.adapter.text_config, i, args, kwargs)
 
         return hook
+
+
+def check_tower_plan(adapter, tower_stages: list, vision_stages: list) -> TowerRun | None:
+    """The tower hooks of a plan, or a clear error for what tower stages do not support yet."""
+    if not tower_stages:
+        return None
+    keys = ", ".join(s.key for s in tower_stages)
+    if len(tower_stages) > 1:
+        raise NotImplementedError(f"vtprune: one tower stage per plan is supported, got {keys}")
+    if vision_stages:
+        raise NotImplementedError(
+            f"vtprune: composing a tower stage ({keys}) with vision stages "
+            f"({', '.join(s.key for s in vision_stages)}) is not supported yet; compose it with "
+            "prefill-stage methods (fastv, pdrop) instead"
+        )
+    adapter.check_tower_stage(keys)
+    run = (TowerRun if adapter.has_cls else QwenTowerRun)(adapter, tower_stages)
+    if not run.after:
+        raise NotImplementedError(
+            f"vtprune: {keys} reads tower layers before the feature layer, and this model's features "
+            f"come from tower layer {run.feature_layer} (the first): there is nothing to prune before it"
+        )
+    return run
