@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import platform
 import statistics
 import time
@@ -67,18 +68,22 @@ def stage_for(method: str, keep: float):
     return stage
 
 
-def time_call(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls."""
-    times = []
+def time_call(fn, repeats: int) -> tuple[float, float]:
+    """Median (CPU seconds of this process, wall seconds) of ``fn()`` over ``repeats`` calls.
+
+    With one thread the process CPU time is what the call costs on a free core; on a shared
+    machine the wall time also counts the time other processes held the core."""
+    cpu, wall = [], []
     with torch.inference_mode():
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            c0, w0 = time.process_time(), time.perf_counter()
             fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+    return statistics.median(cpu), statistics.median(wall)
 
 
-def time_method(method: str, view: ImageView, keep: float, budget: int, repeats: int) -> float:
+def time_method(method: str, view: ImageView, keep: float, budget: int, repeats: int) -> tuple[float, float]:
     stage = stage_for(method, keep)
     if method == "recycle":
         kept = torch.arange(budget) * view.num_tokens // max(budget, 1)
@@ -106,11 +111,12 @@ def run(tokens, keeps, methods, hidden: int, repeats: int, pick_repeats: int) ->
             for keep in keeps:
                 budget = int(keep * n + 0.5)
                 reps = pick_repeats if method in GREEDY else repeats
-                sec = time_method(method, view, keep, budget, reps)
-                row = dict(method=method, tokens=n, keep=keep, budget=budget, median_ms=round(sec * 1e3, 3))
+                cpu, wall = time_method(method, view, keep, budget, reps)
+                row = dict(method=method, tokens=n, keep=keep, budget=budget)
+                row.update(cpu_ms=round(cpu * 1e3, 3), wall_ms=round(wall * 1e3, 3))
                 if loop is not None:
-                    step = time_call(functools.partial(loop, budget), repeats)
-                    row["loop_ms"] = round(step * 1e3, 3)
+                    step, _ = time_call(functools.partial(loop, budget), repeats)
+                    row["loop_cpu_ms"] = round(step * 1e3, 3)
                     row["per_step_us"] = round(step / max(budget, 1) * 1e6, 2)
                 rows.append(row)
     return rows
@@ -121,17 +127,19 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "# Selection time per image (CPU)",
         "",
         f"hidden {meta['hidden']}, {meta['threads']} torch thread(s), torch {meta['torch']}, {meta['machine']}. "
-        f"`pick`: the whole pick of one image (median of {meta['pick_repeats']}); `loop`: the greedy loop "
-        f"alone on a precomputed kernel (median of {meta['repeats']}); `per step` = loop / budget; "
+        "Times are CPU time of the process (one thread: the cost on a free core; `wall` also counts a "
+        f"shared machine's other load, {meta['load']}). `pick`: the whole pick of one image (median of "
+        f"{meta['pick_repeats']}); `loop`: the greedy loop alone on a precomputed kernel (median of "
+        f"{meta['repeats']}); `per step` = loop / budget; "
         '`recycle`: the `recycle="nearest"` merge alone. The rest of a pick is the cosine kernel.',
         "",
-        "| method | N | keep | budget | pick ms | loop ms | per step µs |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | N | keep | budget | pick CPU ms | pick wall ms | loop CPU ms | per step CPU µs |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['method']} | {r['tokens']} | {r['keep']:.2f} | {r['budget']} | {r['median_ms']:.1f} | "
-            f"{r.get('loop_ms', '')} | {r.get('per_step_us', '')} |"
+            f"| {r['method']} | {r['tokens']} | {r['keep']:.2f} | {r['budget']} | {r['cpu_ms']:.1f} | "
+            f"{r['wall_ms']:.1f} | {r.get('loop_cpu_ms', '')} | {r.get('per_step_us', '')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -171,6 +179,7 @@ def main(argv=None) -> dict:
         hidden=a.hidden,
         repeats=a.repeats,
         pick_repeats=pick_repeats,
+        load="load average " + " ".join(f"{v:.1f}" for v in os.getloadavg()) + f" on {os.cpu_count()} CPUs",
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         machine=f"{platform.machine()} {platform.processor() or platform.system()}",
