@@ -29,6 +29,7 @@ MODULES = [
     "vtprune.cli",
     "vtprune.eval.bench_prefill",
     "vtprune.eval.bench_gemm",
+    "vtprune.eval.bench_selection",
     "vtprune.eval.evidence",
     "vtprune.eval.reports",
     "vtprune.eval.flops_report",
