@@ -69,11 +69,19 @@ def test_bad_options_raise_value_error(model, method, opts, match):
 WRONG_TYPE = {
     "fastv": {"keep": "half", "layer": 2.0, "ratio": "0.5", "score": 1},
     "pdrop": {"keep": [0.5], "layers": "8,16", "ratio": True},
-    "random": {"keep": "0.5", "seed": "a", "protect_newlines": 1},
-    "uniform": {"keep": "0.5", "protect_newlines": "yes"},
-    "divprune": {"keep": "0.1", "per_crop": 1},
+    "random": {"keep": "0.5", "seed": "a", "protect_newlines": 1, "recycle": 1},
+    "uniform": {"keep": "0.5", "protect_newlines": "yes", "recycle": True},
+    "divprune": {"keep": "0.1", "per_crop": 1, "recycle": "mean"},
     "flowcut": {"keep": "0.1", "smoothing": "half"},
-    "cdpruner": {"keep": "0.1", "quality": "exp", "theta": 1.0, "negate": 0, "per_crop": "no"},
+    "cdpruner": {
+        "keep": "0.1",
+        "quality": "exp",
+        "theta": 1.0,
+        "negate": 0,
+        "per_crop": "no",
+        "relevance": 2,
+        "recycle": None,
+    },
     "todre": {"keep": "0.1", "layer": 2.0, "split": "0.5", "score": 1, "init": "center"},
     "sparsevlm": {"keep": "0.1", "budget": 64.0, "layers": "2,6,15", "recycle": 1},
     "hired": {
@@ -83,6 +91,7 @@ WRONG_TYPE = {
         "split_layer": 1.5,
         "select_layer": "last",
         "drop_newlines": 0,
+        "recycle": ["nearest"],
     },
     "layerskip": {
         "keep": "1",

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vtprune.images import ImageLayout, ImageView, instruction_mask
+from vtprune.recycling import recycle
 
 
 @dataclass
@@ -190,6 +191,9 @@ class VisionStage(Stage):
     out) and, where their budget is not ``round(keep * tokens)``, :meth:`budget`; the default
     :meth:`select` loops over the images. A stage that needs the whole batch at once may
     override :meth:`select` instead.
+
+    ``recycle`` (``vtprune.recycling.RECYCLE``) folds each image's dropped tokens into its kept
+    ones after the pick (and after the pick's own merges), the same way for every stage.
     """
 
     point = "vision"
@@ -197,6 +201,8 @@ class VisionStage(Stage):
     needs_keys: bool = False
     #: the kept fraction per image the default :meth:`budget` spends (``None``: the stage's own rule)
     keep: float | None = None
+    #: how dropped tokens are folded into kept ones (``"none"``: not at all)
+    recycle: str = "none"
 
     def vision_layers(self, adapter) -> list[int]:
         """Vision-tower layers whose CLS attention (or substitute) this stage reads (no side effects)."""
@@ -221,12 +227,34 @@ class VisionStage(Stage):
             out = self.pick(view, self.budget(view))
             out = out if isinstance(out, Pick) else Pick(out)
             pos = view.positions
-            keep[view.row, pos[out.kept.to(pos.device)].to(keep.device)] = True
+            kept = out.kept.to(pos.device)
+            keep[view.row, pos[kept].to(keep.device)] = True
             for local, vectors in out.replace:
                 ctx.replace(view.row, pos[local.to(pos.device)], vectors)
+            if self.recycle != "none":
+                ctx.replace(view.row, pos[kept], self.recycled(view, kept, out.replace))
             if out.protect is not None:
                 ctx.protect(view.row, pos[out.protect.to(pos.device)])
         return keep
+
+    def recycled(self, view: ImageView, kept: torch.Tensor, merges=()) -> torch.Tensor:
+        """``[k, D]`` new embeddings of the ``kept`` local tokens with the dropped ones folded in
+        (``self.recycle``); the pick's own ``merges`` are applied first. Newlines take no part."""
+        feats = view.features
+        if merges:
+            feats = feats.clone()
+            for local, vectors in merges:
+                feats[local.to(feats.device)] = vectors.to(feats.dtype)
+        return recycle(self.recycle, feats, kept, ~view.newline)
+
+    def recycle_replayed(self, ctx: VisionContext, keep: torch.Tensor) -> None:
+        """Redo the recycling for a replayed selection ``keep [B, L]`` (a stage that reads the
+        prompt is not recomputed on replay, but its merges must be: they shape the embeddings).
+        Reads each image's kept count back to the host (replay is not the hot path)."""
+        for view in ctx.views():
+            pos = view.positions
+            kept = torch.nonzero(keep[view.row].to(pos.device)[pos]).flatten()
+            ctx.replace(view.row, pos[kept], self.recycled(view, kept))
 
     def expected_count(self, n_image: int) -> int:
         """Tokens an image of ``n_image`` tokens keeps (for FLOPs without running the model)."""

@@ -7,6 +7,9 @@ Each image keeps ``round(keep * n)`` of its ``n`` tokens. LLaVA-NeXT row-newline
 kept by default (``protect_newlines``) and count towards that budget, so the 2-D row structure
 the model was trained with survives; the rest of the budget goes to patches, split over the
 image's grids (base image, crop region, video frames) in proportion to their size.
+
+``recycle="nearest"`` folds the dropped tokens into their most similar kept ones instead
+(``vtprune.recycling``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import torch
 
 from vtprune.config import MethodConfig, ModelInfo, check_bool, check_int, register_method
 from vtprune.images import ImageView
+from vtprune.recycling import check_recycle
 from vtprune.selection import split_budget, strided_grid
 from vtprune.stages import VisionStage
 
@@ -33,17 +37,16 @@ class RandomPrune(MethodConfig):
 
     seed: int = 0
     protect_newlines: bool = True
+    recycle: str = "none"
 
     def validate(self) -> None:
         check_int(self.name, "seed", self.seed, minimum=0, maximum=2**32 - 1)
         check_bool(self.name, "protect_newlines", self.protect_newlines)
+        check_recycle(self.name, self.recycle)
 
     def stages(self, info: ModelInfo) -> list:
-        return [
-            ImageBudgetStage(
-                "random", 0.5 if self.keep is None else self.keep, self.protect_newlines, self.seed
-            )
-        ]
+        keep = 0.5 if self.keep is None else self.keep
+        return [ImageBudgetStage("random", keep, self.protect_newlines, self.seed, self.recycle)]
 
 
 @register_method("uniform")
@@ -57,17 +60,21 @@ class UniformPrune(MethodConfig):
     """
 
     protect_newlines: bool = True
+    recycle: str = "none"
 
     def validate(self) -> None:
         check_bool(self.name, "protect_newlines", self.protect_newlines)
+        check_recycle(self.name, self.recycle)
 
     def stages(self, info: ModelInfo) -> list:
-        return [ImageBudgetStage("uniform", 0.5 if self.keep is None else self.keep, self.protect_newlines)]
+        keep = 0.5 if self.keep is None else self.keep
+        return [ImageBudgetStage("uniform", keep, self.protect_newlines, recycle=self.recycle)]
 
 
 class ImageBudgetStage(VisionStage):
-    def __init__(self, kind: str, keep: float, protect_newlines: bool, seed: int = 0):
+    def __init__(self, kind: str, keep: float, protect_newlines: bool, seed: int = 0, recycle: str = "none"):
         self.kind, self.keep, self.protect_newlines, self.seed = kind, keep, protect_newlines, seed
+        self.recycle = recycle
         self.key = kind
 
     def expected_count(self, n_image: int) -> int:

@@ -17,6 +17,9 @@ Per image, ``round(keep * tokens)`` tokens are chosen by greedy DPP MAP inferenc
   embeddings, and Hugging Face LLaVA checkpoints ship no CLIP text tower. The input-embedding
   relevance is what the OpenVINO port uses for Qwen2-VL (the paper's Qwen numbers have no
   official code). A prompt with no text tokens at all gives ``q = 1`` (plain DPP diversity).
+  ``relevance=`` picks the source (``vtprune.relevance``): ``"tokens"`` (default, the mean of the
+  per-token cosines above), ``"last"`` (cosine to the last instruction token's embedding) or
+  ``"centroid"`` (cosine to the mean instruction embedding).
 * Sign: the official code uses the **negative** cosine (``(-relevance).mean``), which the
   authors say they observed for CLIP in LLaVA (issues #9, #14, #19); the OpenVINO port keeps it
   for LLM embeddings. ``negate=True`` (default) follows the code; ``negate=False`` uses ``+cos``.
@@ -45,32 +48,13 @@ import torch
 from vtprune.config import MethodConfig, ModelInfo, _invalid, check_bool, check_choice, register_method
 from vtprune.diversity import dpp_greedy_map
 from vtprune.images import ImageView
+from vtprune.recycling import check_recycle
+from vtprune.relevance import SOURCES, instruction_relevance
 from vtprune.selection import split_budget
 from vtprune.stages import VisionStage
 
 DEFAULT_KEEP = 0.111  # 64 of 576
 QUALITIES = ("code", "paper")
-
-
-def instruction_relevance(
-    features: torch.Tensor, text: torch.Tensor, negate: bool = True
-) -> torch.Tensor | None:
-    """``[n]`` min-max normalised relevance of ``features [n, D]`` to ``text [m, D]`` (mean cosine,
-    negated as the official code by default); ``None`` when there is no text.
-
-    Example:
-        >>> f = torch.tensor([[1.0, 0], [0, 1], [1, 1]])
-        >>> [round(v, 3) for v in instruction_relevance(f, torch.tensor([[1.0, 0]]), negate=False).tolist()]
-        [1.0, 0.0, 0.293]
-    """
-    if text.shape[0] == 0:
-        return None
-    fn = torch.nn.functional.normalize(features.detach().float(), dim=-1)
-    tn = torch.nn.functional.normalize(text.detach().float(), dim=-1)
-    r = (fn @ tn.T).mean(-1)
-    r = -r if negate else r
-    low, high = r.min(), r.max()
-    return (r - low + 1e-6) / (high - low).clamp(min=1e-6)
 
 
 @register_method("cdpruner")
@@ -84,6 +68,13 @@ class CDPruner(MethodConfig):
             (``exp(alpha * relevance)``, ``alpha = theta / (2 (1 - theta))``).
         theta: the paper's relevance weight in ``[0, 1)`` (``quality="paper"`` only; 0: no relevance).
         negate: relevance is the negative cosine to the instruction (the official code) if True.
+        relevance: the relevance source (``vtprune.relevance.SOURCES``): ``"tokens"`` (mean of
+            the cosines to each instruction token's input embedding, default), ``"last"`` (cosine
+            to the last instruction token) or ``"centroid"`` (cosine to the mean instruction
+            embedding). HF checkpoints ship no CLIP text tower, so these input-embedding sources
+            stand in for the official CLIP-text relevance.
+        recycle: ``"none"`` (default) or ``"nearest"``: fold each dropped token into its most
+            similar kept token (mean of the group; ``vtprune.recycling``).
         per_crop: LLaVA-NeXT only: select within the base image and each crop (budget split by size).
 
     Example:
@@ -95,6 +86,8 @@ class CDPruner(MethodConfig):
     theta: float = 0.5
     negate: bool = True
     per_crop: bool = False
+    relevance: str = "tokens"
+    recycle: str = "none"
 
     def validate(self) -> None:
         check_choice(self.name, "quality", self.quality, QUALITIES)
@@ -103,19 +96,31 @@ class CDPruner(MethodConfig):
             raise _invalid(self.name, "theta", t, "a number in [0, 1)")
         check_bool(self.name, "negate", self.negate)
         check_bool(self.name, "per_crop", self.per_crop)
+        check_choice(self.name, "relevance", self.relevance, SOURCES)
+        check_recycle(self.name, self.recycle)
 
     def stages(self, info: ModelInfo) -> list:
         keep = DEFAULT_KEEP if self.keep is None else self.keep
         alpha = None if self.quality == "code" else self.theta / (2 * (1 - self.theta))
-        return [CDPrunerStage(keep, alpha, self.negate, self.per_crop)]
+        stage = CDPrunerStage(keep, alpha, self.negate, self.per_crop, self.relevance)
+        stage.recycle = self.recycle
+        return [stage]
 
 
 class CDPrunerStage(VisionStage):
     key = "cdpruner"
     reads_prompt = True  # the relevance reads the instruction tokens
 
-    def __init__(self, keep: float, alpha: float | None = None, negate: bool = True, per_crop: bool = False):
+    def __init__(
+        self,
+        keep: float,
+        alpha: float | None = None,
+        negate: bool = True,
+        per_crop: bool = False,
+        relevance: str = "tokens",
+    ):
         self.keep, self.alpha, self.negate, self.per_crop = keep, alpha, negate, per_crop
+        self.relevance = relevance
 
     def expected_count(self, n_image: int) -> int:
         return int(n_image * self.keep + 0.5)
@@ -127,7 +132,7 @@ class CDPrunerStage(VisionStage):
             extra = view.newline_indices[: budget - patches.numel()]
             return torch.cat([patches, extra]).sort().values
         text = view.instruction_embeds if view.instruction is not None else feats[:0]
-        r = instruction_relevance(feats[patches], text, self.negate)
+        r = instruction_relevance(feats[patches], text, self.negate, self.relevance)
         q = torch.ones(patches.numel(), device=feats.device) if r is None else r
         if self.alpha is not None:
             q = torch.exp(self.alpha * q)

@@ -27,6 +27,7 @@ import torch
 from vtprune.config import MethodConfig, ModelInfo, check_bool, register_method
 from vtprune.diversity import max_min_diversity
 from vtprune.images import ImageView
+from vtprune.recycling import check_recycle
 from vtprune.selection import split_budget
 from vtprune.stages import VisionStage
 
@@ -42,6 +43,8 @@ class DivPrune(MethodConfig):
         keep: kept fraction of each image's tokens (default 0.098, the official ratio).
         per_crop: LLaVA-NeXT only: select within the base image and each crop (budget split by
             size, newline tokens kept) instead of over the whole image sequence.
+        recycle: ``"none"`` (default) or ``"nearest"``: fold each dropped token into its most
+            similar kept token (mean of the group; ``vtprune.recycling``).
 
     Example:
         >>> DivPrune(keep=0.25, per_crop=True).per_crop
@@ -49,12 +52,16 @@ class DivPrune(MethodConfig):
     """
 
     per_crop: bool = False
+    recycle: str = "none"
 
     def validate(self) -> None:
         check_bool(self.name, "per_crop", self.per_crop)
+        check_recycle(self.name, self.recycle)
 
     def stages(self, info: ModelInfo) -> list:
-        return [DivPruneStage(DEFAULT_KEEP if self.keep is None else self.keep, self.per_crop)]
+        stage = DivPruneStage(DEFAULT_KEEP if self.keep is None else self.keep, self.per_crop)
+        stage.recycle = self.recycle
+        return [stage]
 
 
 class DivPruneStage(VisionStage):

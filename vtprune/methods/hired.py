@@ -41,6 +41,7 @@ from vtprune.config import (
     register_method,
 )
 from vtprune.images import ImageView
+from vtprune.recycling import check_recycle
 from vtprune.selection import allocate
 from vtprune.stages import VisionStage
 
@@ -56,6 +57,8 @@ class HiRED(MethodConfig):
         split_layer: tower layer whose CLS attention splits the budget over crops (default 0).
         select_layer: tower layer whose CLS attention selects tokens (default: the feature layer).
         drop_newlines: drop LLaVA-NeXT row-newline tokens as the official code does.
+        recycle: ``"none"`` (default) or ``"nearest"``: fold each dropped token into its most
+            similar kept token (mean of the group; ``vtprune.recycling``).
 
     Example:
         >>> HiRED(budget=0.2).alpha
@@ -67,6 +70,7 @@ class HiRED(MethodConfig):
     split_layer: int = 0
     select_layer: int | None = None
     drop_newlines: bool = False
+    recycle: str = "none"
 
     def validate(self) -> None:
         check_fraction(self.name, "alpha", self.alpha, allow_zero=True)
@@ -75,6 +79,7 @@ class HiRED(MethodConfig):
         if self.select_layer is not None:
             check_int(self.name, "select_layer", self.select_layer)
         check_bool(self.name, "drop_newlines", self.drop_newlines)
+        check_recycle(self.name, self.recycle)
         if self.budget is not None:
             check_fraction(self.name, "budget", self.budget)
             if self.keep is not None:
@@ -111,6 +116,7 @@ class HiREDStage(VisionStage):
     def __init__(self, cfg: HiRED, budget: float | None):
         self.cfg, self.fraction = cfg, budget
         self.keep = cfg.keep
+        self.recycle = cfg.recycle
 
     def select_layer(self, default: int) -> int:
         """The scoring layer: ``select_layer`` if set, else ``default`` (the feature layer's score

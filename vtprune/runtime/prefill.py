@@ -19,14 +19,17 @@ from .state import REPLAY, RequestState
 from .tokens import TokenSet, compact, gather_many, gather_seq
 
 
-def select(state: RequestState, stage, token_set: TokenSet, compute) -> torch.Tensor:
-    """A stage's kept visual slots: computed, or replayed from an earlier selection."""
+def select(state: RequestState, stage, token_set: TokenSet, compute, on_replay=None) -> torch.Tensor:
+    """A stage's kept visual slots: computed, or replayed from an earlier selection (then handed
+    to ``on_replay``, e.g. to redo a vision stage's recycling merges)."""
     replay = REPLAY.get()
     # vision stages depend only on the images, so they recompute (and redo their merges);
     # prefill stages, and vision stages that read the prompt, depend on the prompt, whose growth
     # replay must not see
     if replay is not None and stage.key in replay and stage.reads_prompt:
         keep_vis = replayed_keep(replay[stage.key], token_set, state.orig_len)
+        if on_replay is not None:
+            on_replay(keep_vis)
     else:
         keep_vis = compute()
     keep_vis = keep_vis.to(token_set.visual.device) & token_set.visual
@@ -50,7 +53,8 @@ def run_vision_stages(state: RequestState, stages, adapter, base: TokenSet, embe
     )
     keep_vis = base.visual.clone()
     for stage in stages:
-        keep_vis &= select(state, stage, base, functools.partial(stage.select, ctx))
+        redo = functools.partial(stage.recycle_replayed, ctx) if stage.recycle != "none" else None
+        keep_vis &= select(state, stage, base, functools.partial(stage.select, ctx), redo)
     keep = keep_mask(base, keep_vis)
     if ctx.protected:
         table = torch.zeros_like(base.visual)
