@@ -12,6 +12,7 @@ MODULES = [
     "vtprune.images",
     "vtprune.diversity",
     "vtprune.methods.divprune",
+    "vtprune.methods.dart",
     "vtprune.stages",
     "vtprune.flops",
     "vtprune.config",

@@ -99,6 +99,7 @@ class PrefillContext:
     answer_query: torch.Tensor | None = None
     protected: torch.Tensor | None = None
     visual_prompt: torch.Tensor | None = None  # per row, visual tokens before any vision stage
+    final_norm: nn.Module | None = None  # the decoder's last norm (DART measures similarity after it)
 
 
 class Stage:

@@ -2,6 +2,7 @@
 
 from .baselines import RandomPrune, UniformPrune
 from .cdpruner import CDPruner
+from .dart import DART
 from .divprune import DivPrune
 from .fastv import FastV
 from .hired import HiRED
@@ -12,6 +13,7 @@ from .visionzip import VisionZip
 
 __all__ = [
     "CDPruner",
+    "DART",
     "DivPrune",
     "FastV",
     "HiRED",

@@ -128,6 +128,7 @@ def run_prefill_stage(state: RequestState, stage: PrefillStage, adapter, i: int,
         answer_query=answer,
         protected=on_slots(state.protected, cur),
         visual_prompt=state.visual_in.to(hidden.device),
+        final_norm=getattr(adapter.language_model, "norm", None),
     )
     keep_vis = select(state, stage, cur, lambda: stage.select(ctx))
     keep = keep_mask(cur, keep_vis)
