@@ -58,6 +58,7 @@ KEEP_METHODS = [
     "mustdrop",
     "divprune",
     "cdpruner",
+    "dart",
 ]
 
 

@@ -19,6 +19,7 @@ PLANS = {
     "visionzip": dict(keep=0.3),
     "divprune": dict(keep=0.3),
     "cdpruner": dict(keep=0.3),
+    "dart": dict(keep=0.5),
     # the decode stage makes decoding differ from an uncached recomputation by design; it is
     # checked on its own in test_vision_methods.py
     "mustdrop": dict(keep=0.4, decode=False),
@@ -33,6 +34,7 @@ KEEP_ALL = {
     "visionzip": dict(keep=1.0),
     "divprune": dict(keep=1.0),
     "cdpruner": dict(keep=1.0),
+    "dart": dict(keep=1.0),
     "mustdrop": dict(keep=1.0),
     "layerskip": dict(keep=1.0, thin_ffn=True, ffn_ratio=1),
 }

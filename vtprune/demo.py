@@ -23,6 +23,7 @@ DEFAULT_METHODS = [
     "layerskip",
     "divprune",
     "cdpruner",
+    "dart",
     "random",
     "uniform",
 ]
