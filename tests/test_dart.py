@@ -214,3 +214,32 @@ def test_videos_and_mixed_media(family):
         cached = greedy(model, one, 4)
         reference = uncached_greedy(model, one, vtprune.stats(model).selections, 4)
     assert torch.equal(cached, reference)
+
+
+def test_tokens_per_layer_and_counted_flops_on_llava_1_5_geometry():
+    """576 tokens, 32 layers: the planned and the observed tokens per layer agree, and the counted
+    FLOPs fall by the decoder projections on the dropped tokens (less DART's own small work)."""
+    from vtprune.flops import count_flops, decoder_linear_flops
+    from vtprune.stages import expected_tokens_per_layer
+
+    model = tiny.llava_shaped()
+    kw = tiny.llava_shaped_inputs(seed=1)
+    cfg = model.config.text_config
+    text = int(kw["attention_mask"].sum()) - 576
+
+    def run(m, k):
+        with torch.no_grad():
+            return m(**k)
+
+    full, _ = count_flops(run, model, kw)
+    plan = vtprune.DART(keep=0.25)
+    with vtprune.pruned(model, plan):
+        pruned, _ = count_flops(run, model, kw)
+        per_layer = vtprune.stats(model).visual_tokens_per_layer
+    stages = plan.stages(ModelInfo(num_layers=32, family="llava"))
+    assert per_layer == expected_tokens_per_layer(stages, 576, 32) == [576] * 2 + [115] * 30
+    expected = decoder_linear_flops(cfg, [576 + text] * 32) - decoder_linear_flops(
+        cfg, [n + text for n in per_layer]
+    )
+    assert full - pruned == pytest.approx(expected, rel=0.03)
+    assert full - pruned < expected
