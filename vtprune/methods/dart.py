@@ -162,7 +162,6 @@ def top_slots(scores: torch.Tensor, flags: torch.Tensor, count: torch.Tensor, wi
         >>> top_slots(s, torch.tensor([[True, True, True, False]]), torch.tensor([2]), 3).tolist()
         [[1, 0, -1]]
     """
-    b, n = flags.shape
     masked = scores.float().masked_fill(~flags, float("-inf"))
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :width]
     ok = flags.gather(1, order) & (torch.arange(order.shape[1], device=flags.device) < count.unsqueeze(1))
