@@ -60,6 +60,7 @@ KEEP_METHODS = [
     "cdpruner",
     "todre",
     "sparsevlm",
+    "dart",
 ]
 
 

@@ -19,6 +19,7 @@ MODULES = [
     "vtprune.methods.cdpruner",
     "vtprune.relevance",
     "vtprune.recycling",
+    "vtprune.methods.dart",
     "vtprune.stages",
     "vtprune.flops",
     "vtprune.config",

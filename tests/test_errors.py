@@ -57,6 +57,10 @@ def model():
         ("layerskip", {"cut": 9}, r"layerskip: option 'cut'=9 is invalid; allowed: True or False"),
         ("layerskip", {"thin_ffn": True, "ffn_layers": [-1]}, r"'ffn_layers'=\[-1\] is invalid"),
         ("hired", {"split_layer": 1.0}, r"'split_layer'=1.0 is invalid; allowed: an integer"),
+        ("dart", {"pivot_image": 0, "pivot_text": 0}, "both 0; allowed: at least one pivot"),
+        ("dart", {"pivot_score": "attn"}, r"'pivot_score'='attn' is invalid; allowed: 'k_norm'"),
+        ("dart", {"keep": 0.5, "ratio": 0.2}, "either 'keep' or 'ratio'"),
+        ("dart", {"keep": 0.1, "layer": 4}, r"dart: keep=0.1 is unreachable with layer=4"),
     ],
 )
 def test_bad_options_raise_value_error(model, method, opts, match):
@@ -84,6 +88,14 @@ WRONG_TYPE = {
     },
     "todre": {"keep": "0.1", "layer": 2.0, "split": "0.5", "score": 1, "init": "center"},
     "sparsevlm": {"keep": "0.1", "budget": 64.0, "layers": "2,6,15", "recycle": 1},
+    "dart": {
+        "keep": "0.5",
+        "layer": 2.0,
+        "ratio": "0.2",
+        "pivot_image": 4.0,
+        "pivot_text": "4",
+        "pivot_score": 1,
+    },
     "hired": {
         "keep": True,
         "budget": "0.2",

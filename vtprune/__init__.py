@@ -18,6 +18,7 @@ from vtprune.calibration import HeadMask, calibrate  # noqa: E402
 from vtprune.compose import Compose  # noqa: E402
 from vtprune.config import REGISTRY, MethodConfig, method_names, register_method  # noqa: E402
 from vtprune.methods import (  # noqa: E402
+    DART,
     DivPrune,
     FastV,
     FlowCut,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "REGISTRY",
     "Compose",
+    "DART",
     "DivPrune",
     "FastV",
     "FlowCut",

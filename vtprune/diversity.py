@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from vtprune.selection import topk_mask
+
 
 def cosine_distances(x: torch.Tensor) -> torch.Tensor:
     """``[N, N]`` float32 cosine distances ``1 - cos(x_i, x_j)`` of the rows of ``x [N, D]``.
@@ -114,6 +116,53 @@ def dpp_greedy_map(similarity: torch.Tensor, quality: torch.Tensor | None, k: in
         d2 -= e * e
         d2[j] = float("-inf")
     return chosen.sort().values
+
+
+def pivot_deduplication(
+    features: torch.Tensor, pivots: torch.Tensor, candidates: torch.Tensor, quota
+) -> torch.Tensor:
+    """Per pivot, in order, the ``quota`` candidates least similar to it that no earlier pivot took.
+
+    The de-duplication step of DART (Wen et al., EMNLP 2025): each pivot claims the not-yet-chosen
+    candidates with the lowest cosine similarity to it (the tokens it duplicates least). Works on
+    one sequence (``features [L, D]``, ``pivots [P]``, ``candidates [L]``) or a batch (``[B, L, D]``,
+    ``[B, P]``, ``[B, L]``). The cosines of all pivots are one ``[B, P, L]`` product (float32);
+    then one masked top-k per pivot (``P`` device steps, no host reads, nothing per token).
+
+    Args:
+        features: token features; only the pivots' and candidates' rows are read.
+        pivots: slots of the pivots, in the order they choose; ``-1`` marks a missing pivot (it
+            picks nothing). A pivot may itself be a candidate of later pivots only if the caller
+            leaves it among ``candidates``.
+        candidates: which slots may be picked.
+        quota: how many each pivot picks: an int, or per pivot (``[P]`` or ``[B, P]``). A pivot
+            takes fewer when too few candidates are left.
+
+    Returns:
+        Boolean mask of the picked slots (a subset of ``candidates``; pivots not included unless
+        picked). Ties go to the earlier slot.
+
+    Example:
+        >>> x = torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1], [-1, 0], [0.1, 0.9]])
+        >>> cand = torch.tensor([False, True, True, True, True])
+        >>> pivot_deduplication(x, torch.tensor([0]), cand, 2).tolist()  # 3 and 2 are farthest from 0
+        [False, False, True, True, False]
+        >>> pivot_deduplication(x, torch.tensor([0, 2]), cand, 1).tolist()  # 0 takes 3; 2 then takes 1
+        [False, True, False, True, False]
+    """
+    single = features.dim() == 2
+    if single:
+        features, pivots, candidates = features.unsqueeze(0), pivots.unsqueeze(0), candidates.unsqueeze(0)
+    b, p = pivots.shape
+    quota = torch.as_tensor(quota, device=pivots.device).long().expand(b, p)
+    quota = torch.where(pivots >= 0, quota, torch.zeros_like(quota))
+    x = torch.nn.functional.normalize(features.detach().float(), dim=-1)
+    anchors = x.gather(1, pivots.clamp(min=0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    cos = anchors @ x.transpose(1, 2)  # [B, P, L]
+    picked = torch.zeros_like(candidates, dtype=torch.bool)
+    for i in range(p):  # a handful of pivots; each step is a masked top-k over the batch
+        picked |= topk_mask(-cos[:, i], candidates & ~picked, quota[:, i])
+    return picked[0] if single else picked
 
 
 def _all_or_none(k: int, device) -> torch.Tensor:

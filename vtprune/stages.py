@@ -103,6 +103,7 @@ class PrefillContext:
     protected: torch.Tensor | None = None
     visual_prompt: torch.Tensor | None = None  # per row, visual tokens before any vision stage
     lm_input: LMInput | None = None  # the language model's input (stages with ``needs_lm_input``)
+    final_norm: nn.Module | None = None  # the decoder's last norm (DART measures similarity after it)
     merges: list = field(default_factory=list)
 
     def merge(self, row: int, members: torch.Tensor, centres: torch.Tensor) -> None:

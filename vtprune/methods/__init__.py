@@ -2,6 +2,7 @@
 
 from .baselines import RandomPrune, UniformPrune
 from .cdpruner import CDPruner
+from .dart import DART
 from .divprune import DivPrune
 from .fastv import FastV
 from .flowcut import FlowCut
@@ -15,6 +16,7 @@ from .visionzip import VisionZip
 
 __all__ = [
     "CDPruner",
+    "DART",
     "DivPrune",
     "FastV",
     "FlowCut",

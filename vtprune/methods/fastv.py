@@ -61,23 +61,7 @@ class FastV(MethodConfig):
         check_choice(self.name, "score", self.score, ("last", "mean"))
 
     def resolve(self, info: ModelInfo) -> tuple[int, float]:
-        n = info.num_layers
-        layer = self.layer
-        if layer is None:
-            layer = DEFAULT_LAYER
-            if self.keep is not None and self.keep * n <= layer:
-                layer = max(1, math.ceil(self.keep * n) - 1)  # the deepest K that still reaches keep
-        check_layer(self.name, "layer", layer, n)
-        if self.keep is None:
-            return layer, 0.5 if self.ratio is None else self.ratio
-        ratio = fastv_ratio(self.keep, layer, n)
-        if ratio <= 0:
-            raise ValueError(
-                f"fastv: keep={self.keep} is unreachable with layer={layer} on {n} layers "
-                f"(layers before K keep everything: keep must exceed {layer / n:.4f}); "
-                "lower 'layer' or raise 'keep'"
-            )
-        return layer, ratio
+        return resolve_layer_ratio(self.name, self.layer, self.keep, self.ratio, info.num_layers)
 
     def stages(self, info: ModelInfo) -> list:
         layer, ratio = self.resolve(info)
@@ -104,6 +88,38 @@ class FastVStage(PrefillStage):
         scores = probs.sum(1) / (queries >= 0).sum(1, keepdim=True).clamp(min=1)
         k = count_for_fraction(ctx.visual_in, self.ratio)
         return topk_mask(scores, ctx.visual, k)
+
+
+def resolve_layer_ratio(
+    name: str,
+    layer: int | None,
+    keep: float | None,
+    ratio: float | None,
+    num_layers: int,
+    default_ratio: float = 0.5,
+) -> tuple[int, float]:
+    """``(K, ratio)`` of a method that prunes once before layer K (FastV, DART).
+
+    ``layer=None`` is :data:`DEFAULT_LAYER`, lowered when ``keep`` is too small for it on a shallow
+    model; ``keep`` resolves ``ratio`` by the layer-average formula (:func:`fastv_ratio`);
+    with neither, ``ratio`` is ``default_ratio``.
+    """
+    n = num_layers
+    if layer is None:
+        layer = DEFAULT_LAYER
+        if keep is not None and keep * n <= layer:
+            layer = max(1, math.ceil(keep * n) - 1)  # the deepest K that still reaches keep
+    check_layer(name, "layer", layer, n)
+    if keep is None:
+        return layer, default_ratio if ratio is None else ratio
+    ratio = fastv_ratio(keep, layer, n)
+    if ratio <= 0:
+        raise ValueError(
+            f"{name}: keep={keep} is unreachable with layer={layer} on {n} layers "
+            f"(layers before K keep everything: keep must exceed {layer / n:.4f}); "
+            "lower 'layer' or raise 'keep'"
+        )
+    return layer, ratio
 
 
 def text_query_slots(visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

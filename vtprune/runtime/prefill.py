@@ -137,6 +137,7 @@ def run_prefill_stage(state: RequestState, stage: PrefillStage, adapter, i: int,
         protected=on_slots(state.protected, cur),
         visual_prompt=state.visual_in.to(hidden.device),
         lm_input=lm_input(state, cur) if stage.needs_lm_input else None,
+        final_norm=getattr(adapter.language_model, "norm", None),
     )
     keep_vis = select(state, stage, cur, lambda: stage.select(ctx))
     hidden = apply_merges(state, stage, cur, ctx, hidden)
