@@ -322,6 +322,7 @@ class TowerStage(Stage):
     """
 
     point = "tower"
+    recycle = "none"  # the compaction at the language model has nothing left to fold in
 
     def tower_layers(self, feature_layer: int, depth: int) -> list[int]:
         """Tower layers after which :meth:`after_layer` runs (their CLS row and values are read)."""
