@@ -138,7 +138,7 @@ class HiREDStage(VisionStage):
         newlines = view.newline_indices
         fixed = newlines if not self.cfg.drop_newlines else newlines[:0]
         n_part = view.segments[0].size  # N: patch tokens of one partition
-        if view.crops == 1 or len(view.segments) == 1:
+        if view.crops == 1 or len(view.segments) == 1 or view.kind == "video":  # frames: no base image
             chosen = _top(sel, view.patch_indices, budget)
             return torch.cat([fixed, chosen]).sort().values
         base_idx = view.segments[0].indices().to(sel.device)

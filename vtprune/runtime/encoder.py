@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 from vtprune.images import GridSegment, ImageSpec
 
 from .plumbing import bind_call
@@ -40,13 +42,18 @@ class EncoderTap:
                 if token is not None:
                     CAPTURE.reset(token)
             feats = getattr(out, "pooler_output", None)
-            if isinstance(feats, (list, tuple)):
+            stacked = isinstance(feats, torch.Tensor) and feats.dim() == 3  # LLaVA-OneVision videos
+            if isinstance(feats, (list, tuple)) or stacked:
                 specs = self.adapter.image_specs(bind_call(signature, args, kwargs))
                 if len(specs) == len(feats):
-                    out._vtprune_specs = {id(f): spec for f, spec in zip(feats, specs)}
-                    if raw:
-                        vision = split_per_image(self.probe.finish(raw), specs, self.adapter)
-                        out._vtprune_vision = {id(f): v for f, v in zip(feats, vision)}
+                    vision = split_per_image(self.probe.finish(raw), specs, self.adapter) if raw else None
+                    if stacked:  # rows of one tensor have no identity of their own: keep the order
+                        out._vtprune_rows = (specs, vision or [{} for _ in specs])
+                    else:
+                        out._vtprune_specs = {id(f): spec for f, spec in zip(feats, specs)}
+                        if vision is not None:
+                            out._vtprune_vision = {id(f): v for f, v in zip(feats, vision)}
+                    if vision is not None:
                         self._attach_vision_to_active(vision, {spec.kind for spec in specs})
             return out
 
@@ -73,6 +80,11 @@ class EncoderTap:
         for modality in ("image", "video"):
             out = encoded.get(modality)
             if out is None:
+                continue
+            rows = getattr(out, "_vtprune_rows", None)
+            if rows is not None and len(rows[0]) == len(out.pooler_output):
+                specs += rows[0]
+                vision += rows[1]
                 continue
             table = getattr(out, "_vtprune_specs", {})
             captured = getattr(out, "_vtprune_vision", {})
