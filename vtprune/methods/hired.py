@@ -23,6 +23,8 @@ Decisions:
   the language model sees.
 * Qwen2-VL has no CLS token: its score is the attention a token receives from all patches of
   its image in the chosen tower block (``ImageView.cls_scores``, ``vtprune.runtime.vision``).
+  LLaVA-OneVision has none either (the same substitute, per SigLIP crop); its videos have no base
+  image to split the budget by, so a clip's frames are scored as one set.
 """
 
 from __future__ import annotations
