@@ -162,19 +162,21 @@ def test_multi_image_prompt_images_are_base_crops(model):
             assert vtprune.stats(model).visual_tokens_in == 52
 
 
-@pytest.mark.parametrize("media", [["ivi"], BATCH])
-def test_keep_everything_equals_unpruned_with_video(model, media):
+@pytest.mark.parametrize(
+    "media, methods", [(["ivi"], VISION + ["fastv", "pdrop"]), (BATCH, ["uniform", "hired", "fastv"])]
+)
+def test_keep_everything_equals_unpruned_with_video(model, media, methods):
     kw = tiny.media_inputs(
         "llava_onevision", media, seed=1, sizes=[(40, 40), (20, 40), (60, 60)][: "".join(media).count("i")]
     )
     with torch.no_grad():
         ref = model(**kw).logits
-        for method in VISION + ["fastv", "pdrop"]:
+        for method in methods:
             with vtprune.pruned(model, method, keep=1.0):
                 assert torch.equal(model(**kw).logits, ref), method
 
 
-@pytest.mark.parametrize("method", ["hired", "visionzip", "fastv"])
+@pytest.mark.parametrize("method", ["hired", "fastv"])
 def test_cached_generate_equals_uncached_pruned_steps_with_video(model, method):
     kw = tiny.media_inputs("llava_onevision", ["ivi"], seed=3, sizes=[(40, 40), (30, 50)])
     with vtprune.pruned(model, method, keep=0.5):
@@ -184,7 +186,7 @@ def test_cached_generate_equals_uncached_pruned_steps_with_video(model, method):
     assert torch.equal(cached, reference)
 
 
-@pytest.mark.parametrize("method", ["uniform", "hired", "divprune"])
+@pytest.mark.parametrize("method", ["hired", "visionzip"])
 def test_left_padded_mixed_batch_equals_rows_alone(model, method):
     kw = tiny.media_inputs("llava_onevision", BATCH, seed=4, sizes=[(40, 40), (60, 60)])
     with vtprune.pruned(model, method, keep=0.25):
