@@ -82,9 +82,14 @@ class EncoderTap:
             if out is None:
                 continue
             rows = getattr(out, "_vtprune_rows", None)
-            if rows is not None and len(rows[0]) == len(out.pooler_output):
-                specs += rows[0]
-                vision += rows[1]
+            if rows is not None:
+                n = len(out.pooler_output)
+                if len(rows[0]) == n:
+                    specs += rows[0]
+                    vision += rows[1]
+                else:  # expanded by generate (beams): one tensor's rows share one structure; no scores
+                    specs += [rows[0][0]] * n
+                    vision += [{} for _ in range(n)]
                 continue
             table = getattr(out, "_vtprune_specs", {})
             captured = getattr(out, "_vtprune_vision", {})
