@@ -16,10 +16,13 @@ Shipped configurations (``vtprune/assets/configs/<name>/config.json``, written b
 * ``llava-1.5-7b`` = ``llava-hf/llava-1.5-7b-hf``; ``llava-1.5-13b`` = ``llava-hf/llava-1.5-13b-hf``
 * ``llava-next-7b`` = ``llava-hf/llava-v1.6-vicuna-7b-hf`` (the Vicuna-7B LLaVA-NeXT)
 * ``qwen2-vl-2b`` = ``Qwen/Qwen2-VL-2B-Instruct``; ``qwen2-vl-7b`` = ``Qwen/Qwen2-VL-7B-Instruct``
+* ``llava-onevision-7b`` = ``llava-hf/llava-onevision-qwen2-7b-ov-hf`` (Qwen2-7B decoder, SigLIP-so400m
+  tower of 26 layers, 384 px / 14 px crops, ``anyres_max_9``, tile grids up to 6 x 6)
 
 Default image: one 336x336 image for LLaVA-1.5 (576 tokens), a 672x672 image for LLaVA-NeXT
 (base + 2x2 crops with row newlines: 2928 tokens), a 448x448 image for Qwen2-VL (32x32 patches
-merged 2x2: 256 tokens). ``image_size`` picks another image, ``visual_tokens`` overrides the
+merged 2x2: 256 tokens), a 768x768 image for LLaVA-OneVision (base + 2x2 tiles of 27x27 tokens with
+row newlines, under the ``anyres_max_9`` cap: 3699 tokens). ``image_size`` picks another image, ``visual_tokens`` overrides the
 decoder's visual token count (the vision columns still describe the image).
 
 Run: ``python -m vtprune.eval.flops_report llava-1.5-7b --plans baseline "pdrop:layers=8+16+24,ratio=0.5"``.
@@ -51,8 +54,10 @@ SHIPPED = {
     "llava-next-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
     "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
     "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
+    "llava-onevision-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
 }
-DEFAULT_IMAGE = {"llava_next": (672, 672), "qwen2_vl": (448, 448)}
+DEFAULT_IMAGE = {"llava_next": (672, 672), "qwen2_vl": (448, 448), "llava_onevision": (768, 768)}
+ANYRES = ("llava_next", "llava_onevision")  # one image = base crop + tiles, sized by ``image_sizes``
 BASELINE = ("baseline", "none", "")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
@@ -118,7 +123,7 @@ def _image_call(adapter, image_size) -> tuple[dict, tuple[int, int] | None]:
         grid = [1] + [max(unit, round(s / unit) * unit) // vc.patch_size for s in size]
         return {"image_grid_thw": torch.tensor([grid])}, size
     pixels = torch.empty(1, 3, 1, 1, device="meta")
-    if adapter.family == "llava_next":
+    if adapter.family in ANYRES:
         return {"pixel_values": pixels, "image_sizes": torch.tensor([list(size)])}, size
     return {"pixel_values": pixels}, None
 
@@ -160,7 +165,7 @@ def count_vision(adapter, call: dict) -> tuple[int, int]:
         proj = _count(mm.visual.merger, torch.empty(n, vc.embed_dim, device="meta"))
         return total - proj, proj
     crops = 1
-    if adapter.family == "llava_next":
+    if adapter.family in ANYRES:
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         size = call["image_sizes"][0].tolist()
@@ -169,7 +174,7 @@ def count_vision(adapter, call: dict) -> tuple[int, int]:
     layers = adapter.config.vision_feature_layer
     width = vc.hidden_size * (len(layers) if isinstance(layers, (list, tuple)) else 1)
     side = vc.image_size // vc.patch_size
-    tokens = side * side + (adapter.config.vision_feature_select_strategy == "full")
+    tokens = side * side + (adapter.config.vision_feature_select_strategy == "full" and adapter.has_cls)
     proj = _count(mm.multi_modal_projector, torch.empty(crops, tokens, width, device="meta"))
     return tower, proj
 

@@ -5,10 +5,17 @@ from __future__ import annotations
 from .base import Adapter, GridSegment, ImageLayout, ImageSpec
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
 
-ADAPTERS: tuple[type[Adapter], ...] = (LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, Qwen2_5_VLAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (
+    LlavaAdapter,
+    LlavaNextAdapter,
+    Qwen2VLAdapter,
+    Qwen2_5_VLAdapter,
+    LlavaOnevisionAdapter,
+)
 
 
 def supported_models() -> list[str]:

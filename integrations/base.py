@@ -178,6 +178,7 @@ class Adapter:
                         vision=vision[i] if vision is not None else {},
                         kind=spec.kind,
                         frames=spec.frames,
+                        taps=spec.taps,
                     )
                 )
                 start += spec.num_tokens

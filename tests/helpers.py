@@ -71,6 +71,15 @@ def row_alone(family: str, kw: dict, b: int, images_per_row: list) -> dict:
     if isinstance(images_per_row[b], str):
         before = "".join(images_per_row[:b])
         mine = images_per_row[b]
+        if family == "llava_onevision":  # one pixel_values row per image, one video row per video
+            i, v, ni, nv = before.count("i"), before.count("v"), mine.count("i"), mine.count("v")
+            if ni:
+                one.update(
+                    pixel_values=kw["pixel_values"][i : i + ni], image_sizes=kw["image_sizes"][i : i + ni]
+                )
+            if nv:
+                one["pixel_values_videos"] = kw["pixel_values_videos"][v : v + nv]
+            return one
         _slice_media(kw, one, before.count("i"), mine.count("i"), "pixel_values", "image_grid_thw")
         _slice_media(kw, one, before.count("v"), mine.count("v"), "pixel_values_videos", "video_grid_thw")
         return one

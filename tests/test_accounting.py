@@ -64,7 +64,8 @@ KEEP_METHODS = [
 ]
 
 
-@pytest.mark.parametrize("shape", ["shaped", "qwen25"])  # LLaVA-1.5 geometry; Qwen2.5-VL's windows
+# LLaVA-1.5 geometry; Qwen2.5-VL's windows; LLaVA-OneVision tiles (downscaled or not) and video, padded
+@pytest.mark.parametrize("shape", ["shaped", "qwen25", "onevision"])
 @pytest.mark.parametrize("method", KEEP_METHODS)
 @pytest.mark.parametrize("keep", [0.5, 0.25, 0.11])
 def test_keep_target_within_two_percent(request, shape, method, keep):
@@ -173,6 +174,17 @@ def test_stage_timing_synchronises_cuda_only_when_asked(monkeypatch):
     with timed.timed():
         pass
     assert len(syncs) == 2 and timed.overhead_s > 0
+
+
+@pytest.fixture(scope="module")
+def onevision():
+    model = tiny.llava_onevision(crop=40, num_hidden_layers=32)  # 10 x 10 tokens a crop
+    # a 1 x 2 tile grid (10 x 20 kept), a 2 x 2 grid downscaled (20 x 20 -> 14 x 14) and a 4-frame clip
+    # (5 x 5 pooled tokens a frame): 310 + 310 + 101 visual tokens in a left-padded batch of two rows
+    kw = tiny.media_inputs(
+        "llava_onevision", ["iv", "i"], sizes=[(40, 80), (80, 80)], frames=4, cfg=model.config
+    )
+    return model, kw
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ MODULES = [
     "vtprune.runtime.tokens",
     "vtprune.integrations",
     "vtprune.integrations.base",
+    "vtprune.integrations.llava_onevision",
     "vtprune.demo",
     "vtprune.cli",
     "vtprune.eval.bench_prefill",

@@ -19,6 +19,7 @@ SHIPPED = {
     "llava-next-7b": ("LlavaNextForConditionalGeneration", 32, 4096, 11008, 32, 32, 32064, 2928),
     "qwen2-vl-2b": ("Qwen2VLForConditionalGeneration", 28, 1536, 8960, 12, 2, 151936, 256),
     "qwen2-vl-7b": ("Qwen2VLForConditionalGeneration", 28, 3584, 18944, 28, 4, 152064, 256),
+    "llava-onevision-7b": ("LlavaOnevisionForConditionalGeneration", 28, 3584, 18944, 28, 4, 152128, 3699),
 }
 
 
@@ -120,3 +121,24 @@ def test_folder_path_and_overrides():
 def test_docstring_examples():
     result = doctest.testmod(fr, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize(
+    "size, crops, tokens",
+    [
+        ((768, 768), 5, 729 + 54 * 55),  # 2 x 2 tiles of 27 x 27, 54 rows + newlines, under the cap
+        ((1536, 1536), 17, 729 + 81 * 82),  # 4 x 4 tiles (108 x 108) downscaled to 81 x 81 by anyres_max_9
+    ],
+)
+def test_llava_onevision_7b_counts(size, crops, tokens):
+    rep = fr.flops_report("llava-onevision-7b", ["baseline", "hired:keep=0.25"], image_size=size)
+    assert rep["visual_tokens"] == tokens and rep["vision_error"] is None
+    cfg = AutoConfig.from_pretrained(fr.CONFIG_DIR / "llava-onevision-7b")
+    vc, text = cfg.vision_config, cfg.text_config
+    assert (vc.hidden_size, vc.num_hidden_layers, vc.image_size, vc.patch_size) == (1152, 26, 384, 14)
+    # SigLIP has no CLS token: the projector maps 729 tokens per crop (2 FLOPs per multiply-add)
+    assert rep["projector_tflops"] * 1e12 == 2 * crops * 729 * (1152 * 3584 + 3584 * 3584)
+    base, hired = rep["plans"]
+    counted = [n + 64 for n in base["visual_tokens_per_layer"]]
+    assert base["decoder_flops"] == decoder_linear_flops(text, counted) + attention_flops(text, counted)
+    assert hired["llm_input_visual_tokens"] == round(0.25 * tokens)

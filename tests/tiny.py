@@ -14,10 +14,13 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
 )
 
 VOCAB = 128
@@ -140,7 +143,34 @@ def qwen2_5_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, fullatt=(
     return _finish(Qwen2_5_VLForConditionalGeneration(cfg).to(dtype), attn)
 
 
-BUILDERS = {"llava": llava, "llava_next": llava_next, "qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
+def llava_onevision(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, crop: int = 20, **text_kw):
+    """Tiny LLaVA-OneVision: SigLIP crops of 20 px / 4 px patches (5 x 5 tokens, no CLS), tile
+    grids up to 3 x 3 and ``anyres_max_2``, so a 2 x 2 grid (10 x 10 tokens) is downscaled to 7 x 7
+    and a 1 x 2 grid is not; video frames pool 5 x 5 to 3 x 3. ``crop=40``: 10 x 10 tokens a crop."""
+    torch.manual_seed(seed)
+    cfg = _onevision_config(crop, **text_kw)
+    return _finish(LlavaOnevisionForConditionalGeneration(cfg).to(dtype), attn)
+
+
+def onevision_pixels(cfg, sizes, gen) -> dict:
+    """``pixel_values`` (padded to the most tiles) and ``image_sizes`` for images of ``sizes``."""
+    from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+    crop = cfg.vision_config.image_size
+    n_patch = [image_size_to_num_patches(list(s), cfg.image_grid_pinpoints, crop) for s in sizes]
+    pv = torch.zeros(len(sizes), max(n_patch), 3, crop, crop)
+    for i, p in enumerate(n_patch):
+        pv[i, :p] = torch.randn(p, 3, crop, crop, generator=gen)
+    return {"pixel_values": pv, "image_sizes": torch.tensor(sizes)}
+
+
+BUILDERS = {
+    "llava": llava,
+    "llava_next": llava_next,
+    "qwen2_vl": qwen2_vl,
+    "qwen2_5_vl": qwen2_5_vl,
+    "llava_onevision": llava_onevision,
+}
 QWEN = ("qwen2_vl", "qwen2_5_vl")
 
 
@@ -195,6 +225,12 @@ def inputs(
             pv[i, :p] = torch.randn(p, 3, crop, crop, generator=gen)
         kw["pixel_values"] = pv
         kw["image_sizes"] = torch.tensor(sizes)
+    elif family == "llava_onevision":
+        from vtprune.integrations.llava_onevision import image_spec
+
+        sizes = sizes or [(20, 40)] * n_images
+        counts = [image_spec(model.config, list(s)).num_tokens for s in sizes]
+        kw.update(onevision_pixels(model.config, sizes, gen))
     else:
         # Qwen2.5-VL: smaller default images (still 6 windows each) keep its share of the suite short
         sizes = sizes or [(16, 16) if family == "qwen2_vl" else (8, 12)] * n_images
@@ -216,7 +252,12 @@ def inputs(
     return kw
 
 
-def media_inputs(family: str, media: list[str], *, side="left", seed=0, sizes=None, post=None, frames=2):
+def media_inputs(
+    family: str, media: list[str], *, side="left", seed=0, sizes=None, post=None, frames=2, cfg=None
+):
+    if family == "llava_onevision":  # cfg: the model's config (default: the tiny one's)
+        cfg = cfg or _onevision_config()
+        return _onevision_media(media, cfg, side=side, seed=seed, sizes=sizes, post=post, frames=frames)
     """Qwen kwargs for rows of images and videos: ``media[b]`` spells row ``b``'s media in prompt
     order (``"ivi"``: image, video, image; ``""``: text only). Videos have ``frames`` temporal
     patches (``video_grid_thw`` t); ``mm_token_type_ids`` marks images 1 and videos 2, as the
@@ -244,6 +285,46 @@ def media_inputs(family: str, media: list[str], *, side="left", seed=0, sizes=No
     kw.update(input_ids=ids, attention_mask=mask)
     kw["mm_token_type_ids"] = ((ids == IMAGE).int() + 2 * (ids == VIDEO).int()).int()
     return kw
+
+
+def _onevision_media(media, cfg, *, side, seed, sizes, post, frames):
+    """LLaVA-OneVision kwargs for rows of images (``sizes``: (h, w) pixels each, in batch order)
+    and videos of ``frames`` frames (``ceil(5 / 2)**2`` tokens each, plus one newline a clip)."""
+    from vtprune.integrations.llava_onevision import image_spec, video_spec
+
+    gen = torch.Generator().manual_seed(seed)
+    kinds = "".join(media)
+    n_img = kinds.count("i")
+    crop = cfg.vision_config.image_size
+    sizes = sizes or [(crop, 2 * crop)] * n_img
+    img_counts = iter([image_spec(cfg, list(s)).num_tokens for s in sizes])
+    vid_count = video_spec(cfg, frames).num_tokens
+    counts = [next(img_counts) if k == "i" else vid_count for k in kinds]
+    kw: dict = {}
+    if n_img:
+        kw.update(onevision_pixels(cfg, sizes, gen))
+    if "v" in kinds:
+        kw["pixel_values_videos"] = torch.randn(kinds.count("v"), frames, 3, crop, crop, generator=gen)
+    rows, k = [], 0
+    for b, m in enumerate(media):
+        p = post[b] if post is not None else 3 + b
+        rows.append(_prompt(counts[k : k + len(m)], pre=2 + b, post=p, gen=gen, vstart=False, kinds=m))
+        k += len(m)
+    ids, mask = _pad(rows, side)
+    kw.update(input_ids=ids, attention_mask=mask)
+    return kw
+
+
+def _onevision_config(crop: int = 20, **text_kw):
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+    return LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(image_size=crop, patch_size=4, **tower),
+        text_config=dict(model_type="qwen2", **_text(**text_kw)),
+        image_token_index=IMAGE,
+        video_token_index=VIDEO,
+        image_grid_pinpoints=[[crop, 2 * crop], [2 * crop, crop], [2 * crop, 2 * crop], [3 * crop, 3 * crop]],
+        vision_aspect_ratio="anyres_max_2",
+    )
 
 
 def llava_shaped(layers: int = 32, seed: int = 0):

@@ -66,6 +66,7 @@ class ImageLayout:
     vision: dict = field(default_factory=dict)  # tower layer -> captured scores of this image
     kind: str = "image"  # "image" or "video" (which placeholder id, which tower run)
     frames: int = 1  # video: temporal patches (Qwen: 2-frame tubelets), one segment each
+    taps: tuple | None = None  # (index [n, k], weight [n, k]): see ImageSpec
 
     @property
     def num_tokens(self) -> int:
@@ -80,6 +81,12 @@ class ImageSpec:
     ``source[i]`` says where token ``i`` came from in the tower's output, flattened over
     ``(crop, tower token)`` (CLS included at tower token 0), or -1 for tokens with no tower
     origin (newlines). Vision-side scores (CLS attention) are read through it.
+
+    ``taps`` (LLaVA-OneVision) says how token ``i`` was *mixed* from tower tokens where the model
+    resamples the grid (``anyres_max`` downscaling, video pooling, both bilinear):
+    ``(index [n, k], weight [n, k])`` over the same flattened ``(crop, tower token)`` axis, zero
+    weights for newlines. Tower-side tensors of such a token are the same weighted sums of its
+    tower tokens' tensors; ``source`` then holds its heaviest tap (its crop).
     """
 
     num_tokens: int
@@ -90,6 +97,7 @@ class ImageSpec:
     source: torch.Tensor | None = field(default=None, compare=False, hash=False)
     kind: str = "image"  # "image" or "video": which placeholder tokens it fills
     frames: int = 1  # video: temporal patches, laid out one after another (one segment each)
+    taps: tuple | None = field(default=None, compare=False, hash=False)
 
 
 @dataclass
@@ -207,7 +215,7 @@ class ImageView:
 
         def build():
             src = self.layout.source
-            if src is None or not self.has_cls or self.tower_tokens_per_crop is None:
+            if src is None or self.tower_tokens_per_crop is None:
                 return torch.where(self.layout.newline, -1, 0).to(self.device)
             return torch.where(src >= 0, src // self.tower_tokens_per_crop, -1).to(self.device)
 
@@ -218,10 +226,11 @@ class ImageView:
         placeholder of the crop's CLS token (LLaVA's "full" feature strategy) or is empty."""
         tokens = torch.nonzero(~self.layout.newline).flatten()
         src = self.layout.source
-        if src is None or not self.has_cls or self.tower_tokens_per_crop is None:
+        if src is None or self.tower_tokens_per_crop is None:
             return [(tokens.to(self.device), tokens[:0].to(self.device))]
         s = src[tokens]
-        crop, is_cls = s // self.tower_tokens_per_crop, s % self.tower_tokens_per_crop == 0
+        crop = s // self.tower_tokens_per_crop
+        is_cls = (s % self.tower_tokens_per_crop == 0) & self.has_cls  # a tower without CLS has none
         return [
             (tokens[(crop == j) & ~is_cls].to(self.device), tokens[(crop == j) & is_cls].to(self.device))
             for j in range(self.crops)
@@ -252,6 +261,8 @@ class ImageView:
         all patches of its image, averaged over the patches merged into the token.
         """
         got = self.captured(layer)
+        if self.layout.taps is not None:
+            return self._tapped(got["received"], float("-inf"))
         if not self.has_cls or "received" in got:
             return got["received"].view(self.num_tokens, self.patches_per_token).mean(1)
         flat = got["cls"].flatten()
@@ -261,6 +272,8 @@ class ImageView:
     def keys(self, layer: int) -> torch.Tensor:
         """``[n, head_dim]``: each token's tower key at ``layer`` (mean over heads)."""
         keys = self.captured(layer)["keys"]
+        if self.layout.taps is not None:
+            return self._tapped(keys, 0.0)
         if not self.has_cls or self.layout.source is None:
             return keys.reshape(self.num_tokens, -1, keys.shape[-1]).mean(1)
         flat = keys.reshape(-1, keys.shape[-1])
@@ -269,10 +282,23 @@ class ImageView:
     def tower_features(self, layer: int) -> torch.Tensor:
         """``[n, D_tower]``: each token's tower hidden state at the output of ``layer``."""
         hidden = self.captured(layer)["hidden"]
+        if self.layout.taps is not None:
+            return self._tapped(hidden, 0.0)
         if not self.has_cls or self.layout.source is None or hidden.dim() == 2:
             return hidden.reshape(self.num_tokens, -1, hidden.shape[-1]).mean(1)
         flat = hidden.reshape(-1, hidden.shape[-1])
         return flat[self.layout.source.clamp(min=0).to(flat.device)]
+
+    def _tapped(self, tower: torch.Tensor, newline_value: float) -> torch.Tensor:
+        """Per token, the tap-weighted sum of per-tower-token values (``[crops, T, ...]``); newline
+        tokens get ``newline_value``."""
+        index, weight = self.layout.taps
+        flat = tower.flatten(0, 1).float()
+        index, weight = index.to(flat.device), weight.to(flat.device)
+        w = weight.view(*weight.shape, *([1] * (flat.dim() - 1)))
+        out = (flat[index] * w).sum(1)
+        fill = self.newline.to(flat.device).view(-1, *([1] * (flat.dim() - 1)))
+        return torch.where(fill, torch.tensor(newline_value, device=flat.device), out)
 
     def tower_hidden(self, layer: int) -> torch.Tensor:
         """The raw captured tower output at ``layer`` (CLS towers: ``[crops, tokens, D]``, CLS first)."""

@@ -23,6 +23,8 @@ Decisions:
   the language model sees.
 * Qwen2-VL has no CLS token: its score is the attention a token receives from all patches of
   its image in the chosen tower block (``ImageView.cls_scores``, ``vtprune.runtime.vision``).
+  LLaVA-OneVision has none either (the same substitute, per SigLIP crop); its videos have no base
+  image to split the budget by, so a clip's frames are scored as one set.
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ class HiREDStage(VisionStage):
         newlines = view.newline_indices
         fixed = newlines if not self.cfg.drop_newlines else newlines[:0]
         n_part = view.segments[0].size  # N: patch tokens of one partition
-        if view.crops == 1 or len(view.segments) == 1:
+        if view.crops == 1 or len(view.segments) == 1 or view.kind == "video":  # frames: no base image
             chosen = _top(sel, view.patch_indices, budget)
             return torch.cat([fixed, chosen]).sort().values
         base_idx = view.segments[0].indices().to(sel.device)

@@ -32,6 +32,9 @@ Decisions (the prompt fixes the placeholder count, and kept tokens keep their po
   attention windows). All ``dominant`` tokens are patches, ranked by the received-attention
   substitute score, and ``merge="official"`` forms ``target + mean(other members)`` on the
   merger's outputs, the language model's inputs.
+* LLaVA-OneVision: no CLS either (received-attention substitute per SigLIP crop); its downscaled
+  tiles and pooled video frames mix several tower tokens per token, so ``merge="official"`` is
+  formed on the language model's inputs too. Partitions are the base crop and tiles, or the frames.
 """
 
 from __future__ import annotations

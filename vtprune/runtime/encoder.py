@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 from vtprune.images import GridSegment, ImageSpec
 
 from .plumbing import bind_call
@@ -45,7 +47,8 @@ class EncoderTap:
                 if tower_token is not None:
                     TOWER.reset(tower_token)
             feats = getattr(out, "pooler_output", None)
-            if isinstance(feats, (list, tuple)):
+            stacked = isinstance(feats, torch.Tensor) and feats.dim() == 3  # LLaVA-OneVision videos
+            if isinstance(feats, (list, tuple)) or stacked:
                 specs = self.adapter.image_specs(bind_call(signature, args, kwargs))
                 if len(specs) == len(feats):
                     vision = [{} for _ in specs]
@@ -56,9 +59,13 @@ class EncoderTap:
                         out.pooler_output = feats
                         for v, k in zip(vision, kept):
                             v.update(k)
-                    out._vtprune_specs = {id(f): spec for f, spec in zip(feats, specs)}
+                    if stacked:  # rows of one tensor have no identity of their own: keep the order
+                        out._vtprune_rows = (specs, vision)
+                    else:
+                        out._vtprune_specs = {id(f): spec for f, spec in zip(feats, specs)}
+                        if any(vision):
+                            out._vtprune_vision = {id(f): v for f, v in zip(feats, vision)}
                     if any(vision):
-                        out._vtprune_vision = {id(f): v for f, v in zip(feats, vision)}
                         self._attach_vision_to_active(vision, {spec.kind for spec in specs})
             return out
 
@@ -85,6 +92,16 @@ class EncoderTap:
         for modality in ("image", "video"):
             out = encoded.get(modality)
             if out is None:
+                continue
+            rows = getattr(out, "_vtprune_rows", None)
+            if rows is not None:
+                n = len(out.pooler_output)
+                if len(rows[0]) == n:
+                    specs += rows[0]
+                    vision += rows[1]
+                else:  # expanded by generate (beams): one tensor's rows share one structure; no scores
+                    specs += [rows[0][0]] * n
+                    vision += [{} for _ in range(n)]
                 continue
             table = getattr(out, "_vtprune_specs", {})
             captured = getattr(out, "_vtprune_vision", {})

@@ -6,6 +6,9 @@ puts forward hooks on the q/k projections of exactly those layers and, only whil
 call is being captured, keeps the CLS query row and the keys the tower computes anyway; the
 probabilities are O(heads * tokens * head_dim) extra work per crop.
 
+LLaVA-OneVision's SigLIP tower has no CLS token either; it runs one crop (or video frame) per
+batch row, so its substitute is the attention each patch receives from all patches of its crop.
+
 Qwen2-VL's tower has no CLS token. Its documented substitute is the mean attention each patch
 *receives* from all patches of its image in the chosen block (rotary applied as the tower
 does), averaged over the 2x2 patches merged into one language-model token. Qwen2.5-VL's blocks
@@ -52,6 +55,8 @@ class _Probe:
 class ClsProbe(_Probe):
     """CLS-attention probe for CLIP-style towers (LLaVA, LLaVA-NeXT)."""
 
+    rows: int | None = 1  # query rows kept per crop (the CLS row)
+
     def install(self, handles: list) -> None:
         """Register the probe's hooks into ``handles`` (as they go: a failure leaves none behind)."""
         self.install_hidden(handles)
@@ -65,7 +70,7 @@ class ClsProbe(_Probe):
             capture = CAPTURE.get()
             if capture is not None:
                 slot = capture.setdefault(layer, {"attn": attn})
-                slot[what] = (output[:, :1] if what == "q" else output).detach()
+                slot[what] = (output[:, : self.rows] if what == "q" else output).detach()
 
         return hook
 
@@ -84,6 +89,32 @@ class ClsProbe(_Probe):
             kh = k.float().view(n, t, h, -1).transpose(1, 2)  # [n, H, T, d]
             probs = torch.softmax(qh @ kh.transpose(-1, -2) * attn.scale, dim=-1)[:, :, 0]  # [n, H, T]
             out[layer] = {"cls": probs.sum(1), "cls_heads": probs, "keys": kh.mean(1)}
+        return _merge_layers(out, hidden)
+
+
+class CropReceivedProbe(ClsProbe):
+    """Mean attention received per patch, per crop, for towers without CLS that run one crop
+    (or frame) per batch row with plain attention (SigLIP in LLaVA-OneVision)."""
+
+    rows = None  # every query row
+
+    @classmethod
+    def finish(cls, raw: dict) -> dict:
+        """Per layer: ``received`` ``[crops, tokens]`` (attention each patch receives, averaged over
+        the heads and all queries of its crop), ``keys`` ``[crops, tokens, head_dim]`` (mean over
+        heads) and, for hidden layers, ``hidden``."""
+        hidden = cls.split_hidden(raw)
+        out = {}
+        for layer, slot in raw.items():
+            attn, q, k = slot["attn"], slot["q"], slot["k"]
+            n, t, _ = k.shape
+            qh = q.float().view(n, t, attn.num_heads, -1).transpose(1, 2)
+            kh = k.float().view(n, t, attn.num_heads, -1).transpose(1, 2)  # [n, H, T, d]
+            # one crop at a time: [H, T, T] probabilities, not [crops, H, T, T]
+            got = [
+                torch.softmax(qh[i] @ kh[i].transpose(-1, -2) * attn.scale, -1).mean((0, 1)) for i in range(n)
+            ]
+            out[layer] = {"received": torch.stack(got), "keys": kh.mean(1)}
         return _merge_layers(out, hidden)
 
 
@@ -161,7 +192,10 @@ def _received_attention(attn, hidden, cu_seqlens, rotary):
 
 
 def make_probe(adapter, layers: list[int], keys: bool, hidden_layers: list[int] = ()):
-    probe = ClsProbe if adapter.has_cls else ReceivedProbe
+    if adapter.has_cls:
+        probe = ClsProbe
+    else:  # a tower run per crop (LLaVA-OneVision) or over packed patches (Qwen2-VL)
+        probe = CropReceivedProbe if adapter.tower_tokens_per_crop is not None else ReceivedProbe
     return probe(adapter, layers, keys, hidden_layers)
 
 
@@ -172,7 +206,8 @@ def split_per_image(finished: dict, specs: list, adapter) -> list[dict]:
     for layer, tensors in finished.items():
         start = 0
         for i, spec in enumerate(specs):
-            size = spec.crops if adapter.has_cls else spec.num_tokens * adapter.patches_per_token
+            per_crop = adapter.tower_tokens_per_crop is not None
+            size = spec.crops if per_crop else spec.num_tokens * adapter.patches_per_token
             per_image[i][layer] = {name: t[start : start + size] for name, t in tensors.items()}
             start += size
     return per_image
