@@ -8,6 +8,7 @@ structure (and, with a probe, its vision-side scores) on the encoder output.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 
 from vtprune.images import GridSegment, ImageSpec
@@ -15,6 +16,8 @@ from vtprune.images import GridSegment, ImageSpec
 from .plumbing import bind_call
 from .state import ACTIVE
 from .vision import CAPTURE, split_per_image
+
+_ENCODING: contextvars.ContextVar[bool] = contextvars.ContextVar("vtprune_encoding", default=False)
 
 
 class EncoderTap:
@@ -32,6 +35,11 @@ class EncoderTap:
         signature = inspect.signature(method)
 
         def encode(*args, **kwargs):
+            if _ENCODING.get():
+                # an encoder method calling another (Qwen3-VL's video features are its image
+                # features of the frames): the outer call records, under its own media kind
+                return method(*args, **kwargs)
+            outer = _ENCODING.set(True)
             token = CAPTURE.set({}) if self.probe is not None else None
             try:
                 out = method(*args, **kwargs)
@@ -39,6 +47,7 @@ class EncoderTap:
                 raw = CAPTURE.get() if token is not None else None
                 if token is not None:
                     CAPTURE.reset(token)
+                _ENCODING.reset(outer)
             feats = getattr(out, "pooler_output", None)
             if isinstance(feats, (list, tuple)):
                 specs = self.adapter.image_specs(bind_call(signature, args, kwargs))
