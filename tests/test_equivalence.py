@@ -9,7 +9,7 @@ from helpers import count_hooks, greedy, row_alone, uncached_greedy
 
 import vtprune
 
-FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 PLANS = {
     "fastv": dict(keep=0.5),
     "pdrop": dict(keep=0.4),
@@ -93,6 +93,7 @@ def test_left_padded_batch_equals_rows_alone(family_model, method):
         "llava_next": [(32, 64), (64, 64), (64, 32)],
         "qwen2_vl": [(16, 16), (8, 12), (12, 16)],
         "qwen2_5_vl": [(8, 12), (8, 8), (12, 8)],
+        "qwen3_vl": [(8, 12), (8, 8), (12, 8)],
     }.get(family)
     kw = tiny.inputs(family, model, images, side="left", seed=4, sizes=sizes)
     with vtprune.pruned(model, method, **PLANS[method]):
