@@ -122,3 +122,23 @@ def test_injection_method_is_shadowed_and_restored(model):
     with vtprune.pruned(model, "fastv", keep=0.5):
         assert "_deepstack_process" in vars(text)
     assert "_deepstack_process" not in vars(text)
+
+
+@pytest.mark.parametrize("method", ["uniform", "fastv"])
+def test_video_timestamps_and_frame_delimiters_stay(model, method):
+    """Each frame's timestamp and vision start / end tokens are text: every stage keeps them, and
+    a quarter of the frames' tokens survive across the clip."""
+    from vtprune import compat
+    from vtprune.runtime.state import state_of_cache
+
+    kw = tiny.media_inputs("qwen3_vl", ["v"], seed=23, frames=4)
+    ids = kw["input_ids"][0]
+    with torch.no_grad(), vtprune.pruned(model, method, keep=0.25):
+        out = model(**kw)
+        ratio = vtprune.stats(model).keep_ratio
+    final = state_of_cache(compat.output_cache(out)).sets[-1]
+    kept = final.orig_index[0][final.present[0]]
+    text = torch.nonzero(ids != tiny.VIDEO).flatten()
+    assert bool(torch.isin(text, kept).all())
+    assert int((ids == tiny.VSTART).sum()) == int((ids == tiny.VEND).sum()) == 4
+    assert abs(ratio - 0.25) < 0.02
