@@ -142,3 +142,17 @@ def test_video_timestamps_and_frame_delimiters_stay(model, method):
     assert bool(torch.isin(text, kept).all())
     assert int((ids == tiny.VSTART).sum()) == int((ids == tiny.VEND).sum()) == 4
     assert abs(ratio - 0.25) < 0.02
+
+
+def test_sentinel_names_a_missing_injection_method(model, monkeypatch):
+    """A transformers release without the DeepStack method the runtime shadows is refused at
+    ``apply``, naming it, before any hook is installed."""
+    from helpers import count_hooks
+
+    from vtprune import compat
+
+    hooks = count_hooks(model)
+    monkeypatch.delattr(type(model.model.language_model), "_deepstack_process")
+    with pytest.raises(compat.WiringError, match="_deepstack_process"):
+        vtprune.apply(model, "fastv", keep=0.5)
+    assert count_hooks(model) == hooks and "_deepstack_process" not in vars(model.model.language_model)
