@@ -16,13 +16,16 @@ Shipped configurations (``vtprune/assets/configs/<name>/config.json``, written b
 * ``llava-1.5-7b`` = ``llava-hf/llava-1.5-7b-hf``; ``llava-1.5-13b`` = ``llava-hf/llava-1.5-13b-hf``
 * ``llava-next-7b`` = ``llava-hf/llava-v1.6-vicuna-7b-hf`` (the Vicuna-7B LLaVA-NeXT)
 * ``qwen2-vl-2b`` = ``Qwen/Qwen2-VL-2B-Instruct``; ``qwen2-vl-7b`` = ``Qwen/Qwen2-VL-7B-Instruct``
+* ``qwen2.5-vl-7b`` = ``Qwen/Qwen2.5-VL-7B-Instruct``; ``qwen3-vl-8b`` = ``Qwen/Qwen3-VL-8B-Instruct``
 * ``llava-onevision-7b`` = ``llava-hf/llava-onevision-qwen2-7b-ov-hf`` (Qwen2-7B decoder, SigLIP-so400m
   tower of 26 layers, 384 px / 14 px crops, ``anyres_max_9``, tile grids up to 6 x 6)
 
 Default image: one 336x336 image for LLaVA-1.5 (576 tokens), a 672x672 image for LLaVA-NeXT
 (base + 2x2 crops with row newlines: 2928 tokens), a 448x448 image for Qwen2-VL (32x32 patches
-merged 2x2: 256 tokens), a 768x768 image for LLaVA-OneVision (base + 2x2 tiles of 27x27 tokens with
-row newlines, under the ``anyres_max_9`` cap: 3699 tokens). ``image_size`` picks another image, ``visual_tokens`` overrides the
+merged 2x2: 256 tokens; the same image is 256 tokens on Qwen2.5-VL and, with 16-pixel patches,
+196 on Qwen3-VL), a 768x768 image for LLaVA-OneVision (base + 2x2 tiles of 27x27 tokens with
+row newlines, under the ``anyres_max_9`` cap: 3699 tokens). Qwen3-VL's projector column counts its
+merger and its DeepStack mergers. ``image_size`` picks another image, ``visual_tokens`` overrides the
 decoder's visual token count (the vision columns still describe the image).
 
 Run: ``python -m vtprune.eval.flops_report llava-1.5-7b --plans baseline "pdrop:layers=8+16+24,ratio=0.5"``.
@@ -54,9 +57,16 @@ SHIPPED = {
     "llava-next-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
     "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
     "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen3-vl-8b": "Qwen/Qwen3-VL-8B-Instruct",
     "llava-onevision-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
 }
-DEFAULT_IMAGE = {"llava_next": (672, 672), "qwen2_vl": (448, 448), "llava_onevision": (768, 768)}
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+DEFAULT_IMAGE = {
+    "llava_next": (672, 672),
+    "llava_onevision": (768, 768),
+    **{family: (448, 448) for family in QWEN},
+}
 ANYRES = ("llava_next", "llava_onevision")  # one image = base crop + tiles, sized by ``image_sizes``
 BASELINE = ("baseline", "none", "")
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -117,7 +127,7 @@ def _image_call(adapter, image_size) -> tuple[dict, tuple[int, int] | None]:
     """A synthetic processor output for one image, for ``adapter.image_specs``."""
     cfg = adapter.config
     size = tuple(image_size or DEFAULT_IMAGE.get(adapter.family, ())) or None
-    if adapter.family == "qwen2_vl":
+    if adapter.family in QWEN:
         vc = cfg.vision_config
         unit = vc.patch_size * vc.spatial_merge_size
         grid = [1] + [max(unit, round(s / unit) * unit) // vc.patch_size for s in size]
@@ -150,19 +160,45 @@ def _count(fn, *args, **kwargs) -> int:
     return counter.get_total_flops()
 
 
+def _qwen_tower_data(adapter, grid: torch.Tensor) -> dict:
+    """The index tensors a Qwen tower derives from ``grid`` (data, not shapes): computed on the CPU
+    by transformers' own helpers and handed to the tower precomputed, on meta where the tower
+    indexes meta tensors with them (rotary positions, Qwen2.5-VL's window order, Qwen3-VL's
+    position-embedding interpolation taps)."""
+    from transformers import vision_utils as vu
+
+    vc = adapter.config.vision_config
+    data = {"position_ids": vu.get_vision_position_ids(grid, vc.spatial_merge_size).to("meta")}
+    if adapter.family == "qwen2_5_vl":
+        index, cu_windows = vu.get_vision_window_index(
+            grid, vc.spatial_merge_size, vc.window_size, vc.patch_size
+        )
+        data.update(window_index=index.to("meta"), cu_window_seqlens=cu_windows)
+    if adapter.family == "qwen3_vl":
+        tower = adapter.mm_model.visual
+        taps, weights = vu.get_vision_interpolation_indices_and_weights(
+            grid,
+            num_grid_per_side=tower.num_grid_per_side,
+            mode=tower.interpolation_mode,
+            align_corners=tower.interpolation_align_corners,
+            spatial_merge_size=vc.spatial_merge_size,
+        )
+        data.update(interp_indices=taps.to("meta"), interp_weights=weights.to("meta"))
+    return data
+
+
 def count_vision(adapter, call: dict) -> tuple[int, int]:
     """(vision tower FLOPs, projector FLOPs) for the image described by ``call``, counted on meta."""
     mm, vc = adapter.mm_model, adapter.config.vision_config
-    if adapter.family == "qwen2_vl":
-        from transformers.vision_utils import get_vision_position_ids
-
+    if adapter.family in QWEN:
         grid = call["image_grid_thw"]
         n = int(grid.prod(-1).sum())
         pixels = torch.empty(n, 3 * vc.temporal_patch_size * vc.patch_size**2, device="meta")
-        # rotary positions are data, so they are computed on the CPU and handed over on meta
-        pos = get_vision_position_ids(grid, vc.spatial_merge_size).to("meta")
-        total = _count(mm.visual, pixels, grid_thw=grid, position_ids=pos)
-        proj = _count(mm.visual.merger, torch.empty(n, vc.embed_dim, device="meta"))
+        total = _count(mm.visual, pixels, grid_thw=grid, **_qwen_tower_data(adapter, grid))
+        # the mergers' input width: Qwen2-VL calls the tower width embed_dim, later towers hidden_size
+        width = getattr(vc, "embed_dim", None) or vc.hidden_size
+        mergers = [mm.visual.merger, *getattr(mm.visual, "deepstack_merger_list", ())]
+        proj = sum(_count(m, torch.empty(n, width, device="meta")) for m in mergers)
         return total - proj, proj
     crops = 1
     if adapter.family in ANYRES:

@@ -8,6 +8,7 @@ from .llava_next import LlavaNextAdapter
 from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_vl import Qwen3VLAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (
     LlavaAdapter,
@@ -15,6 +16,7 @@ ADAPTERS: tuple[type[Adapter], ...] = (
     Qwen2VLAdapter,
     Qwen2_5_VLAdapter,
     LlavaOnevisionAdapter,
+    Qwen3VLAdapter,
 )
 
 

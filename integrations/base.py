@@ -30,6 +30,10 @@ class Adapter:
     has_cls: bool = True
     #: tower patches merged into one language-model token (Qwen2-VL: 2x2)
     patches_per_token: int = 1
+    #: name of a language-model method that adds per-visual-token features to the hidden states
+    #: between decoder layers, called as ``fn(hidden_states, visual_pos_masks, visual_embeds)``
+    #: (Qwen3-VL's DeepStack); the runtime re-indexes its arguments onto the kept tokens
+    injection_method: str | None = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -55,6 +59,11 @@ class Adapter:
 
     def visual_token_ids(self) -> tuple[int, ...]:
         return (int(self.config.image_token_id),)
+
+    @property
+    def injection_layers(self) -> list[int]:
+        """Decoder layers after which :attr:`injection_method` adds features (none by default)."""
+        return []
 
     def vision_attention(self, layer: int) -> nn.Module:
         """The attention module of vision-tower layer ``layer`` (for CLS-attention probes)."""

@@ -87,7 +87,7 @@ def row_alone(family: str, kw: dict, b: int, images_per_row: list) -> dict:
     n = images_per_row[b]
     if n == 0:
         return one
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         _slice_media(kw, one, first, n, "pixel_values", "image_grid_thw")
     else:
         one["pixel_values"] = kw["pixel_values"][first : first + n]

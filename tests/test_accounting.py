@@ -64,8 +64,9 @@ KEEP_METHODS = [
 ]
 
 
-# LLaVA-1.5 geometry; Qwen2.5-VL's windows; LLaVA-OneVision tiles (downscaled or not) and video, padded
-@pytest.mark.parametrize("shape", ["shaped", "qwen25", "onevision"])
+# LLaVA-1.5 geometry; Qwen2.5-VL's windows; Qwen3-VL's DeepStack; LLaVA-OneVision tiles
+# (downscaled or not) and video, padded
+@pytest.mark.parametrize("shape", ["shaped", "qwen25", "qwen3", "onevision"])
 @pytest.mark.parametrize("method", KEEP_METHODS)
 @pytest.mark.parametrize("keep", [0.5, 0.25, 0.11])
 def test_keep_target_within_two_percent(request, shape, method, keep):
@@ -192,3 +193,9 @@ def qwen25():
     model = tiny.qwen2_5_vl(num_hidden_layers=32)  # LLaVA's depth: in-LLM methods reach keep=0.11
     # one 32x32-patch image: 256 tokens in 64 windows, enough for 2% at keep=0.11
     return model, tiny.inputs("qwen2_5_vl", model, [1], seed=1, sizes=[(32, 32)])
+
+
+@pytest.fixture(scope="module")
+def qwen3():
+    model = tiny.qwen3_vl(num_hidden_layers=32)  # LLaVA's depth: in-LLM methods reach keep=0.11
+    return model, tiny.inputs("qwen3_vl", model, [1], seed=1, sizes=[(32, 32)])  # 256 tokens

@@ -28,6 +28,7 @@ MODULES = [
     "vtprune.methods.pdrop",
     "vtprune.methods.baselines",
     "vtprune.runtime.tokens",
+    "vtprune.runtime.injection",
     "vtprune.integrations",
     "vtprune.integrations.base",
     "vtprune.integrations.llava_onevision",

@@ -9,7 +9,7 @@ from helpers import count_hooks, greedy, row_alone, uncached_greedy
 
 import vtprune
 
-FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "llava_onevision"]
+FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]
 PLANS = {
     "fastv": dict(keep=0.5),
     "pdrop": dict(keep=0.4),
@@ -100,6 +100,7 @@ def test_left_padded_batch_equals_rows_alone(family_model, method):
         "qwen2_vl": [(16, 16), (8, 12), (12, 16)],
         "qwen2_5_vl": [(8, 12), (8, 8), (12, 8)],
         "llava_onevision": [(20, 40), (40, 40), (30, 50)],  # 1 x 2 tiles; 2 x 2 and 3 x 3 downscaled
+        "qwen3_vl": [(8, 12), (8, 8), (12, 8)],
     }.get(family)
     kw = tiny.inputs(family, model, images, side="left", seed=4, sizes=sizes)
     with vtprune.pruned(model, method, **PLANS[method]):

@@ -20,6 +20,14 @@ SHIPPED = {
     "qwen2-vl-2b": ("Qwen2VLForConditionalGeneration", 28, 1536, 8960, 12, 2, 151936, 256),
     "qwen2-vl-7b": ("Qwen2VLForConditionalGeneration", 28, 3584, 18944, 28, 4, 152064, 256),
     "llava-onevision-7b": ("LlavaOnevisionForConditionalGeneration", 28, 3584, 18944, 28, 4, 152128, 3699),
+    "qwen2.5-vl-7b": ("Qwen2_5_VLForConditionalGeneration", 28, 3584, 18944, 28, 4, 152064, 256),
+    "qwen3-vl-8b": ("Qwen3VLForConditionalGeneration", 36, 4096, 12288, 32, 8, 151936, 196),  # 16 px patches
+}
+# name -> (depth, width, intermediate, heads, patch, out width, full-attention blocks / DeepStack layers),
+# the vision towers of the published config.json files
+TOWERS = {
+    "qwen2.5-vl-7b": (32, 1280, 3420, 16, 14, 3584, [7, 15, 23, 31]),
+    "qwen3-vl-8b": (27, 1152, 4304, 16, 16, 4096, [8, 16, 24]),
 }
 
 
@@ -98,6 +106,43 @@ def test_shipped_configs_load_offline(monkeypatch):
     assert sizes == [SHIPPED[n][2] for n in sorted(SHIPPED)]
     sizes = [AutoConfig.from_pretrained(fr.CONFIG_DIR / n).text_config.hidden_size for n in sorted(SHIPPED)]
     assert sizes == [SHIPPED[n][2] for n in sorted(SHIPPED)]
+
+
+@pytest.mark.parametrize("name", sorted(TOWERS))
+def test_newer_qwen_towers_and_their_counts(name):
+    """The tower fields of the shipped Qwen2.5-VL / Qwen3-VL configs, and the counted projector:
+    Qwen3-VL's merger and its three DeepStack mergers (each 2x2 patches -> fc1 -> fc2) all run."""
+    depth, width, inter, heads, patch, out, special = TOWERS[name]
+    cfg = fr.load_config(name)
+    vc = cfg.vision_config
+    assert (vc.depth, vc.hidden_size, vc.intermediate_size, vc.num_heads, vc.patch_size) == (
+        depth,
+        width,
+        inter,
+        heads,
+        patch,
+    )
+    assert vc.out_hidden_size == out and vc.spatial_merge_size == 2
+    listed = vc.fullatt_block_indexes if name.startswith("qwen2.5") else vc.deepstack_visual_indexes
+    assert list(listed) == special
+    adapter = fr.adapter_for(fr.build_meta_model(cfg))
+    call, _ = fr._image_call(adapter, None)
+    tower, proj = fr.count_vision(adapter, call)
+    tokens = adapter.image_specs(call)[0].num_tokens
+    merged = 4 * width
+    per_merger = 2 * tokens * (merged * merged + merged * out)
+    mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", ()))
+    assert proj == mergers * per_merger
+    # the blocks' projections and MLP alone, per patch: qkv + proj (4 w^2) and the MLP (2 or 3 w*m)
+    mlp = 3 if name.startswith("qwen2.5") else 2  # gated SiLU MLP vs fc1/fc2
+    assert tower > 2 * 4 * tokens * depth * (4 * width * width + mlp * width * inter)
+    if name == "qwen3-vl-8b":
+        text = cfg.text_config
+        assert text.head_dim == 128 and text.rope_parameters["mrope_section"] == [24, 20, 20]
+        assert text.rope_parameters["mrope_interleaved"] is True
+        n = 196 + 64
+        counted = fr.count_decoder_layer(adapter, n)
+        assert counted == decoder_linear_flops(text, [n]) + attention_flops(text, [n])
 
 
 def test_unknown_model_lists_shipped_names():

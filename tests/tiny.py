@@ -1,4 +1,4 @@
-"""Tiny LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL models built from configs, and inputs for them.
+"""Tiny LLaVA-1.5 / LLaVA-NeXT / Qwen2-VL / Qwen2.5-VL / Qwen3-VL models built from configs, and inputs for them.
 
 Random weights, offline, a few MB each: what the equivalence tests need. Each builder returns
 the model in eval mode; each input builder returns the kwargs a processor would.
@@ -20,6 +20,8 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 
@@ -27,6 +29,7 @@ VOCAB = 128
 IMAGE = 120  # image placeholder id
 VIDEO = 121
 VSTART = 122
+VEND = 123
 PAD = 0
 LAYERS = 8
 
@@ -164,22 +167,70 @@ def onevision_pixels(cfg, sizes, gen) -> dict:
     return {"pixel_values": pv, "image_sizes": torch.tensor(sizes)}
 
 
+def qwen3_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, deepstack=(0, 1, 2), **text_kw):
+    """Tiny Qwen3-VL: 3 tower blocks, each feeding DeepStack by default (so features are added
+    after decoder layers 0, 1 and 2, as on the released models), interleaved M-RoPE."""
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 10000.0,
+        "mrope_section": [4, 2, 2],
+        "mrope_interleaved": True,
+    }
+    cfg = Qwen3VLConfig(
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            num_heads=2,
+            patch_size=4,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=list(deepstack),
+        ),
+        text_config=_text(rope_parameters=rope, head_dim=16, **text_kw),
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VSTART,
+        vision_end_token_id=VEND,
+    )
+    return _finish(Qwen3VLForConditionalGeneration(cfg).to(dtype), attn)
+
+
 BUILDERS = {
     "llava": llava,
     "llava_next": llava_next,
     "qwen2_vl": qwen2_vl,
     "qwen2_5_vl": qwen2_5_vl,
+    "qwen3_vl": qwen3_vl,
     "llava_onevision": llava_onevision,
 }
-QWEN = ("qwen2_vl", "qwen2_5_vl")
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
-def _prompt(n_image_tokens: list[int], pre: int, post: int, gen: torch.Generator, vstart: bool, kinds=None):
+def _prompt(
+    n_image_tokens: list[int],
+    pre: int,
+    post: int,
+    gen: torch.Generator,
+    vstart: bool,
+    kinds=None,
+    stamps=None,
+):
+    """``stamps[i]``: medium ``i`` is written as that many frames, each after a 2-token timestamp
+    and between vision start / end tokens (Qwen3-VL's video layout)."""
     ids = [1] + torch.randint(3, 100, (pre,), generator=gen).tolist()
     for i, n in enumerate(n_image_tokens):
+        token = VIDEO if kinds is not None and kinds[i] == "v" else IMAGE
+        if stamps is not None and stamps[i] > 1:
+            for _ in range(stamps[i]):
+                ids += torch.randint(3, 100, (2,), generator=gen).tolist()
+                ids += [VSTART] + [token] * (n // stamps[i]) + [VEND]
+            continue
         if vstart:
             ids.append(VSTART)
-        ids += [VIDEO if kinds is not None and kinds[i] == "v" else IMAGE] * n
+        ids += [token] * n
         ids += torch.randint(3, 100, (2,), generator=gen).tolist()
     ids += torch.randint(3, 100, (post,), generator=gen).tolist()
     return ids
@@ -279,7 +330,11 @@ def media_inputs(
     rows, k = [], 0
     for b, m in enumerate(media):
         p = post[b] if post is not None else 3 + b
-        rows.append(_prompt(counts[k : k + len(m)], pre=2 + b, post=p, gen=gen, vstart=True, kinds=m))
+        # Qwen3-VL writes each frame of a video after its timestamp (text tokens)
+        stamps = [frames if kind == "v" and family == "qwen3_vl" else 1 for kind in m]
+        rows.append(
+            _prompt(counts[k : k + len(m)], pre=2 + b, post=p, gen=gen, vstart=True, kinds=m, stamps=stamps)
+        )
         k += len(m)
     ids, mask = _pad(rows, side)
     kw.update(input_ids=ids, attention_mask=mask)

@@ -213,6 +213,16 @@ def check_wiring(adapter) -> Wiring:
         method = getattr(type(adapter.mm_model), name, None)
         if method is None:
             raise _moved(type(adapter.mm_model).__name__, name, f"has no method {name!r}")
+    if adapter.injection_method is not None:
+        # the runtime shadows it to hand it the kept tokens' rows (Qwen3-VL's DeepStack)
+        lm = type(adapter.language_model)
+        method = getattr(lm, adapter.injection_method, None)
+        if method is None or len(inspect.signature(method).parameters) != 4:
+            raise _moved(
+                lm.__name__,
+                adapter.injection_method,
+                f"has no method {adapter.injection_method}(hidden_states, visual_pos_masks, visual_embeds)",
+            )
     if "pixel_values" not in inspect.signature(type(adapter.mm_model).get_image_features).parameters:
         raise _moved(f"{type(adapter.mm_model).__name__}.get_image_features", "pixel_values")
     if adapter.outer is not None:

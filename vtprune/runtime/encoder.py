@@ -8,6 +8,7 @@ structure (and, with a probe, its vision-side scores) on the encoder output.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 
 import torch
@@ -18,6 +19,8 @@ from .plumbing import bind_call
 from .state import ACTIVE
 from .tower import TOWER
 from .vision import CAPTURE, split_per_image
+
+_ENCODING: contextvars.ContextVar[bool] = contextvars.ContextVar("vtprune_encoding", default=False)
 
 
 class EncoderTap:
@@ -35,6 +38,11 @@ class EncoderTap:
         signature = inspect.signature(method)
 
         def encode(*args, **kwargs):
+            if _ENCODING.get():
+                # an encoder method calling another (Qwen3-VL's video features are its image
+                # features of the frames): the outer call records, under its own media kind
+                return method(*args, **kwargs)
+            outer = _ENCODING.set(True)
             token = CAPTURE.set({}) if self.probe is not None else None
             call = self.tower.new_call() if self.tower is not None else None
             tower_token = TOWER.set(call) if call is not None else None
@@ -46,6 +54,7 @@ class EncoderTap:
                     CAPTURE.reset(token)
                 if tower_token is not None:
                     TOWER.reset(tower_token)
+                _ENCODING.reset(outer)
             feats = getattr(out, "pooler_output", None)
             stacked = isinstance(feats, torch.Tensor) and feats.dim() == 3  # LLaVA-OneVision videos
             if isinstance(feats, (list, tuple)) or stacked:

@@ -32,6 +32,7 @@ from vtprune.stats import PruneStats
 from .attention import wrapper_name
 from .decode import layer_mask, reindex_caches, remap_lm_mask
 from .encoder import EncoderTap
+from .injection import wrap_injection
 from .plumbing import bind_call, refuse_compiled, refuse_unsupported
 from .prefill import prefill_layer, run_vision_stages
 from .state import ACTIVE, LABELS, RequestState, StepScratch, attach_to_cache, state_of_cache
@@ -116,6 +117,12 @@ class Runtime:
             if hasattr(a.mm_model, name):
                 setattr(a.mm_model, name, self.encoder.wrap(getattr(a.mm_model, name)))
                 self.patched_methods.append(name)
+        if a.injection_method is not None:
+            # DeepStack-style features added between decoder layers follow the kept tokens
+            name = a.injection_method
+            self._patch_method(
+                a.language_model, name, wrap_injection(getattr(a.language_model, name), self._mine)
+            )
 
     def remove(self) -> None:
         for h in self.handles:
@@ -128,11 +135,11 @@ class Runtime:
         if self._attn_restore is not None:
             self.adapter.text_config._attn_implementation = self._attn_restore
             self._attn_restore = None
-        for module, previous in self.patched_forwards:
+        for module, name, previous in self.patched_forwards:
             if previous is None:
-                module.__dict__.pop("forward", None)
+                module.__dict__.pop(name, None)
             else:
-                module.forward = previous
+                setattr(module, name, previous)
         self.patched_forwards.clear()
 
     def _keep_projection(self, which: int):
@@ -153,8 +160,12 @@ class Runtime:
 
     def _patch_forward(self, module, forward) -> None:
         """Shadow ``module.forward`` on this instance only, remembering what was there."""
-        self.patched_forwards.append((module, module.__dict__.get("forward")))
-        module.forward = forward
+        self._patch_method(module, "forward", forward)
+
+    def _patch_method(self, module, name: str, fn) -> None:
+        """Shadow ``module.<name>`` on this instance only, remembering what was there."""
+        self.patched_forwards.append((module, name, module.__dict__.get(name)))
+        setattr(module, name, fn)
 
     def _make_mlp_forward(self, i: int, mlp, stages):
         full = mlp.forward
