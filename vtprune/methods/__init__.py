@@ -8,6 +8,7 @@ from .hired import HiRED
 from .layerskip import LayerSkip
 from .mustdrop import MustDrop
 from .pdrop import PyramidDrop
+from .temporal import Temporal
 from .todre import ToDRE
 from .visionzip import VisionZip
 
@@ -20,6 +21,7 @@ __all__ = [
     "MustDrop",
     "PyramidDrop",
     "RandomPrune",
+    "Temporal",
     "ToDRE",
     "UniformPrune",
     "VisionZip",

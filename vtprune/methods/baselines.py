@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.config import MethodConfig, ModelInfo, check_bool, check_int, register_method
+from vtprune.config import ModelInfo, VideoBudget, check_bool, check_int, register_method
 from vtprune.images import ImageView
 from vtprune.selection import split_budget, strided_grid
 from vtprune.stages import VisionStage
@@ -23,7 +23,7 @@ from vtprune.stages import VisionStage
 
 @register_method("random")
 @dataclass
-class RandomPrune(MethodConfig):
+class RandomPrune(VideoBudget):
     """Keep a random subset of each image's tokens (seeded, so runs repeat exactly).
 
     Example:
@@ -48,7 +48,7 @@ class RandomPrune(MethodConfig):
 
 @register_method("uniform")
 @dataclass
-class UniformPrune(MethodConfig):
+class UniformPrune(VideoBudget):
     """Keep tokens on an evenly strided 2-D lattice of each image grid.
 
     Example:
