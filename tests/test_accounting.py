@@ -59,6 +59,7 @@ KEEP_METHODS = [
     "divprune",
     "cdpruner",
     "todre",
+    "temporal",
 ]
 
 

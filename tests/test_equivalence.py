@@ -20,6 +20,7 @@ PLANS = {
     "divprune": dict(keep=0.3),
     "cdpruner": dict(keep=0.3),
     "todre": dict(keep=0.3),
+    "temporal": dict(keep=0.3),
     # the decode stage makes decoding differ from an uncached recomputation by design; it is
     # checked on its own in test_vision_methods.py
     "mustdrop": dict(keep=0.4, decode=False),
@@ -35,6 +36,7 @@ KEEP_ALL = {
     "divprune": dict(keep=1.0),
     "cdpruner": dict(keep=1.0),
     "todre": dict(keep=1.0),
+    "temporal": dict(keep=1.0),
     "mustdrop": dict(keep=1.0),
     "layerskip": dict(keep=1.0, thin_ffn=True, ffn_ratio=1),
 }

@@ -24,9 +24,15 @@ def model():
         (
             "nope",
             {},
-            "unknown method 'nope'; available: cdpruner, divprune, fastv, hired, layerskip, mustdrop, pdrop, random, todre, uniform, visionzip",
+            "unknown method 'nope'; available: cdpruner, divprune, fastv, hired, layerskip, mustdrop, pdrop, random, temporal, todre, uniform, visionzip",
         ),
         ("fastv", {"kep": 0.5}, "unknown option"),
+        (
+            "divprune",
+            {"video_budget": "tubelet"},
+            "'video_budget'='tubelet' is invalid; allowed: 'clip', 'frame'",
+        ),
+        ("temporal", {"video_budget": "frame"}, "unknown option"),  # ranks over the whole clip
         ("fastv", {"keep": 0}, r"'keep'=0 is invalid; allowed: a number in \(0, 1\]"),
         ("pdrop", {"keep": 1.5}, r"'keep'=1.5 is invalid"),
         ("random", {"keep": "half"}, r"'keep'='half' is invalid"),
@@ -72,6 +78,7 @@ WRONG_TYPE = {
     "uniform": {"keep": "0.5", "protect_newlines": "yes"},
     "divprune": {"keep": "0.1", "per_crop": 1},
     "cdpruner": {"keep": "0.1", "quality": "exp", "theta": 1.0, "negate": 0, "per_crop": "no"},
+    "temporal": {"keep": "0.25"},
     "todre": {"keep": "0.1", "layer": 2.0, "split": "0.5", "score": 1, "init": "center"},
     "hired": {
         "keep": True,
@@ -113,6 +120,10 @@ WRONG_TYPE = {
         "drop_newlines": 1,
     },
 }
+# the video-budget option every image vision-stage method shares (vtprune.config.VideoBudget)
+VIDEO_BUDGET = ["random", "uniform", "divprune", "cdpruner", "todre", "hired", "mustdrop", "visionzip"]
+for _method in VIDEO_BUDGET:
+    WRONG_TYPE[_method]["video_budget"] = 1
 
 
 def _every_option():

@@ -17,6 +17,7 @@ VISION = {
     "uniform": dict(keep=0.25),
     "divprune": dict(keep=0.3),
     "cdpruner": dict(keep=0.3),
+    "temporal": dict(keep=0.3),
 }
 
 

@@ -24,6 +24,7 @@ DEFAULT_METHODS = [
     "divprune",
     "cdpruner",
     "todre",
+    "temporal",
     "random",
     "uniform",
 ]
