@@ -167,3 +167,25 @@ def test_frame_budget_is_refused_unless_clip_or_frame():
         vtprune.DivPrune(keep=0.3, video_budget="tubelet")
     with pytest.raises(TypeError):
         vtprune.Temporal(keep=0.3, video_budget="frame")  # temporal ranks over the clip: no option
+
+
+def test_composes_with_fastv_and_counts_match_the_flops_estimate():
+    """temporal before the LLM, then FastV at layer 2: FastV ranks only what temporal kept, and
+    the tokens per layer are what the FLOPs estimate (no run) expects for this clip."""
+    from vtprune.config import ModelInfo
+    from vtprune.stages import expected_tokens_per_layer
+
+    model = tiny.BUILDERS["qwen2_vl"]()
+    kw = tiny.media_inputs("qwen2_vl", ["v"], seed=30, frames=4)
+    alone = run(model, kw, "temporal", keep=0.5)[0][0]
+    plan = vtprune.Compose(vtprune.Temporal(keep=0.5), vtprune.FastV(layer=2, ratio=0.5))
+    with torch.no_grad(), vtprune.pruned(model, plan):
+        model(**kw)
+        st = vtprune.stats(model)
+    assert st.selections["temporal"][0].tolist() == alone.tolist()
+    (fastv,) = [v for k, v in st.selections.items() if k.startswith("fastv")]
+    assert set(fastv[0].tolist()) < set(alone.tolist())
+    info = ModelInfo(num_layers=len(model.model.language_model.layers), family="qwen2_vl")
+    stages = [stage for cfg in plan.configs for stage in cfg.stages(info)]
+    expected = expected_tokens_per_layer(stages, int(st.visual_tokens_in), info.num_layers)
+    assert st.visual_tokens_per_layer == expected
