@@ -189,3 +189,27 @@ def test_composes_with_fastv_and_counts_match_the_flops_estimate():
     stages = [stage for cfg in plan.configs for stage in cfg.stages(info)]
     expected = expected_tokens_per_layer(stages, int(st.visual_tokens_in), info.num_layers)
     assert st.visual_tokens_per_layer == expected
+
+
+@pytest.mark.parametrize(
+    "method, stage",
+    [
+        ("uniform", "uniform"),
+        ("visionzip", "visionzip"),
+        ("cdpruner", "cdpruner"),
+        ("mustdrop", "mustdrop-vision"),
+        ("todre", "todre-vision"),
+    ],
+)
+def test_every_other_image_vision_method_takes_the_frame_budget(method, stage):
+    """The option lives in the shared vision-stage loop: the other methods' vision stages (merges
+    and later prefill stages included) also keep one count per frame."""
+    model = tiny.BUILDERS["qwen2_vl"]()
+    kw = tiny.media_inputs("qwen2_vl", ["ivi"], seed=31, frames=4)
+    with torch.no_grad(), vtprune.pruned(model, method, keep=0.3, video_budget="frame"):
+        model(**kw)
+        kept = vtprune.stats(model).selections[stage][0].cpu()
+    pos = video_positions(kw)
+    t = pos.numel() // 4
+    counts = [int(torch.isin(kept, pos[f * t : (f + 1) * t]).sum()) for f in range(4)]
+    assert len(set(counts)) == 1 and 0 < counts[0] <= t, counts
