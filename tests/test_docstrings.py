@@ -12,6 +12,7 @@ MODULES = [
     "vtprune.images",
     "vtprune.diversity",
     "vtprune.methods.divprune",
+    "vtprune.methods.temporal",
     "vtprune.methods.todre",
     "vtprune.clustering",
     "vtprune.methods.sparsevlm",

@@ -28,6 +28,12 @@ def model():
             "unknown method 'nope'; available: " + ", ".join(sorted(vtprune.config.REGISTRY)),
         ),
         ("fastv", {"kep": 0.5}, "unknown option"),
+        (
+            "divprune",
+            {"video_budget": "tubelet"},
+            "'video_budget'='tubelet' is invalid; allowed: 'clip', 'frame'",
+        ),
+        ("temporal", {"video_budget": "frame"}, "unknown option"),  # ranks over the whole clip
         ("fastv", {"keep": 0}, r"'keep'=0 is invalid; allowed: a number in \(0, 1\]"),
         ("pdrop", {"keep": 1.5}, r"'keep'=1.5 is invalid"),
         ("random", {"keep": "half"}, r"'keep'='half' is invalid"),
@@ -86,6 +92,7 @@ WRONG_TYPE = {
         "relevance": 2,
         "recycle": None,
     },
+    "temporal": {"keep": "0.25"},
     "todre": {"keep": "0.1", "layer": 2.0, "split": "0.5", "score": 1, "init": "center"},
     "sparsevlm": {"keep": "0.1", "budget": 64.0, "layers": "2,6,15", "recycle": 1},
     "dart": {
@@ -137,6 +144,10 @@ WRONG_TYPE = {
         "drop_newlines": 1,
     },
 }
+# the video-budget option every image vision-stage method shares (vtprune.config.VideoBudget)
+VIDEO_BUDGET = ["random", "uniform", "divprune", "cdpruner", "todre", "hired", "mustdrop", "visionzip"]
+for _method in VIDEO_BUDGET:
+    WRONG_TYPE[_method]["video_budget"] = 1
 
 
 def _every_option():

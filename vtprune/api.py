@@ -10,7 +10,7 @@ from torch import nn
 from transformers import Cache
 
 from vtprune import compat
-from vtprune.config import MethodConfig, ModelInfo, config_from_name
+from vtprune.config import MethodConfig, ModelInfo, VideoBudget, config_from_name
 from vtprune.integrations import adapter_for
 from vtprune.runtime.engine import Runtime
 from vtprune.runtime.state import state_of_cache
@@ -95,7 +95,7 @@ def apply(model, method, *, timing: bool = False, **options) -> Handle:
     info = ModelInfo(
         num_layers=adapter.num_layers, family=adapter.family, vision_layers=_tower_depth(adapter)
     )
-    stages = [stage for cfg in configs for stage in cfg.stages(info)]
+    stages = [stage for cfg in configs for stage in _stages_of(cfg, info)]
     _check_model(adapter, configs, stages)
     keys = [s.key for s in stages]
     if len(set(keys)) != len(keys):
@@ -245,3 +245,9 @@ def _restore_arg(configs):
     from vtprune.compose import Compose
 
     return configs[0] if len(configs) == 1 else Compose(*configs)
+
+
+def _stages_of(cfg, info: ModelInfo) -> list:
+    """The config's stages, with its video-budget option handed to its vision stages."""
+    stages = cfg.stages(info)
+    return cfg.configure_stages(stages) if isinstance(cfg, VideoBudget) else stages

@@ -84,6 +84,8 @@ class MethodConfig:
         may have been changed since it was built)."""
         if self.keep is not None:
             check_fraction(self.name, "keep", self.keep)
+        if isinstance(self, VideoBudget):
+            check_choice(self.name, "video_budget", self.video_budget, VIDEO_BUDGETS)
         self.validate()
 
     def validate(self) -> None:
@@ -100,6 +102,36 @@ class MethodConfig:
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, **dataclasses.asdict(self)}
+
+
+VIDEO_BUDGETS = ("clip", "frame")
+
+
+@dataclass
+class VideoBudget(MethodConfig):
+    """Base of the image vision-stage methods' configs: how a video's budget is spent.
+
+    ``video_budget="clip"`` (default): one budget, ``round(keep * tokens)``, over the whole clip,
+    chosen by the method over all frames at once; ``"frame"``: every frame (Qwen: a temporal
+    patch) is pruned alone with ``round(keep * frame tokens)``, so all frames keep the same
+    count. Images are unaffected.
+
+    Example:
+        >>> from vtprune.methods.divprune import DivPrune
+        >>> DivPrune(keep=0.25, video_budget="frame").video_budget
+        'frame'
+    """
+
+    video_budget: str = "clip"
+
+    def configure_stages(self, stages: list) -> list:
+        """Hand the option to this method's vision stages (they run the per-frame loop)."""
+        from vtprune.stages import VisionStage  # here: the config module stays free of torch
+
+        for stage in stages:
+            if isinstance(stage, VisionStage):
+                stage.video_budget = self.video_budget
+        return stages
 
 
 def check_fraction(method: str, option: str, value, *, allow_zero: bool = False) -> None:

@@ -11,7 +11,7 @@ view answers by name, so methods never test for a model family or a tensor shape
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -172,6 +172,41 @@ class ImageView:
     @property
     def crops(self) -> int:
         return self.layout.crops
+
+    def frame_views(self) -> list[ImageView]:
+        """One view per frame of a video (frame ``f`` is ``segments[f]`` and the tokens up to the
+        next frame), each a one-frame clip with its own slice of the tower scores; ``[self]`` for
+        an image. Used for the per-frame budget (``video_budget="frame"``).
+
+        Example:
+            >>> segs = [GridSegment(0, 1, 2, 2), GridSegment(2, 1, 2, 2)]
+            >>> lay = ImageLayout(0, torch.arange(5, 9), segs, torch.zeros(4, dtype=torch.bool), kind="video", frames=2)
+            >>> [v.positions.tolist() for v in ImageView(lay, embeds=torch.zeros(10, 1)).frame_views()]
+            [[5, 6], [7, 8]]
+        """
+        if self.frames == 1:
+            return [self]
+        lay, ppt = self.layout, self.patches_per_token
+        bounds = [s.offset for s in lay.segments] + [lay.num_tokens]
+        views = []
+        for a, b, seg in zip(bounds[:-1], bounds[1:], lay.segments):
+            # towers with video (Qwen) hold one captured row per patch, in token order
+            vision = {
+                layer: {k: t[a * ppt : b * ppt] for k, t in got.items()} for layer, got in lay.vision.items()
+            }
+            frame = ImageLayout(
+                lay.row,
+                lay.positions[a:b],
+                [replace(seg, offset=seg.offset - a)],
+                lay.newline[a:b],
+                extra=lay.extra,
+                source=None if lay.source is None else lay.source[a:b],
+                vision=vision,
+                kind=lay.kind,
+                frames=1,
+            )
+            views.append(replace(self, layout=frame, _cache={}))
+        return views
 
     @property
     def source(self) -> torch.Tensor | None:

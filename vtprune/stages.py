@@ -204,6 +204,9 @@ class VisionStage(Stage):
     keep: float | None = None
     #: how dropped tokens are folded into kept ones (``"none"``: not at all)
     recycle: str = "none"
+    #: videos: ``"clip"`` spends one budget over all frames, ``"frame"`` runs :meth:`pick` on each
+    #: frame with its own budget (set from the method's ``video_budget`` option)
+    video_budget: str = "clip"
 
     def vision_layers(self, adapter) -> list[int]:
         """Vision-tower layers whose CLS attention (or substitute) this stage reads (no side effects)."""
@@ -224,7 +227,10 @@ class VisionStage(Stage):
     def select(self, ctx: VisionContext) -> torch.Tensor:
         """Boolean ``[B, L]`` mask: which visual slots to keep (the images' picks, merges applied)."""
         keep = torch.zeros_like(ctx.visual)
-        for view in ctx.views():
+        views = ctx.views()
+        if self.video_budget == "frame":  # each frame of a video is picked alone, with its own budget
+            views = [part for view in views for part in view.frame_views()]
+        for view in views:
             out = self.pick(view, self.budget(view))
             out = out if isinstance(out, Pick) else Pick(out)
             pos = view.positions

@@ -11,6 +11,7 @@ from .layerskip import LayerSkip
 from .mustdrop import MustDrop
 from .pdrop import PyramidDrop
 from .sparsevlm import SparseVLM
+from .temporal import Temporal
 from .todre import ToDRE
 from .visionzip import VisionZip
 
@@ -26,6 +27,7 @@ __all__ = [
     "PyramidDrop",
     "RandomPrune",
     "SparseVLM",
+    "Temporal",
     "ToDRE",
     "UniformPrune",
     "VisionZip",

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.config import MethodConfig, ModelInfo, check_bool, check_int, register_method
+from vtprune.config import ModelInfo, VideoBudget, check_bool, check_int, register_method
 from vtprune.images import ImageView
 from vtprune.recycling import check_recycle
 from vtprune.selection import split_budget, strided_grid
@@ -27,7 +27,7 @@ from vtprune.stages import VisionStage
 
 @register_method("random")
 @dataclass
-class RandomPrune(MethodConfig):
+class RandomPrune(VideoBudget):
     """Keep a random subset of each image's tokens (seeded, so runs repeat exactly).
 
     Example:
@@ -51,7 +51,7 @@ class RandomPrune(MethodConfig):
 
 @register_method("uniform")
 @dataclass
-class UniformPrune(MethodConfig):
+class UniformPrune(VideoBudget):
     """Keep tokens on an evenly strided 2-D lattice of each image grid.
 
     Example:

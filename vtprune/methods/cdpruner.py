@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.config import MethodConfig, ModelInfo, _invalid, check_bool, check_choice, register_method
+from vtprune.config import ModelInfo, VideoBudget, _invalid, check_bool, check_choice, register_method
 from vtprune.diversity import dpp_greedy_map
 from vtprune.images import ImageView
 from vtprune.recycling import check_recycle
@@ -59,7 +59,7 @@ QUALITIES = ("code", "paper")
 
 @register_method("cdpruner")
 @dataclass
-class CDPruner(MethodConfig):
+class CDPruner(VideoBudget):
     """CDPruner (Zhang et al., 2025): conditional DPP over the projector outputs, per image.
 
     Args:

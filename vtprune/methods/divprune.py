@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.config import MethodConfig, ModelInfo, check_bool, register_method
+from vtprune.config import ModelInfo, VideoBudget, check_bool, register_method
 from vtprune.diversity import max_min_diversity
 from vtprune.images import ImageView
 from vtprune.recycling import check_recycle
@@ -36,7 +36,7 @@ DEFAULT_KEEP = 0.098  # the official SUBSET_RATIO
 
 @register_method("divprune")
 @dataclass
-class DivPrune(MethodConfig):
+class DivPrune(VideoBudget):
     """DivPrune (Alvar et al., 2025): max-min diversity of the projector outputs, per image.
 
     Args:

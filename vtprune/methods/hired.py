@@ -34,8 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.config import (
-    MethodConfig,
     ModelInfo,
+    VideoBudget,
     check_bool,
     check_fraction,
     check_int,
@@ -50,7 +50,7 @@ from vtprune.stages import VisionStage
 
 @register_method("hired")
 @dataclass
-class HiRED(MethodConfig):
+class HiRED(VideoBudget):
     """HiRED (Arif et al., 2024).
 
     Args:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.config import (
-    MethodConfig,
     ModelInfo,
+    VideoBudget,
     check_bool,
     check_choice,
     check_fraction,
@@ -49,7 +49,7 @@ DEFAULT_LAYERS = [2, 6, 10, 14]
 
 @register_method("mustdrop")
 @dataclass
-class MustDrop(MethodConfig):
+class MustDrop(VideoBudget):
     """MustDrop (Liu et al., 2024).
 
     Args:

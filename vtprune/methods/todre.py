@@ -47,8 +47,8 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.config import (
-    MethodConfig,
     ModelInfo,
+    VideoBudget,
     check_choice,
     check_fraction,
     check_int,
@@ -68,7 +68,7 @@ DEFAULT_SPLIT = 0.5
 
 @register_method("todre")
 @dataclass
-class ToDRE(MethodConfig):
+class ToDRE(VideoBudget):
     """ToDRE (Li et al., 2025): max-min diversity before the LLM, instruction attention at ``layer``.
 
     Args:

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.config import (
-    MethodConfig,
     ModelInfo,
+    VideoBudget,
     check_bool,
     check_choice,
     check_vision_layer,
@@ -61,7 +61,7 @@ MERGES = ("official", "mean")
 
 @register_method("visionzip")
 @dataclass
-class VisionZip(MethodConfig):
+class VisionZip(VideoBudget):
     """VisionZip (Yang et al., 2024).
 
     Args:
