@@ -16,6 +16,10 @@ sort, so there is no host sync per frame.
 
 Choices and deviations (none of them changes which later-frame token outranks which):
 
+* LLaVA-OneVision closes a clip with one newline token after its frames: it is not a grid cell,
+  so it is ranked first (kept while the budget exceeds one frame, as the image methods keep
+  newlines) and the frames are ranked as above.
+
 * ``keep`` is resolved exactly: ``round(keep * tokens)`` per video. vLLM instead keeps
   ``max(T, int(keep * F * T))``, i.e. never less than the first frame. Here, when the budget is
   below one frame (``keep < 1 / F``), the budget is spent on the first frame alone, on the evenly
@@ -99,14 +103,21 @@ class TemporalStage(VisionStage):
             return self.fallback.pick(view, budget)
         segs = view.segments
         size = segs[0].size
-        if any(
-            s.size != size or s.offset != f * size or s.row_stride != s.cols for f, s in enumerate(segs)
-        ) or (view.num_tokens != frames * size):
+        grid = frames * size
+        # LLaVA-OneVision ends a clip with one newline token after its frames: not a grid cell
+        tail_is_newlines = bool(view.newline[grid:].all()) if view.num_tokens > grid else True
+        if (
+            any(s.size != size or s.offset != f * size or s.row_stride != s.cols for f, s in enumerate(segs))
+            or view.num_tokens < grid
+            or not tail_is_newlines
+        ):
             raise ValueError(
                 "temporal: a video whose frames are not one shared, contiguous grid is not supported "
                 f"(frame sizes {[s.size for s in segs]}, {view.num_tokens} tokens)"
             )
         if budget <= size:  # below one frame: the first frame's lattice (see the module notes)
             return self.fallback.pick(view.frame_views()[0], budget)
-        order = temporal_order(view.features, frames)
+        # the clip's closing newlines stay first, as the image methods keep newlines
+        tail = torch.arange(grid, view.num_tokens, device=view.features.device)
+        order = torch.cat([tail, temporal_order(view.features[:grid], frames)])
         return order[:budget].sort().values
