@@ -24,12 +24,12 @@ MODULES = [
     "vtprune.integrations.base",
     "vtprune.demo",
     "vtprune.cli",
-    "vtprune.eval.bench_prefill",
-    "vtprune.eval.bench_gemm",
-    "vtprune.eval.evidence",
-    "vtprune.eval.reports",
-    "vtprune.eval.flops_report",
-    "vtprune.eval.shapes",
+    "vtprune.eval.speed.bench_prefill",
+    "vtprune.eval.speed.bench_gemm",
+    "vtprune.eval.harness.evidence",
+    "vtprune.eval.harness.reports",
+    "vtprune.eval.speed.flops_report",
+    "vtprune.eval.speed.shapes",
 ]
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vtprune.eval.meters import METER_KEYS
-from vtprune.eval.records import append_records, read_records, records_path
-from vtprune.eval.runner import run_eval
+from vtprune.eval.harness.meters import METER_KEYS
+from vtprune.eval.harness.records import append_records, read_records, records_path
+from vtprune.eval.harness.runner import run_eval
 
 PLANS = ["uniform:keep=1.0", "random:keep=0.5"]
 RUN = dict(limit=8, batch_size=4, max_new_tokens=1)  # synthvqa items 0..7, two batches per plan
@@ -29,7 +29,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     yes/no head driven by the last hidden state scores on the yes/no questions and still
     depends on the image.
     """
-    from vtprune.eval.tiny_models import build_tiny, save_tiny
+    from vtprune.eval.synthetic.tiny_models import build_tiny, save_tiny
 
     model, processor = build_tiny("llava", seed=0, text_layers=2, vision_layers=2)
     tok = processor.tokenizer
@@ -140,7 +140,7 @@ def test_interrupted_run_resumes_without_redoing_samples(tiny_dir, tmp_path, mon
 def test_smaller_rerun_keeps_every_record_and_reports_on_its_subset(run1, tiny_dir, tmp_path, monkeypatch):
     from transformers import LlavaForConditionalGeneration
 
-    from vtprune.eval.tasks import load_task, score_task
+    from vtprune.eval.harness.tasks import load_task, score_task
 
     out = tmp_path / "out"
     shutil.copytree(run1[0], out)
@@ -177,7 +177,7 @@ def test_smaller_rerun_keeps_every_record_and_reports_on_its_subset(run1, tiny_d
 
 
 def test_merge_keeps_records_outside_the_requested_order(tmp_path):
-    from vtprune.eval.records import merge_shards
+    from vtprune.eval.harness.records import merge_shards
 
     append_records(records_path(tmp_path, "t", "baseline"), [{"sample_id": s} for s in "abcd"])
     append_records(records_path(tmp_path, "t", "baseline", 0), [{"sample_id": "e"}])
@@ -246,7 +246,7 @@ def test_two_processes_merge_to_the_one_process_records(run1, tiny_dir, tmp_path
     # runner joins them in a CPU (gloo) group because no GPU is visible.
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "vtprune.eval.cli_eval", "--model", str(tiny_dir), "--tasks", "synthvqa",
+           "-m", "vtprune.eval.harness.cli_eval", "--model", str(tiny_dir), "--tasks", "synthvqa",
            "--plans", ",".join(["baseline", *PLANS]), "--output", str(out2), "--limit", "8",
            "--batch-size", "4", "--max-new-tokens", "1", "--no-meters", "--no-report", "--quiet"]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -264,7 +264,7 @@ def test_two_processes_merge_to_the_one_process_records(run1, tiny_dir, tmp_path
 
 
 def test_reports_write_markdown_and_png(run1, tmp_path):
-    from vtprune.eval.reports import write_report
+    from vtprune.eval.harness.reports import write_report
 
     _, results = run1
     paths = write_report(results, tmp_path)
@@ -282,8 +282,8 @@ def test_reports_write_markdown_and_png(run1, tmp_path):
 def test_cli_parser_and_task_options():
     import argparse
 
-    from vtprune.eval.cli_eval import _split, add_eval_parser
-    from vtprune.eval.tasks import parse_task
+    from vtprune.eval.harness.cli_eval import _split, add_eval_parser
+    from vtprune.eval.harness.tasks import parse_task
 
     ap = argparse.ArgumentParser(prog="vtprune")
     add_eval_parser(ap.add_subparsers(dest="command"))
@@ -306,7 +306,18 @@ def test_cli_parser_and_task_options():
 
 @pytest.mark.parametrize(
     "name",
-    ["meters", "timers", "records", "tasks", "generation", "runner", "reports", "cli_eval", "lmms_plugin"],
+    [
+        "plans",
+        "meters",
+        "timers",
+        "records",
+        "tasks",
+        "generation",
+        "runner",
+        "reports",
+        "cli_eval",
+        "lmms_plugin",
+    ],
 )
 def test_docstring_examples(name):
     import doctest
@@ -314,7 +325,7 @@ def test_docstring_examples(name):
 
     import vtprune
 
-    module = importlib.import_module(f"vtprune.eval.{name}")
+    module = importlib.import_module(f"vtprune.eval.harness.{name}")
     result = doctest.testmod(
         module, extraglobs={"torch": torch, "vtprune": vtprune}, optionflags=doctest.ELLIPSIS
     )
@@ -327,8 +338,8 @@ def _no_model(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the plans and task files were checked")
 
-    monkeypatch.setattr("vtprune.eval.runner.load_model", fail)
-    monkeypatch.setattr("vtprune.eval.runner.answer_batch", fail)
+    monkeypatch.setattr("vtprune.eval.harness.runner.load_model", fail)
+    monkeypatch.setattr("vtprune.eval.harness.runner.answer_batch", fail)
 
 
 def _eval_cli(tmp_path, *extra):
@@ -370,14 +381,14 @@ def test_plan_check_runs_the_method_configs_own_validation(tmp_path, monkeypatch
 
 
 def test_plan_check_rejects_a_string_seed():
-    from vtprune.eval.meters import plan_config
+    from vtprune.eval.harness.plans import plan_config
 
     with pytest.raises(ValueError, match="plan 'random:seed=abc': random: option 'seed'='abc'"):
         plan_config("random:seed=abc")
 
 
 def test_plan_values_are_parsed_to_their_types():
-    from vtprune.eval.bench_prefill import parse_plan
+    from vtprune.eval.harness.plans import parse_plan
 
     _, opts = parse_plan(
         "layerskip:cut=9,thin_ffn=true,window=1,ffn_ratio=0.25,layers=8+16,seed=abc,score=mean"
@@ -398,13 +409,13 @@ def test_model_dependent_plan_error_fails_before_the_baseline_runs(tiny_dir, tmp
     def fail(*args, **kwargs):
         raise AssertionError("a sample was answered before every plan was checked on the model")
 
-    monkeypatch.setattr("vtprune.eval.runner.answer_batch", fail)
+    monkeypatch.setattr("vtprune.eval.harness.runner.answer_batch", fail)
     with pytest.raises(ValueError, match=r"plan 'fastv:layer=99' does not fit this model: .*'layer'=99"):
         run_eval(str(tiny_dir), ["synthvqa"], None, ["fastv:layer=99"], tmp_path, **RUN, progress=False)
 
 
 def test_missing_data_of_a_later_task_fails_before_anything_is_evaluated(tmp_path, monkeypatch):
-    from vtprune.eval.samples import BenchmarkFileError
+    from vtprune.eval.benchmarks.samples import BenchmarkFileError
 
     _no_model(monkeypatch)
     empty = tmp_path / "data"
@@ -430,7 +441,7 @@ def test_missing_model_folder_is_named(tmp_path, model):
 def test_hub_id_that_cannot_be_found_is_named(monkeypatch):
     import transformers
 
-    from vtprune.eval.generation import load_model
+    from vtprune.eval.harness.generation import load_model
 
     def not_found(source, *args, **kwargs):
         raise OSError(f"{source} is not a local folder and is not a valid model identifier listed on the hub")

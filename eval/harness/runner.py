@@ -5,7 +5,7 @@ answered by batched greedy generation with left padding, and each batch's record
 to ``OUT/<task>/<plan>.jsonl`` as soon as it is done, so an interrupted run resumes where it
 stopped. Under ``accelerate launch`` every rank takes the strided shard ``samples[rank::world]``
 and appends to ``OUT/<task>/<plan>.rank<k>.jsonl``; rank 0 waits for all, merges, scores, takes
-the efficiency meters (:mod:`vtprune.eval.meters`) and writes ``OUT/results.json``.
+the efficiency meters (:mod:`vtprune.eval.harness.meters`) and writes ``OUT/results.json``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import torch
 from tqdm import tqdm
 
 import vtprune
-from vtprune.eval.generation import answer_batch, encode, load_model, model_source
-from vtprune.eval.meters import apply_plan, measure_plans, plan_config
-from vtprune.eval.records import append_records, finished, merge_shards, records_path
-from vtprune.eval.tasks import chat_prompt, load_task, parse_task, parser_name, score_task
+from vtprune.eval.harness.generation import answer_batch, encode, load_model, model_source
+from vtprune.eval.harness.meters import measure_plans
+from vtprune.eval.harness.plans import apply_plan, plan_config
+from vtprune.eval.harness.records import append_records, finished, merge_shards, records_path
+from vtprune.eval.harness.tasks import chat_prompt, load_task, parse_task, parser_name, score_task
 
 
 def _run_plan(ctx: dict, task: str, plan: str, shard: list, parser: str) -> None:

@@ -1,8 +1,8 @@
 """Tasks for the runner: samples of a benchmark or of SynthVQA, chat prompts, and scoring.
 
-A task is a benchmark name from :mod:`vtprune.eval.readers` (read from local files) or
+A task is a benchmark name from :mod:`vtprune.eval.benchmarks.readers` (read from local files) or
 ``"synthvqa"``, which needs no files: its items are generated (or read from a folder written by
-:func:`vtprune.eval.synthvqa.write_synthvqa`). Options given as ``"task:key=value,..."`` are
+:func:`vtprune.eval.synthetic.synthvqa.write_synthvqa`). Options given as ``"task:key=value,..."`` are
 split between the reader and the scorer (``parser`` goes to the scorer).
 """
 
@@ -11,10 +11,10 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from vtprune.eval.bench_prefill import parse_plan
-from vtprune.eval.readers import READERS, load_benchmark
-from vtprune.eval.samples import Sample
-from vtprune.eval.scoring import MAIN_METRICS, SCORERS, score
+from vtprune.eval.benchmarks.readers import READERS, load_benchmark
+from vtprune.eval.benchmarks.samples import Sample
+from vtprune.eval.benchmarks.scoring import MAIN_METRICS, SCORERS, score
+from vtprune.eval.harness.plans import parse_plan
 
 SYNTHVQA = "synthvqa"
 SYNTHVQA_DEFAULT_N = 200
@@ -51,7 +51,7 @@ def parse_task(text: str) -> tuple[str, dict, dict]:
 
 
 def _synthvqa_samples(data_dir: str | Path | None, limit: int | None) -> list[Sample]:
-    from vtprune.eval.synthvqa import JSONL_NAME, generate_synthvqa, read_synthvqa
+    from vtprune.eval.synthetic.synthvqa import JSONL_NAME, generate_synthvqa, read_synthvqa
 
     folder = None
     if data_dir is not None:
@@ -102,7 +102,7 @@ def score_task(name: str, samples: list[Sample], predictions: dict[str, str], **
         1.0
     """
     if name == SYNTHVQA:
-        from vtprune.eval.synthvqa import score_synthvqa
+        from vtprune.eval.synthetic.synthvqa import score_synthvqa
 
         items = [{"id": s.sample_id, "answer": s.answer, "qtype": s.metadata["qtype"]} for s in samples]
         result = {
@@ -139,7 +139,7 @@ def chat_prompt(processor, text: str, images: int = 1) -> str:
     template the LLaVA-1.5 format ``USER: <image>\\n... ASSISTANT:`` is used.
 
     Example:
-        >>> from vtprune.eval.tiny_models import build_processor
+        >>> from vtprune.eval.synthetic.tiny_models import build_processor
         >>> chat_prompt(build_processor("llava"), "is there a red circle ?")
         'USER: <image>\\nis there a red circle ? ASSISTANT:'
     """

@@ -22,7 +22,7 @@ Default image: one 336x336 image for LLaVA-1.5 (576 tokens), a 672x672 image for
 merged 2x2: 256 tokens). ``image_size`` picks another image, ``visual_tokens`` overrides the
 decoder's visual token count (the vision columns still describe the image).
 
-Run: ``python -m vtprune.eval.flops_report llava-1.5-7b --plans baseline "pdrop:layers=8+16+24,ratio=0.5"``.
+Run: ``python -m vtprune.eval.speed.flops_report llava-1.5-7b --plans baseline "pdrop:layers=8+16+24,ratio=0.5"``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConf
 
 import vtprune
 from vtprune.config import ModelInfo, config_from_name
-from vtprune.eval.bench_prefill import parse_plan
+from vtprune.eval.harness.plans import parse_plan
 from vtprune.flops import paper_flops
 from vtprune.integrations import adapter_for
 from vtprune.stages import expected_tokens_per_layer
@@ -175,7 +175,7 @@ def count_vision(adapter, call: dict) -> tuple[int, int]:
 
 
 def plan_stages(plan: str, info: ModelInfo) -> list:
-    """Stages of a plan string (``"baseline"`` -> none), parsed by ``bench_prefill.parse_plan``.
+    """Stages of a plan string (``"baseline"`` -> none), parsed by :func:`vtprune.eval.harness.plans.parse_plan`.
 
     Example:
         >>> [s.key for s in plan_stages("pdrop:layers=8+16+24,ratio=0.5", ModelInfo(32, "llava"))]

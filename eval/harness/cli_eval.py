@@ -1,14 +1,14 @@
 """``vtprune eval``: accuracy and efficiency of the unpruned model and any number of plans.
 
-Run as ``vtprune eval ...`` (once wired into :mod:`vtprune.cli`), ``python -m vtprune.eval.cli_eval
+Run as ``vtprune eval ...`` (once wired into :mod:`vtprune.cli`), ``python -m vtprune.eval.harness.cli_eval
 ...``, or sharded over processes with ``accelerate launch --num_processes 2 -m
-vtprune.eval.cli_eval ...``. Results go to ``OUT/results.json``, per-sample records to
+vtprune.eval.harness.cli_eval ...``. Results go to ``OUT/results.json``, per-sample records to
 ``OUT/<task>/<plan>.jsonl``, and the report to ``OUT/report.md`` + ``OUT/plots/*.png``.
 
 Several processes on a machine without GPUs: ``accelerate launch --cpu --num_processes 2``
 starts only ONE process in accelerate 1.x unless an MPI hostfile is given; use
-``CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 -m vtprune.eval.cli_eval
-...`` or ``torchrun --nproc_per_node 2 -m vtprune.eval.cli_eval ...`` (the runner then joins the
+``CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 -m vtprune.eval.harness.cli_eval
+...`` or ``torchrun --nproc_per_node 2 -m vtprune.eval.harness.cli_eval ...`` (the runner then joins the
 ranks in a CPU ``gloo`` group).
 
 Example::
@@ -69,7 +69,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_from_args(args: argparse.Namespace) -> dict | None:
     """Run the evaluation (and the report on the main process) for parsed ``eval`` arguments."""
-    from vtprune.eval.runner import run_eval
+    from vtprune.eval.harness.runner import run_eval
 
     results = run_eval(
         args.model,
@@ -89,7 +89,7 @@ def run_from_args(args: argparse.Namespace) -> dict | None:
         progress=not args.quiet,
     )
     if results is not None and not args.no_report:
-        from vtprune.eval.reports import write_report
+        from vtprune.eval.harness.reports import write_report
 
         paths = write_report(results, args.output)
         print(f"vtprune eval: results in {args.output}/results.json, report in {paths['markdown']}")
@@ -114,7 +114,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> dict | None:
-    """``python -m vtprune.eval.cli_eval --model ... --tasks ... --output ...``."""
+    """``python -m vtprune.eval.harness.cli_eval --model ... --tasks ... --output ...``."""
     parser = configure_parser(
         argparse.ArgumentParser(prog="vtprune eval", description=__doc__.splitlines()[0])
     )

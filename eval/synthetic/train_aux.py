@@ -12,7 +12,7 @@ object is always the same number of tokens (9 for LLaVA's 3x3 patches per cell, 
 merged tokens): counting then reads as "how much of the image matches".
 
 Example:
-    >>> from vtprune.eval.synthvqa import generate_synthvqa
+    >>> from vtprune.eval.synthetic.synthvqa import generate_synthvqa
     >>> labels = scene_token_labels(generate_synthvqa(2, seed=0), side=12)
     >>> labels.shape
     torch.Size([2, 144, 4])

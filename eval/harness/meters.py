@@ -22,9 +22,8 @@ import statistics
 import torch
 
 import vtprune
-from vtprune.config import config_from_name
-from vtprune.eval.bench_prefill import parse_plan
-from vtprune.eval.timers import StepClock, peak_memory, time_call
+from vtprune.eval.harness.plans import apply_plan
+from vtprune.eval.harness.timers import StepClock, peak_memory, time_call
 from vtprune.flops import count_flops, paper_flops
 from vtprune.integrations import adapter_for
 
@@ -44,44 +43,6 @@ METER_KEYS = (
     "overhead_s",
     "overhead_share",
 )
-
-
-def plan_config(plan: str):
-    """The method config ``plan`` stands for (``None`` for ``"baseline"``), built as ``vtprune.apply`` builds it.
-
-    ``vtprune.config.config_from_name`` runs every check the method's config makes on its
-    options, so a bad plan fails here, before any sample is evaluated; the error names the plan.
-
-    Example:
-        >>> plan_config("random:keep=0.5,seed=3").seed
-        3
-        >>> plan_config("uniform:keep=2")
-        Traceback (most recent call last):
-        ...
-        ValueError: plan 'uniform:keep=2': uniform: option 'keep'=2 is invalid; allowed: a number in (0, 1]
-    """
-    if plan == "baseline":
-        return None
-    name, opts = parse_plan(plan)
-    try:
-        return config_from_name(name, **opts)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"plan {plan!r}: {err}") from err
-
-
-def apply_plan(model, plan: str, timing: bool = False) -> None:
-    """Put ``plan`` in force: ``"baseline"`` removes any plan, else its config (:func:`plan_config`) is applied
-    (``timing``: measure the method's overhead into ``vtprune.stats(model).overhead_s``).
-
-    Example:
-        >>> apply_plan(model, "pdrop:layers=8+16+24,ratio=0.5")  # doctest: +SKIP
-        >>> apply_plan(model, "baseline")  # doctest: +SKIP
-    """
-    config = plan_config(plan)
-    if config is None:
-        vtprune.remove(model)
-    else:
-        vtprune.apply(model, config, timing=timing)
 
 
 def kv_cache_bytes(text_config, lengths: list[float], dtype: torch.dtype) -> int:

@@ -3,7 +3,7 @@
 A scene is a plain canvas cut into a ``GRID x GRID`` grid of cells; a few objects (shape, colour, size)
 sit in distinct cells. Every question is built *together with* its scene so that each question type has
 a balanced answer distribution and every referenced object is unambiguous (colour+shape combinations are
-unique within a scene). The public entry points live in :mod:`vtprune.eval.synthvqa`; this module holds
+unique within a scene). The public entry points live in :mod:`vtprune.eval.synthetic.synthvqa`; this module holds
 the mechanics.
 
 Example:

@@ -6,7 +6,7 @@ under each plan, batch 1 and 4. Runs are interleaved in one process, warmed up, 
 of the repeats is reported with the thread settings, because CPU timings on small machines are
 only meaningful that way (see EVAL.md).
 
-Run: ``python -m vtprune.eval.bench_prefill --out results/prefill`` (``--quick`` for a smoke run).
+Run: ``python -m vtprune.eval.speed.bench_prefill --out results/prefill`` (``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch
 from tqdm import tqdm
 
 import vtprune
-from vtprune.eval.reports import publish_benchmark
-from vtprune.eval.shapes import llava_config
+from vtprune.eval.harness.plans import apply_plan
+from vtprune.eval.harness.reports import publish_benchmark
+from vtprune.eval.speed.shapes import llava_config
 from vtprune.flops import attention_flops, count_flops
 
 DEFAULT_PLANS = [
@@ -30,32 +31,6 @@ DEFAULT_PLANS = [
     "fastv:layer=2,keep=0.25",
     "pdrop:layers=8+16+24,ratio=0.5",
 ]
-
-
-def parse_plan(text: str):
-    """``"pdrop:layers=8+16+24,ratio=0.5"`` -> ``("pdrop", {"layers": [8, 16, 24], "ratio": 0.5})``.
-
-    Example:
-        >>> parse_plan("fastv:layer=2,keep=0.25")
-        ('fastv', {'layer': 2, 'keep': 0.25})
-    """
-    name, _, rest = text.partition(":")
-    opts = {}
-    for item in filter(None, rest.split(",")):
-        key, _, value = item.partition("=")
-        opts[key] = _value(value)
-    return name, opts
-
-
-def _value(v: str):
-    if "+" in v:
-        return [_value(x) for x in v.split("+")]
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(v.lower(), v)
 
 
 def build_model(width: int, layers: int, seed: int = 0):
@@ -148,8 +123,6 @@ def time_plans(model, kw, plans: list[str], repeats: int, warmup: int, baseline_
 
 def _apply(model, plan: str) -> None:
     """Put ``plan`` in force with its overhead measured (``stats(model).overhead_s``)."""
-    from vtprune.eval.meters import apply_plan  # meters imports this module
-
     apply_plan(model, plan, timing=True)
 
 

@@ -6,7 +6,7 @@ accuracy kept (pruned accuracy / unpruned accuracy) and the equivalent visual to
 decoder layer) of each plan, plus the per-question-type accuracies. The harness's own outputs (per-sample
 JSONL, ``results.json``, ``report.md`` and plots) stay in ``<out>/<model>/``; an interrupted run resumes.
 
-    python -m vtprune.eval.fidelity --out results/fidelity --limit 400
+    python -m vtprune.eval.harness.fidelity --out results/fidelity --limit 400
 
 Example:
     >>> plans(["fastv"], [0.5])
@@ -20,11 +20,11 @@ import json
 from pathlib import Path
 
 from vtprune.config import method_names
+from vtprune.eval.synthetic.synthvqa import QTYPES, generate_synthvqa
+from vtprune.eval.synthetic.tiny_models import load_tiny
 
 from .cli_eval import main as eval_main
 from .evidence import object_token_share
-from .synthvqa import QTYPES, generate_synthvqa
-from .tiny_models import load_tiny
 
 __all__ = ["evidence_table", "fidelity_table", "plans", "run"]
 
@@ -131,16 +131,16 @@ def run(out: str, limit: int = 400, models=tuple(MODELS), keeps=KEEPS, batch_siz
     text = (
         "# Offline fidelity benchmark: accuracy kept vs equivalent tokens\n\n"
         "Every method at keep 50%, 25% and 11% (layer-average fraction of visual tokens) on SynthVQA, the\n"
-        "procedurally generated VQA task (`vtprune.eval.synthvqa`), with the tiny models shipped in\n"
-        "`vtprune/assets` (trained by `vtprune.eval.train_tiny`). Greedy answers, split `test`, seed 0.\n"
-        f"Reproduce: `python -m vtprune.eval.fidelity --out {out} --limit {limit}`.\n\n"
+        "procedurally generated VQA task (`vtprune.eval.synthetic.synthvqa`), with the tiny models shipped in\n"
+        "`vtprune/assets` (trained by `vtprune.eval.synthetic.train_tiny`). Greedy answers, split `test`, seed 0.\n"
+        f"Reproduce: `python -m vtprune.eval.harness.fidelity --out {out} --limit {limit}`.\n\n"
         "Reading the tables: the equivalent tokens are measured, not requested. `layerskip` keeps whole\n"
         "layers (its L_cut), so its 11% rounds to one layer; MustDrop's vision-stage window merge removes\n"
         "much of these mostly-background scenes and counts towards its budget. Prefill\n"
         "times of these tiny models are dominated by per-layer fixed costs; see `results/prefill*` for\n"
         "speed. The tiny models were trained with supervision of their layer-3 answer attention and with\n"
         "per-token probes on the visual tokens (see their READMEs), not with CLS pretraining. The last table\n"
-        "of each model (`vtprune.eval.evidence`) shows the consequence: on the tiny LLaVA, whose CLS attention\n"
+        "of each model (`vtprune.eval.harness.evidence`) shows the consequence: on the tiny LLaVA, whose CLS attention\n"
         "was never trained to be a saliency map, HiRED and VisionZip at keep 50% keep background more often\n"
         "than chance and leave about half (HiRED) of each scene's objects without a single token, before the\n"
         "language model sees them, while random and uniform selection keep a token of every object. On the\n"

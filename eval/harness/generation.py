@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from vtprune.eval.tasks import chat_prompt
+from vtprune.eval.harness.tasks import chat_prompt
 
 MODEL_CLASSES = {
     "llava": "LlavaForConditionalGeneration",
@@ -33,7 +33,7 @@ def model_source(model) -> str:
         ...
         FileNotFoundError: no such folder or hub id: '/no/such/llava' (a folder with the model's config.json, a hub id 'org/name', or a shipped tiny model: llava, qwen2_vl)
     """
-    from vtprune.eval.tiny_models import ARCHS, asset_dir
+    from vtprune.eval.synthetic.tiny_models import ARCHS, asset_dir
 
     text = str(model)
     if text in ARCHS:

@@ -61,9 +61,9 @@ def _build_class():
     from lmms_eval.api.model import lmms
     from tqdm import tqdm
 
-    from vtprune.eval.generation import encode, load_model
-    from vtprune.eval.meters import apply_plan
-    from vtprune.eval.tasks import chat_prompt
+    from vtprune.eval.harness.generation import encode, load_model
+    from vtprune.eval.harness.plans import apply_plan
+    from vtprune.eval.harness.tasks import chat_prompt
 
     class VtpruneLlavaHf(lmms):
         """lmms-eval model: a HF LLaVA / LLaVA-NeXT / Qwen2-VL checkpoint with a vtprune plan applied."""

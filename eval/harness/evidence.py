@@ -7,7 +7,7 @@ tokens) on held-out scenes and compares it with that share: it tells a method th
 from one whose scores, on a given model, are no better than chance.
 
 Example:
-    >>> from vtprune.eval.tiny_models import load_tiny  # doctest: +SKIP
+    >>> from vtprune.eval.synthetic.tiny_models import load_tiny  # doctest: +SKIP
     >>> model, processor = load_tiny("llava")  # doctest: +SKIP
     >>> object_token_share(model, processor, "fastv:keep=0.5", generate_synthvqa(40))  # doctest: +SKIP
     {'kept_on_objects': 0.449, 'objects_in_image': 0.317, 'objects_covered': 0.97}
@@ -18,10 +18,10 @@ from __future__ import annotations
 import torch
 
 import vtprune
+from vtprune.eval.synthetic.synthvqa_scenes import GRID
 
 from .generation import encode
-from .meters import apply_plan
-from .synthvqa_scenes import GRID
+from .plans import apply_plan
 from .tasks import chat_prompt
 
 

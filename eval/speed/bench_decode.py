@@ -5,7 +5,7 @@ prefill; this measures what that saves while decoding on the LLaVA-1.5-shaped mo
 prefill benchmark (random weights, reduced width): KV-cache bytes and tokens/s, beside the
 unpruned model and MustDrop without its decode stage.
 
-Run: ``python -m vtprune.eval.bench_decode --out results/decode``.
+Run: ``python -m vtprune.eval.speed.bench_decode --out results/decode``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import argparse
 
 import torch
 
-from vtprune.eval.bench_prefill import build_inputs, build_model
-from vtprune.eval.meters import measure_plans
-from vtprune.eval.reports import publish_benchmark
+from vtprune.eval.harness.meters import measure_plans
+from vtprune.eval.harness.reports import publish_benchmark
+from vtprune.eval.speed.bench_prefill import build_inputs, build_model
 
 DEFAULT_PLANS = [
     "baseline",

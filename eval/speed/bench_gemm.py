@@ -11,7 +11,7 @@ produce (LLaVA-1.5 geometry: 576 visual + 64 text tokens per sample).
 For each row count it reports GFLOP/s and the throughput relative to the unpruned row count:
 the share of the FLOPs-allowed speedup that the matrix products alone can reach.
 
-Run: ``python -m vtprune.eval.bench_gemm --width 1536 --out results/gemm``.
+Run: ``python -m vtprune.eval.speed.bench_gemm --width 1536 --out results/gemm``.
 
 Example:
     >>> rows_for(keep=0.25, batch=1)
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from vtprune.eval.reports import publish_benchmark
+from vtprune.eval.harness.reports import publish_benchmark
 
 VISUAL, TEXT = 576, 64
 KEEPS = (1.0, 0.5, 0.25, 0.11)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from vtprune.eval.records import plan_slug
+from vtprune.eval.harness.records import plan_slug
 
 
 def rows(results: dict) -> list[dict]:

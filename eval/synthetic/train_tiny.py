@@ -1,6 +1,6 @@
 """Train a tiny LLaVA-1.5 / Qwen2-VL architecture model on freshly generated SynthVQA data (CPU, minutes).
 
-    python -m vtprune.eval.train_tiny --arch llava --out vtprune/assets/tiny-llava-synthvqa --threads 1
+    python -m vtprune.eval.synthetic.train_tiny --arch llava --out vtprune/assets/tiny-llava-synthvqa --threads 1
 
 * Reproducible: weights are seeded and training batch ``b`` is SynthVQA split ``train``, items
   ``[b*B, (b+1)*B)`` of ``--seed``, so an interrupted run resumes exactly from ``<out>/checkpoint/``.
@@ -9,7 +9,7 @@
   attention mask (each question block sees the image prefix and itself only) and position ids that restart
   after the image, so every block is *exactly* the single-question prompt of :func:`build_prompt`. The
   image is encoded once per K questions, which makes CPU training several times cheaper.
-* Two training-only signals beside the answer loss (:mod:`vtprune.eval.train_aux`), without which a tiny
+* Two training-only signals beside the answer loss (:mod:`vtprune.eval.synthetic.train_aux`), without which a tiny
   model trained from scratch stays near chance on CPU budgets: linear probes on the visual tokens predict
   each token's cell contents (colour, shape, row, column), and the answer position's attention at one
   decoder layer is pulled onto the question's evidence (or onto the first token when nothing matches).
@@ -17,7 +17,7 @@
 * AdamW + linear warm-up + cosine decay; final greedy-generation evaluation on held-out split ``test``.
 
 Example:
-    >>> from vtprune.eval.train_tiny import train  # doctest: +SKIP
+    >>> from vtprune.eval.synthetic.train_tiny import train  # doctest: +SKIP
     >>> result = train("qwen2_vl", "/tmp/tiny-qwen", steps=20)  # doctest: +SKIP
 """
 
@@ -423,7 +423,7 @@ def write_readme(out: str, info: dict) -> None:
 {_ARCH_TEXT[info["arch"]].format(**info["sizes"])}
 {info["params"]:,} parameters, float32 safetensors ({size_mb:.1f} MB), {info["visual_tokens"]} visual tokens
 per 192x192 image. Word-level tokenizer over the task vocabulary. Trained from scratch on procedurally
-generated SynthVQA scenes (`vtprune.eval.synthvqa`); it exists to make visual-token pruning measurable
+generated SynthVQA scenes (`vtprune.eval.synthetic.synthvqa`); it exists to make visual-token pruning measurable
 offline, not to be a general model.
 
 Load offline:
@@ -433,7 +433,7 @@ from transformers import AutoProcessor, {"LlavaForConditionalGeneration" if info
 model, processor = M.from_pretrained(path), AutoProcessor.from_pretrained(path)
 ```
 
-Prompt (`vtprune.eval.synthvqa.build_prompt`, same as the processor's chat template): `{example}`;
+Prompt (`vtprune.eval.synthetic.synthvqa.build_prompt`, same as the processor's chat template): `{example}`;
 the answer is one word followed by the end-of-turn token.
 
 ## Training
@@ -442,7 +442,7 @@ the answer is one word followed by the end-of-turn token.
 - seed {info["seed"]}, {info["steps"]} steps, {info["batch_size"]} images x {info["questions_per_image"]} questions per
   step, AdamW lr {info["lr"]} (warm-up + cosine), curriculum: {info["focus_steps"]} steps of 1-2 object scenes with shape/position questions, then
   {info["curriculum_steps"]} steps growing to the full 3-7 objects (see `train_tiny.curriculum`)
-- training-only losses (`vtprune.eval.train_aux`, dropped afterwards): per-visual-token probes for the
+- training-only losses (`vtprune.eval.synthetic.train_aux`, dropped afterwards): per-visual-token probes for the
   colour/shape/row/column of the cell under the token (weight {info["aux_weight"]}), and the answer
   position's attention at decoder layer {info["attn_layer"]} pulled onto the evidence objects (spatial
   relations: half the heads per object; nothing matching: the first token) (weight {info["attn_weight"]})
@@ -501,7 +501,8 @@ def main(argv: list[str] | None = None) -> None:
         attn_layer=args.attn_layer,
         eval_n=args.eval_n,
         threads=args.threads,
-        command="python -m vtprune.eval.train_tiny " + " ".join(sys.argv[1:] if argv is None else argv),
+        command="python -m vtprune.eval.synthetic.train_tiny "
+        + " ".join(sys.argv[1:] if argv is None else argv),
     )
 
 
