@@ -3,7 +3,7 @@
 Run as ``vtprune eval ...`` (once wired into :mod:`vtprune.cli`), ``python -m vtprune.eval.harness.cli_eval
 ...``, or sharded over processes with ``accelerate launch --num_processes 2 -m
 vtprune.eval.harness.cli_eval ...``. Results go to ``OUT/results.json``, per-sample records to
-``OUT/<task>/<plan>.jsonl``, and the report to ``OUT/report.md`` + ``OUT/plots/*.png``.
+``OUT/<task>/<plan>.jsonl.gz``, and the report to ``OUT/report.md`` + ``OUT/plots/*.png``.
 
 Several processes on a machine without GPUs: ``accelerate launch --cpu --num_processes 2``
 starts only ONE process in accelerate 1.x unless an MPI hostfile is given; use

@@ -4,7 +4,8 @@ Runs the evaluation harness (``vtprune eval``) on SynthVQA for each shipped tiny
 baseline and every method at each keep fraction, then writes ``README.md`` with one table per model:
 accuracy kept (pruned accuracy / unpruned accuracy) and the equivalent visual tokens (mean tokens per
 decoder layer) of each plan, plus the per-question-type accuracies. The harness's own outputs (per-sample
-JSONL, ``results.json``, ``report.md`` and plots) stay in ``<out>/<model>/``; an interrupted run resumes.
+records, merged into ``.jsonl.gz``; ``results.json``, ``report.md`` and plots) stay in ``<out>/<model>/``;
+an interrupted run resumes, also from the committed ``results/fidelity``.
 
     python -m vtprune.eval.harness.fidelity --out results/fidelity --limit 400
 

@@ -1,18 +1,26 @@
 """Per-sample result files: append as batches finish, resume after an interruption, merge shards.
 
-Layout under the output folder: ``<task>/<plan slug>.jsonl`` holds one JSON record per sample
-(the merged result); with several processes each rank appends to its own
-``<task>/<plan slug>.rank<k>.jsonl`` and rank 0 merges them. A run that is killed mid-write
-leaves at most one truncated last line (possibly cut inside a UTF-8 character), which the
-reader skips and the next append cuts off, so that sample is redone; any other unreadable line
-is an error naming the file and line.
+Layout under the output folder: a running job appends one JSON record per sample to
+``<task>/<plan slug>.jsonl`` (with several processes each rank to its own
+``<task>/<plan slug>.rank<k>.jsonl``). When a task is finished, rank 0 merges everything into
+``<task>/<plan slug>.jsonl.gz`` (gzip: a fidelity run holds tens of thousands of records, and the
+merged files are committed under ``results/``) and removes the plain ``.jsonl``. Resuming reads
+the ``.jsonl.gz``, the plain file and the rank's shard together, so a finished file, an
+interrupted one and an output folder of the older plain-only layout all resume.
+
+A run that is killed mid-write leaves at most one truncated last line (possibly cut inside a
+UTF-8 character), which the reader skips and the next append cuts off, so that sample is redone;
+the same holds for a ``.jsonl.gz`` cut short (its readable part is read, its torn last line
+skipped). Any other unreadable line is an error naming the file and line.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -38,8 +46,19 @@ def records_path(out: str | Path, task: str, plan: str, rank: int | None = None)
     return Path(out) / task / f"{plan_slug(plan)}{suffix}.jsonl"
 
 
+def merged_path(out: str | Path, task: str, plan: str) -> Path:
+    """Where the merged, gzip-compressed records of a finished ``task`` x ``plan`` live.
+
+    Example:
+        >>> merged_path("out", "pope", "fastv:keep=0.5").as_posix()
+        'out/pope/fastv_keep=0.5.jsonl.gz'
+    """
+    return Path(out) / task / f"{plan_slug(plan)}.jsonl.gz"
+
+
 def read_records(path: str | Path) -> dict[str, dict]:
-    """Records of a JSONL file keyed by ``sample_id`` (empty if absent).
+    """Records of a JSONL file (gzip-compressed if its name ends in ``.gz``) keyed by ``sample_id``
+    (empty if absent).
 
     The last line may be torn by an interruption (cut anywhere, even inside a multi-byte UTF-8
     character): it is skipped, so that sample is redone. Any other line that is not a JSON
@@ -52,7 +71,8 @@ def read_records(path: str | Path) -> dict[str, dict]:
     path = Path(path)
     if not path.is_file():
         return {}
-    lines = path.read_bytes().split(b"\n")
+    data = _gunzip(path) if path.suffix == ".gz" else path.read_bytes()
+    lines = data.split(b"\n")
     while lines and not lines[-1].strip():
         lines.pop()
     out: dict[str, dict] = {}
@@ -69,6 +89,25 @@ def read_records(path: str | Path) -> dict[str, dict]:
             )
         out[str(rec["sample_id"])] = rec
     return out
+
+
+def _gunzip(path: Path) -> bytes:
+    """The decompressed bytes of a gzip file, as far as they go: a file cut short (a copy or a write
+    that was interrupted) gives its readable part, whose torn last line the reader then skips. A
+    corrupt stream is an error naming the file."""
+    raw, out = path.read_bytes(), []
+    while raw:  # one gzip member after another (``cat a.gz b.gz`` is a valid gzip file)
+        d = zlib.decompressobj(wbits=31)
+        try:
+            out.append(d.decompress(raw))
+        except zlib.error as err:
+            raise ValueError(
+                f"{path}: not a readable gzip file ({err}); delete it to redo its samples"
+            ) from err
+        if not d.eof:
+            break  # cut short: keep what was decompressed
+        raw = d.unused_data
+    return b"".join(out)
 
 
 def _parse_line(raw: bytes) -> dict | None:
@@ -91,6 +130,8 @@ def append_records(path: str | Path, records: Iterable[dict]) -> None:
         'yes'
     """
     path = Path(path)
+    if path.suffix == ".gz":
+        raise ValueError(f"{path}: records are appended to a plain .jsonl; .jsonl.gz files are written whole")
     path.parent.mkdir(parents=True, exist_ok=True)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     with open(path, "a", encoding="utf-8") as f:
@@ -137,51 +178,62 @@ def _last_line_start(r, size: int, chunk: int = 1 << 16) -> int:
 
 
 def write_records(path: str | Path, records: Sequence[dict]) -> None:
-    """Replace ``path`` with ``records`` atomically (write a temporary file, then rename).
+    """Replace ``path`` with ``records`` atomically (write a temporary file, then rename); gzip-compressed
+    if the name ends in ``.gz``, with no time stamp, so the same records give the same bytes.
 
     Example:
         >>> import tempfile
-        >>> p = Path(tempfile.mkdtemp()) / "x.jsonl"
+        >>> p = Path(tempfile.mkdtemp()) / "x.jsonl.gz"
         >>> write_records(p, [{"sample_id": "a"}]); list(read_records(p))
         ['a']
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    if path.suffix == ".gz":
+        data = gzip.compress(data, compresslevel=9, mtime=0)
+    tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
 def finished(out: str | Path, task: str, plan: str, rank: int | None) -> dict[str, dict]:
-    """Records already written for ``task`` x ``plan``: the merged file plus this rank's shard.
+    """Records already written for ``task`` x ``plan``: the merged ``.jsonl.gz``, the plain ``.jsonl``
+    (a run in progress, or an older plain-only output folder) and this rank's shard.
 
     Example:
         >>> finished("/nonexistent", "pope", "baseline", rank=None)
         {}
     """
-    done = read_records(records_path(out, task, plan))
+    done = read_records(merged_path(out, task, plan))
+    done.update(read_records(records_path(out, task, plan)))
     if rank is not None:
         done.update(read_records(records_path(out, task, plan, rank)))
     return done
 
 
 def merge_shards(out: str | Path, task: str, plan: str, world_size: int, order: Sequence[str]) -> list[dict]:
-    """Merge the rank files into ``<task>/<plan>.jsonl``; return the records of ``order`` (sample ids).
+    """Merge the plain and rank files into ``<task>/<plan>.jsonl.gz``; return the records of ``order``
+    (sample ids).
 
-    Nothing finished is ever dropped: the merged file keeps every record it or a rank file
-    holds, those of ``order`` first in that order, then the others (samples beyond a smaller
-    ``--limit``, say) in their earlier order. Merging again after a resumed run is safe.
+    Nothing finished is ever dropped: the merged file keeps every record it, the plain file or a
+    rank file holds, those of ``order`` first in that order, then the others (samples beyond a
+    smaller ``--limit``, say) in their earlier order. The plain file is removed once its records
+    are in the merged one (rank files stay, as the shards of the run). Merging again is safe.
 
     Example:
         >>> merge_shards("/tmp/none", "pope", "baseline", 2, [])
         []
     """
-    merged = read_records(records_path(out, task, plan))
+    plain = records_path(out, task, plan)
+    merged = read_records(merged_path(out, task, plan))
+    merged.update(read_records(plain))
     for rank in range(world_size):
         merged.update(read_records(records_path(out, task, plan, rank)))
     wanted = set(order)
     records = [merged[sid] for sid in order if sid in merged]
     others = [rec for sid, rec in merged.items() if sid not in wanted]
     if merged:
-        write_records(records_path(out, task, plan), records + others)
+        write_records(merged_path(out, task, plan), records + others)
+        plain.unlink(missing_ok=True)  # only after the merged file holds its records
     return records

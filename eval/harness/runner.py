@@ -4,7 +4,8 @@ For each task and each plan (``"baseline"`` first, always), the samples not yet 
 answered by batched greedy generation with left padding, and each batch's records are appended
 to ``OUT/<task>/<plan>.jsonl`` as soon as it is done, so an interrupted run resumes where it
 stopped. Under ``accelerate launch`` every rank takes the strided shard ``samples[rank::world]``
-and appends to ``OUT/<task>/<plan>.rank<k>.jsonl``; rank 0 waits for all, merges, scores, takes
+and appends to ``OUT/<task>/<plan>.rank<k>.jsonl``; rank 0 waits for all, merges into
+``OUT/<task>/<plan>.jsonl.gz`` (:mod:`vtprune.eval.harness.records`), scores, takes
 the efficiency meters (:mod:`vtprune.eval.harness.meters`) and writes ``OUT/results.json``.
 """
 
@@ -23,7 +24,7 @@ import vtprune
 from vtprune.eval.harness.generation import answer_batch, encode, load_model, model_source
 from vtprune.eval.harness.meters import measure_plans
 from vtprune.eval.harness.plans import apply_plan, plan_config
-from vtprune.eval.harness.records import append_records, finished, merge_shards, records_path
+from vtprune.eval.harness.records import append_records, finished, merge_shards, merged_path, records_path
 from vtprune.eval.harness.tasks import chat_prompt, load_task, parse_task, parser_name, score_task
 
 
@@ -100,7 +101,7 @@ def _finish_task(
             "accuracy_kept": kept,
             "loyalty": _compare(recs, merged["baseline"]),
             "parser": result.get("parser", parser),
-            "records": str(records_path(".", task, plan)),
+            "records": str(merged_path(".", task, plan)),
             "meters": meters.get(plan),
         }
     return out
@@ -242,6 +243,7 @@ def _clear(ctx: dict, tasks: list[str], plans: list[str], main: bool) -> None:
         paths = [records_path(ctx["output"], task, p, ctx["rank"]) for p in plans]
         if main:
             paths += [records_path(ctx["output"], task, p) for p in plans]
+            paths += [merged_path(ctx["output"], task, p) for p in plans]
             paths += [Path(ctx["output"]) / task / "meters.json", Path(ctx["output"]) / "run_config.json"]
         for p in paths:
             p.unlink(missing_ok=True)
