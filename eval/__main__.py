@@ -1,6 +1,6 @@
 """``python -m vtprune.eval`` (and ``accelerate launch -m vtprune.eval``): the ``vtprune eval`` command."""
 
-from vtprune.eval.cli_eval import main
+from vtprune.eval.harness.cli_eval import main
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from vtprune.eval.bench_gemm import main, rows_for
+from vtprune.eval.speed.bench_gemm import main, rows_for
 
 
 def test_rows_follow_the_llava_geometry():

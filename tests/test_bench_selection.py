@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from vtprune.eval.bench_selection import main
+from vtprune.eval.speed.bench_selection import main
 
 
 def test_smoke_run_writes_a_table(tmp_path, capsys):

@@ -54,7 +54,7 @@ def test_bench_rejects_bad_baseline_every(capsys):
 
 
 def test_demo_prints_every_method(capsys, monkeypatch):
-    from vtprune.eval import bench_prefill
+    from vtprune.eval.speed import bench_prefill
 
     timed = {}
 
@@ -104,7 +104,7 @@ def test_cli_errors_name_the_problem(argv):
 
 
 def test_decode_benchmark_reports_kv_and_speed(tmp_path):
-    from vtprune.eval.bench_decode import main as decode_main
+    from vtprune.eval.speed.bench_decode import main as decode_main
 
     plans = "baseline;mustdrop:keep=0.25,decode=false;mustdrop:keep=0.25"
     res = decode_main(

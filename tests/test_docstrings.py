@@ -35,13 +35,13 @@ MODULES = [
     "vtprune.integrations.llava_onevision",
     "vtprune.demo",
     "vtprune.cli",
-    "vtprune.eval.bench_prefill",
-    "vtprune.eval.bench_gemm",
-    "vtprune.eval.bench_selection",
-    "vtprune.eval.evidence",
-    "vtprune.eval.reports",
-    "vtprune.eval.flops_report",
-    "vtprune.eval.shapes",
+    "vtprune.eval.speed.bench_prefill",
+    "vtprune.eval.speed.bench_gemm",
+    "vtprune.eval.harness.evidence",
+    "vtprune.eval.harness.reports",
+    "vtprune.eval.speed.flops_report",
+    "vtprune.eval.speed.shapes",
+    "vtprune.eval.speed.bench_selection",
 ]
 
 

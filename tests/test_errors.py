@@ -188,7 +188,7 @@ def test_wrong_type_table_has_no_stale_entries():
 )
 def test_bad_plan_strings_fail_at_apply(model, plan):
     # `vtprune eval` checks every plan up front by applying it: it must fail there, not mid-run
-    from vtprune.eval.bench_prefill import parse_plan
+    from vtprune.eval.harness.plans import parse_plan
 
     name, options = parse_plan(plan)
     with pytest.raises(ValueError, match=f"{name}: option '{next(iter(options))}'="):

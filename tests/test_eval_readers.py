@@ -10,7 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
-from vtprune.eval.readers import (
+from vtprune.eval.benchmarks.readers import (
     READERS,
     BenchmarkFileError,
     HubUnavailableError,
@@ -18,7 +18,7 @@ from vtprune.eval.readers import (
     load_benchmark,
     load_from_hub,
 )
-from vtprune.eval.samples import MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX
+from vtprune.eval.benchmarks.samples import MULTIPLE_CHOICE_SUFFIX, SHORT_ANSWER_SUFFIX
 
 
 def _png_bytes(color=(255, 0, 0)) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -13,9 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from vtprune.eval.meters import METER_KEYS
-from vtprune.eval.records import append_records, read_records, records_path
-from vtprune.eval.runner import run_eval
+from vtprune.eval.harness.meters import METER_KEYS
+from vtprune.eval.harness.records import (
+    append_records,
+    finished,
+    merged_path,
+    read_records,
+    records_path,
+    write_records,
+)
+from vtprune.eval.harness.runner import run_eval
 
 PLANS = ["uniform:keep=1.0", "random:keep=0.5"]
 RUN = dict(limit=8, batch_size=4, max_new_tokens=1)  # synthvqa items 0..7, two batches per plan
@@ -29,7 +37,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     yes/no head driven by the last hidden state scores on the yes/no questions and still
     depends on the image.
     """
-    from vtprune.eval.tiny_models import build_tiny, save_tiny
+    from vtprune.eval.synthetic.tiny_models import build_tiny, save_tiny
 
     model, processor = build_tiny("llava", seed=0, text_layers=2, vision_layers=2)
     tok = processor.tokenizer
@@ -54,7 +62,7 @@ def run1(tiny_dir, tmp_path_factory):
 
 
 def _records(out: Path, plan: str) -> dict[str, dict]:
-    return read_records(records_path(out, "synthvqa", plan))
+    return finished(out, "synthvqa", plan, rank=None)
 
 
 def test_run_writes_results_and_records(run1):
@@ -64,8 +72,11 @@ def test_run_writes_results_and_records(run1):
         *PLANS,
     }
     for plan in ["baseline", *PLANS]:
-        recs = _records(out, plan)
-        assert len(recs) == 8
+        recs = read_records(merged_path(out, "synthvqa", plan))  # merged, compressed
+        assert len(recs) == 8 and not records_path(out, "synthvqa", plan).exists()  # plain file merged away
+        assert results["tasks"]["synthvqa"]["plans"][plan]["records"] == str(
+            merged_path(".", "synthvqa", plan)
+        )
         rec = next(iter(recs.values()))
         assert {"sample_id", "plan", "prompt", "prediction", "answers", "parser"} <= rec.keys()
         assert rec["prompt"].startswith("USER: <image>\n") and rec["parser"] == "synthvqa_exact_match"
@@ -122,6 +133,7 @@ def test_interrupted_run_resumes_without_redoing_samples(tiny_dir, tmp_path, mon
         run_eval(str(tiny_dir), ["synthvqa"], None, PLANS[:1], tmp_path, **kw)
     first = _records(tmp_path, "baseline")
     assert len(first) == 4 and not records_path(tmp_path, "synthvqa", PLANS[0]).exists()
+    assert not merged_path(tmp_path, "synthvqa", "baseline").exists()  # merged only when the task ends
 
     calls.update(n=0, stop_at=-1)
     results = run_eval(str(tiny_dir), ["synthvqa"], None, PLANS[:1], tmp_path, **kw)
@@ -140,11 +152,11 @@ def test_interrupted_run_resumes_without_redoing_samples(tiny_dir, tmp_path, mon
 def test_smaller_rerun_keeps_every_record_and_reports_on_its_subset(run1, tiny_dir, tmp_path, monkeypatch):
     from transformers import LlavaForConditionalGeneration
 
-    from vtprune.eval.tasks import load_task, score_task
+    from vtprune.eval.harness.tasks import load_task, score_task
 
     out = tmp_path / "out"
     shutil.copytree(run1[0], out)
-    before = {p: records_path(out, "synthvqa", p).read_bytes() for p in ["baseline", *PLANS]}
+    before = {p: merged_path(out, "synthvqa", p).read_bytes() for p in ["baseline", *PLANS]}
     meters_before = json.loads((out / "synthvqa" / "meters.json").read_text())
 
     def no_generate(self, *args, **kwargs):
@@ -162,7 +174,7 @@ def test_smaller_rerun_keeps_every_record_and_reports_on_its_subset(run1, tiny_d
         progress=False,
     )
     for plan, data in before.items():  # 8 records each, untouched: the plan not asked for too
-        assert records_path(out, "synthvqa", plan).read_bytes() == data, plan
+        assert merged_path(out, "synthvqa", plan).read_bytes() == data, plan
     assert json.loads((out / "synthvqa" / "meters.json").read_text()) == meters_before
     task = results["tasks"]["synthvqa"]
     assert task["n_samples"] == 4 and task["plans"].keys() == {"baseline", PLANS[0]}
@@ -177,7 +189,7 @@ def test_smaller_rerun_keeps_every_record_and_reports_on_its_subset(run1, tiny_d
 
 
 def test_merge_keeps_records_outside_the_requested_order(tmp_path):
-    from vtprune.eval.records import merge_shards
+    from vtprune.eval.harness.records import merge_shards
 
     append_records(records_path(tmp_path, "t", "baseline"), [{"sample_id": s} for s in "abcd"])
     append_records(records_path(tmp_path, "t", "baseline", 0), [{"sample_id": "e"}])
@@ -188,7 +200,69 @@ def test_merge_keeps_records_outside_the_requested_order(tmp_path):
 
 
 def _records_of(out: Path) -> dict[str, dict]:
-    return read_records(records_path(out, "t", "baseline"))
+    return read_records(merged_path(out, "t", "baseline"))
+
+
+def test_resume_reads_the_merged_gzip_and_the_plain_file_together(tmp_path):
+    from vtprune.eval.harness.records import merge_shards
+
+    write_records(merged_path(tmp_path, "t", "baseline"), [{"sample_id": s} for s in "ab"])  # committed
+    append_records(records_path(tmp_path, "t", "baseline"), [{"sample_id": "c"}])  # resumed run
+    assert list(finished(tmp_path, "t", "baseline", rank=None)) == ["a", "b", "c"]
+    merge_shards(tmp_path, "t", "baseline", 1, ["c", "b", "a"])
+    assert list(_records_of(tmp_path)) == ["c", "b", "a"]
+    assert not records_path(tmp_path, "t", "baseline").exists()
+
+
+def test_gzip_records_are_reproducible_bytes(tmp_path):
+    recs = [{"sample_id": str(i), "prediction": "yes"} for i in range(50)]
+    write_records(tmp_path / "a.jsonl.gz", recs)
+    write_records(tmp_path / "b.jsonl.gz", recs)
+    data = (tmp_path / "a.jsonl.gz").read_bytes()
+    assert data[:2] == b"\x1f\x8b" and data == (tmp_path / "b.jsonl.gz").read_bytes()
+
+
+def _gz_records(n: int) -> list[dict]:
+    return [{"sample_id": str(i), "prompt": f"quelle température ? → {i} " * 8} for i in range(n)]
+
+
+def test_gzip_cut_short_reads_its_whole_records_and_skips_the_torn_one(tmp_path):
+    path = tmp_path / "baseline.jsonl.gz"
+    write_records(path, _gz_records(200))
+    data = path.read_bytes()
+    plain = gzip.decompress(data)
+    seen = set()
+    for cut in range(20, len(data) - 8, max(1, len(data) // 40)):  # cut anywhere, trailer included
+        path.write_bytes(data[:cut])
+        got = read_records(path)
+        n = len(got)
+        assert list(got) == [str(i) for i in range(n)]  # a prefix of whole records, never an error
+        assert n < 200 and all(r == _gz_records(200)[i] for i, r in enumerate(got.values()))
+        seen.add(n)
+    assert len(seen) > 10  # the cuts landed in many places, some inside records
+    assert plain.count(b"\n") == 200
+
+
+def test_gzip_torn_last_record_is_skipped_like_a_plain_one(tmp_path):
+    path = tmp_path / "baseline.jsonl.gz"
+    whole = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in _gz_records(3))
+    torn = whole + '{"sample_id": "3", "prompt": "→'.encode()[:-1]  # cut inside a UTF-8 character
+    path.write_bytes(gzip.compress(torn, mtime=0))
+    assert list(read_records(path)) == ["0", "1", "2"]
+    path.write_bytes(gzip.compress(whole[:40], mtime=0) + gzip.compress(whole[40:], mtime=0))  # two members
+    assert list(read_records(path)) == ["0", "1", "2"]
+
+
+def test_corrupt_gzip_or_append_to_gzip_names_the_file(tmp_path):
+    path = tmp_path / "baseline.jsonl.gz"
+    write_records(path, _gz_records(20))
+    data = bytearray(path.read_bytes())
+    data[30] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"baseline\.jsonl\.gz"):
+        read_records(path)
+    with pytest.raises(ValueError, match=r"baseline\.jsonl\.gz: records are appended to a plain \.jsonl"):
+        append_records(path, [{"sample_id": "x"}])
 
 
 def test_torn_last_line_is_redone(tmp_path):
@@ -246,7 +320,7 @@ def test_two_processes_merge_to_the_one_process_records(run1, tiny_dir, tmp_path
     # runner joins them in a CPU (gloo) group because no GPU is visible.
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "vtprune.eval.cli_eval", "--model", str(tiny_dir), "--tasks", "synthvqa",
+           "-m", "vtprune.eval.harness.cli_eval", "--model", str(tiny_dir), "--tasks", "synthvqa",
            "--plans", ",".join(["baseline", *PLANS]), "--output", str(out2), "--limit", "8",
            "--batch-size", "4", "--max-new-tokens", "1", "--no-meters", "--no-report", "--quiet"]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -264,7 +338,7 @@ def test_two_processes_merge_to_the_one_process_records(run1, tiny_dir, tmp_path
 
 
 def test_reports_write_markdown_and_png(run1, tmp_path):
-    from vtprune.eval.reports import write_report
+    from vtprune.eval.harness.reports import write_report
 
     _, results = run1
     paths = write_report(results, tmp_path)
@@ -282,8 +356,8 @@ def test_reports_write_markdown_and_png(run1, tmp_path):
 def test_cli_parser_and_task_options():
     import argparse
 
-    from vtprune.eval.cli_eval import _split, add_eval_parser
-    from vtprune.eval.tasks import parse_task
+    from vtprune.eval.harness.cli_eval import _split, add_eval_parser
+    from vtprune.eval.harness.tasks import parse_task
 
     ap = argparse.ArgumentParser(prog="vtprune")
     add_eval_parser(ap.add_subparsers(dest="command"))
@@ -306,7 +380,18 @@ def test_cli_parser_and_task_options():
 
 @pytest.mark.parametrize(
     "name",
-    ["meters", "timers", "records", "tasks", "generation", "runner", "reports", "cli_eval", "lmms_plugin"],
+    [
+        "plans",
+        "meters",
+        "timers",
+        "records",
+        "tasks",
+        "generation",
+        "runner",
+        "reports",
+        "cli_eval",
+        "lmms_plugin",
+    ],
 )
 def test_docstring_examples(name):
     import doctest
@@ -314,7 +399,7 @@ def test_docstring_examples(name):
 
     import vtprune
 
-    module = importlib.import_module(f"vtprune.eval.{name}")
+    module = importlib.import_module(f"vtprune.eval.harness.{name}")
     result = doctest.testmod(
         module, extraglobs={"torch": torch, "vtprune": vtprune}, optionflags=doctest.ELLIPSIS
     )
@@ -327,8 +412,8 @@ def _no_model(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the model was loaded before the plans and task files were checked")
 
-    monkeypatch.setattr("vtprune.eval.runner.load_model", fail)
-    monkeypatch.setattr("vtprune.eval.runner.answer_batch", fail)
+    monkeypatch.setattr("vtprune.eval.harness.runner.load_model", fail)
+    monkeypatch.setattr("vtprune.eval.harness.runner.answer_batch", fail)
 
 
 def _eval_cli(tmp_path, *extra):
@@ -370,14 +455,14 @@ def test_plan_check_runs_the_method_configs_own_validation(tmp_path, monkeypatch
 
 
 def test_plan_check_rejects_a_string_seed():
-    from vtprune.eval.meters import plan_config
+    from vtprune.eval.harness.plans import plan_config
 
     with pytest.raises(ValueError, match="plan 'random:seed=abc': random: option 'seed'='abc'"):
         plan_config("random:seed=abc")
 
 
 def test_plan_values_are_parsed_to_their_types():
-    from vtprune.eval.bench_prefill import parse_plan
+    from vtprune.eval.harness.plans import parse_plan
 
     _, opts = parse_plan(
         "layerskip:cut=9,thin_ffn=true,window=1,ffn_ratio=0.25,layers=8+16,seed=abc,score=mean"
@@ -398,13 +483,13 @@ def test_model_dependent_plan_error_fails_before_the_baseline_runs(tiny_dir, tmp
     def fail(*args, **kwargs):
         raise AssertionError("a sample was answered before every plan was checked on the model")
 
-    monkeypatch.setattr("vtprune.eval.runner.answer_batch", fail)
+    monkeypatch.setattr("vtprune.eval.harness.runner.answer_batch", fail)
     with pytest.raises(ValueError, match=r"plan 'fastv:layer=99' does not fit this model: .*'layer'=99"):
         run_eval(str(tiny_dir), ["synthvqa"], None, ["fastv:layer=99"], tmp_path, **RUN, progress=False)
 
 
 def test_missing_data_of_a_later_task_fails_before_anything_is_evaluated(tmp_path, monkeypatch):
-    from vtprune.eval.samples import BenchmarkFileError
+    from vtprune.eval.benchmarks.samples import BenchmarkFileError
 
     _no_model(monkeypatch)
     empty = tmp_path / "data"
@@ -430,7 +515,7 @@ def test_missing_model_folder_is_named(tmp_path, model):
 def test_hub_id_that_cannot_be_found_is_named(monkeypatch):
     import transformers
 
-    from vtprune.eval.generation import load_model
+    from vtprune.eval.harness.generation import load_model
 
     def not_found(source, *args, **kwargs):
         raise OSError(f"{source} is not a local folder and is not a valid model identifier listed on the hub")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from vtprune.eval.samples import Sample
-from vtprune.eval.scoring import MAIN_METRICS, SCORERS, score
-from vtprune.eval.scoring_choice import extract_choice, first_letter, parse_scienceqa
-from vtprune.eval.scoring_vqa import normalize_gqa_answer, normalize_vqa_answer, vqa_accuracy
-from vtprune.eval.scoring_yesno import parse_mme, parse_yes_no_lenient, parse_yes_no_strict
+from vtprune.eval.benchmarks.samples import Sample
+from vtprune.eval.benchmarks.scoring import MAIN_METRICS, SCORERS, score
+from vtprune.eval.benchmarks.scoring_choice import extract_choice, first_letter, parse_scienceqa
+from vtprune.eval.benchmarks.scoring_vqa import normalize_gqa_answer, normalize_vqa_answer, vqa_accuracy
+from vtprune.eval.benchmarks.scoring_yesno import parse_mme, parse_yes_no_lenient, parse_yes_no_strict
 
 
 def pope(sid, label, split="random"):
@@ -24,7 +24,7 @@ def choice(benchmark, sid, answer, choices, group=None, **meta):
 
 
 def test_registry_matches_readers_and_main_metrics():
-    from vtprune.eval.readers import READERS
+    from vtprune.eval.benchmarks.readers import READERS
 
     assert set(SCORERS) == set(READERS) == set(MAIN_METRICS)
 

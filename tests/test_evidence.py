@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from vtprune.eval.evidence import object_cells, object_token_share
-from vtprune.eval.fidelity import evidence_table
-from vtprune.eval.synthvqa import generate_synthvqa
-from vtprune.eval.tiny_models import load_tiny
+from vtprune.eval.harness.evidence import object_cells, object_token_share
+from vtprune.eval.harness.fidelity import evidence_table
+from vtprune.eval.synthetic.synthvqa import generate_synthvqa
+from vtprune.eval.synthetic.tiny_models import load_tiny
 
 ITEMS = generate_synthvqa(8, seed=0, split="test")
 

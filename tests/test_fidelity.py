@@ -7,8 +7,8 @@ import json
 import pytest
 
 from vtprune.config import method_names
-from vtprune.eval.cli_eval import main as eval_main
-from vtprune.eval.fidelity import fidelity_table, plans
+from vtprune.eval.harness.cli_eval import main as eval_main
+from vtprune.eval.harness.fidelity import fidelity_table, plans
 
 KEEP_ALL = {"layerskip": "layerskip:keep=1"}  # every other method: method:keep=1
 

@@ -1,4 +1,4 @@
-"""FLOPs of full-size configs on the meta device (``vtprune.eval.flops_report``)."""
+"""FLOPs of full-size configs on the meta device (``vtprune.eval.speed.flops_report``)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import doctest
 import pytest
 from transformers import AutoConfig, LlavaConfig
 
-from vtprune.eval import flops_report as fr
-from vtprune.eval.shapes import llava_config
+from vtprune.eval.speed import flops_report as fr
+from vtprune.eval.speed.shapes import llava_config
 from vtprune.flops import attention_flops, decoder_linear_flops
 
 # name -> (architecture, layers, hidden, intermediate, heads, kv heads, vocab, visual tokens per default image),

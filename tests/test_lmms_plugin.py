@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from vtprune.eval.lmms_plugin import MODEL_ID, plan_string
+from vtprune.eval.harness.lmms_plugin import MODEL_ID, plan_string
 
-ENTRY_POINT = f"{MODEL_ID} = vtprune.eval.lmms_plugin:lmms_manifests"
+ENTRY_POINT = f"{MODEL_ID} = vtprune.eval.harness.lmms_plugin:lmms_manifests"
 
 
 def _lmms():
@@ -41,7 +41,7 @@ def test_entry_point_registers_the_model_class(fake_dist):
     from lmms_eval.models.registry_v2 import ModelRegistryV2
 
     eps = [ep for ep in md.entry_points(group="lmms_eval.models") if ep.name == MODEL_ID]
-    assert eps and eps[0].value == "vtprune.eval.lmms_plugin:lmms_manifests"
+    assert eps and eps[0].value == "vtprune.eval.harness.lmms_plugin:lmms_manifests"
     registry = ModelRegistryV2()
     registry.load_entrypoint_manifests()
     cls = registry.get_model_class(MODEL_ID)
@@ -64,11 +64,11 @@ def test_generate_until_and_loglikelihood_on_a_pruned_tiny_model(tmp_path):
     _lmms()
     from lmms_eval.api.instance import Instance
 
-    from vtprune.eval.synthvqa import generate_synthvqa
-    from vtprune.eval.tiny_models import build_tiny, save_tiny
+    from vtprune.eval.synthetic.synthvqa import generate_synthvqa
+    from vtprune.eval.synthetic.tiny_models import build_tiny, save_tiny
 
     save_tiny(*build_tiny("llava", text_layers=2, vision_layers=2), str(tmp_path / "m"))
-    from vtprune.eval.lmms_plugin import VtpruneLlavaHf as cls
+    from vtprune.eval.harness.lmms_plugin import VtpruneLlavaHf as cls
 
     lm = cls.create_from_arg_string(
         f"pretrained={tmp_path / 'm'},method=pdrop,keep=0.75,device=cpu", {"batch_size": 2}

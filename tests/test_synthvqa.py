@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from vtprune.eval.synthvqa import (
+from vtprune.eval.synthetic.synthvqa import (
     ANSWER_SPACE,
     AUX_QTYPES,
     QTYPES,
@@ -17,7 +17,7 @@ from vtprune.eval.synthvqa import (
     score_synthvqa,
     write_synthvqa,
 )
-from vtprune.eval.synthvqa_scenes import COLOURS, SHAPES
+from vtprune.eval.synthetic.synthvqa_scenes import COLOURS, SHAPES
 
 
 def _find(objects, colour, shape):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
 
-from vtprune.eval.synthvqa import build_prompt, build_target, generate_synthvqa, score_synthvqa
-from vtprune.eval.tiny_models import asset_dir, build_tiny, num_image_tokens
-from vtprune.eval.train_tiny import make_batch, predict
+from vtprune.eval.synthetic.synthvqa import build_prompt, build_target, generate_synthvqa, score_synthvqa
+from vtprune.eval.synthetic.tiny_models import asset_dir, build_tiny, num_image_tokens
+from vtprune.eval.synthetic.train_tiny import make_batch, predict
 
 CLASSES = {"llava": LlavaForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}
 VISUAL_TOKENS = {"llava": 144, "qwen2_vl": 64}
@@ -86,7 +86,7 @@ def test_packed_training_batch_equals_single_prompts(arch):
 
 @pytest.mark.parametrize("side", [12, 8])
 def test_scene_token_labels_mark_the_whole_cell(side):
-    from vtprune.eval.train_aux import scene_token_labels
+    from vtprune.eval.synthetic.train_aux import scene_token_labels
 
     item = {"objects": [{"colour": "blue", "shape": "cross", "row": 1, "col": 2}]}
     labels = scene_token_labels([item], side).reshape(side, side, 4)
@@ -100,7 +100,7 @@ def test_scene_token_labels_mark_the_whole_cell(side):
 
 
 def test_answer_focus_and_attention_probe_on_a_packed_batch():
-    from vtprune.eval.train_aux import AnswerAttentionProbe, answer_focus
+    from vtprune.eval.synthetic.train_aux import AnswerAttentionProbe, answer_focus
 
     model, processor = build_tiny("qwen2_vl", seed=0)
     items = generate_synthvqa(2, seed=4, split="train", questions_per_image=3)
@@ -140,7 +140,7 @@ def test_training_resumes_exactly_after_an_interrupt(tmp_path, monkeypatch):
     """An interrupted ``train`` picks up from its last checkpoint and ends with the same weights."""
     from safetensors.torch import load_file
 
-    import vtprune.eval.train_tiny as tt
+    import vtprune.eval.synthetic.train_tiny as tt
 
     opts = dict(steps=4, batch_size=2, questions_per_image=2, ckpt_every=2, eval_n=4, threads=1)
     tt.train("qwen2_vl", str(tmp_path / "whole"), **opts)
@@ -184,7 +184,7 @@ class _Payload:
 def test_training_refuses_a_checkpoint_that_is_not_plain_weights(tmp_path):
     """Resume unpickles with ``weights_only=True``: a checkpoint holding any other object is refused
     before anything in it runs."""
-    import vtprune.eval.train_tiny as tt
+    import vtprune.eval.synthetic.train_tiny as tt
 
     mark = tmp_path / "ran"
     ckpt = tmp_path / "run" / tt.CKPT_NAME

@@ -287,8 +287,8 @@ def test_mustdrop_keep_moves_default_stages_earlier_on_shallow_models():
 def test_mustdrop_keep_counts_the_vision_merge_on_trained_models(arch):
     """On real scenes the window merge removes many background tokens before the LLM; with ``keep``
     the prefill stages re-solve their budgets per row so the layer average still hits the target."""
-    from vtprune.eval.synthvqa import build_prompt, generate_synthvqa
-    from vtprune.eval.tiny_models import load_tiny
+    from vtprune.eval.synthetic.synthvqa import build_prompt, generate_synthvqa
+    from vtprune.eval.synthetic.tiny_models import load_tiny
 
     model, processor = load_tiny(arch)
     items = generate_synthvqa(4, seed=0, split="test")

@@ -384,7 +384,7 @@ def _onevision_config(crop: int = 20, **text_kw):
 
 def llava_shaped(layers: int = 32, seed: int = 0):
     """LLaVA-1.5 token geometry (336 px / 14 = 576 visual tokens, 32 layers) at a tiny width."""
-    from vtprune.eval.shapes import llava_config
+    from vtprune.eval.speed.shapes import llava_config
 
     torch.manual_seed(seed)
     cfg = llava_config(

@@ -19,7 +19,7 @@ def _demo(args) -> None:
 
 
 def _flops(args) -> None:
-    from vtprune.eval.flops_report import flops_report, format_flops_table
+    from vtprune.eval.speed.flops_report import flops_report, format_flops_table
 
     print(
         format_flops_table(
@@ -47,7 +47,7 @@ def _split_plans(text: str) -> list[str]:
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the benchmark has its own option parser: hand it everything
-        from vtprune.eval.bench_prefill import main as bench_main
+        from vtprune.eval.speed.bench_prefill import main as bench_main
 
         bench_main(argv[1:])
         return
@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     d.add_argument("--n", type=int, default=32, help="held-out questions for the accuracy column")
     d.add_argument("--repeats", type=int, default=5, help="timed prefill rounds (median reported)")
     d.set_defaults(fn=_demo)
-    from vtprune.eval.cli_eval import add_eval_parser
+    from vtprune.eval.harness.cli_eval import add_eval_parser
 
     add_eval_parser(sub)
     sub.add_parser("bench", help="prefill benchmark (options: vtprune bench -h)")

@@ -37,20 +37,20 @@ def load_default(arch: str = "llava"):
     """The tiny trained checkpoint shipped in ``vtprune/assets``: ``(model, processor, source)``."""
     import os
 
-    from vtprune.eval.tiny_models import asset_dir, load_tiny
+    from vtprune.eval.synthetic.tiny_models import asset_dir, load_tiny
 
     path = asset_dir(arch)
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         raise FileNotFoundError(
             f"the embedded tiny {arch} checkpoint is missing from {path}; reinstall vtprune or retrain it "
-            f"with: python -m vtprune.eval.train_tiny --arch {arch} --out {path}"
+            f"with: python -m vtprune.eval.synthetic.train_tiny --arch {arch} --out {path}"
         )
     model, processor = load_tiny(arch)
     return model, processor, f"shipped checkpoint {path}"
 
 
 def _encode(processor, items, arch: str):
-    from vtprune.eval.synthvqa import build_prompt
+    from vtprune.eval.synthetic.synthvqa import build_prompt
 
     processor.tokenizer.padding_side = "left"
     return processor(
@@ -97,12 +97,12 @@ def run_demo(
 ) -> list[dict]:
     """Compare the unpruned model with each method at ``keep`` on ``n`` held-out questions.
 
-    Prefill time is taken as the prefill benchmark takes it (:func:`vtprune.eval.bench_prefill.time_plans`):
+    Prefill time is taken as the prefill benchmark takes it (:func:`vtprune.eval.speed.bench_prefill.time_plans`):
     a warm-up run of each plan, then ``repeats`` rounds in which every plan runs between two
     runs of the unpruned model; time saved is ``1 - 1 / median paired speedup``.
     """
-    from vtprune.eval.bench_prefill import time_plans
-    from vtprune.eval.synthvqa import generate_synthvqa, score_synthvqa
+    from vtprune.eval.speed.bench_prefill import time_plans
+    from vtprune.eval.synthetic.synthvqa import generate_synthvqa, score_synthvqa
 
     if repeats < 1:
         raise ValueError(f"demo: repeats must be at least 1, got {repeats}")
