@@ -38,6 +38,8 @@ MODULES = [
     "vtprune.eval.speed.bench_prefill",
     "vtprune.eval.speed.bench_gemm",
     "vtprune.eval.harness.evidence",
+    "vtprune.eval.harness.fidelity",
+    "vtprune.eval.synthetic.tiny_models",
     "vtprune.eval.harness.reports",
     "vtprune.eval.speed.flops_report",
     "vtprune.eval.speed.shapes",

@@ -27,12 +27,17 @@ from vtprune.eval.synthetic.tiny_models import load_tiny
 from .cli_eval import main as eval_main
 from .evidence import object_token_share
 
-__all__ = ["evidence_table", "fidelity_table", "plans", "run"]
+__all__ = ["evidence_table", "fidelity_table", "plans", "run", "twin_table"]
 
 EVIDENCE_ITEMS = 80  # scenes for the kept-on-objects diagnostic (the first held-out ones)
 
 KEEPS = (0.5, 0.25, 0.11)
-MODELS = {"llava": "tiny LLaVA-1.5 architecture", "qwen2_vl": "tiny Qwen2-VL architecture"}
+MODELS = {
+    "llava": "tiny LLaVA-1.5 architecture",
+    "qwen2_vl": "tiny Qwen2-VL architecture",
+    "llava_noattn": "tiny LLaVA-1.5 architecture trained without the answer-attention loss (the twin)",
+}
+TWINS = ("llava", "llava_noattn")  # the same model trained with and without the attention loss
 
 
 def plans(methods: list[str], keeps: list[float]) -> list[str]:
@@ -75,6 +80,41 @@ def fidelity_table(results: dict, methods: list[str], keeps: list[float]) -> str
     return "\n".join(lines) + "\n"
 
 
+def twin_table(task_a: dict, task_b: dict, methods: list[str], keeps: list[float]) -> str:
+    """Markdown: accuracy kept of every method on two models side by side (``a / b`` per keep), the
+    method's rank among all methods at that keep on each model in brackets (1 = best).
+
+    Example:
+        >>> t = lambda v: {"m:keep=0.5": {"accuracy_kept": v}, "n:keep=0.5": {"accuracy_kept": 0.5}}
+        >>> print(twin_table(t(0.9), t(0.4), ["m", "n"], [0.5]).splitlines()[2])
+        | m | 90.0% (1) / 40.0% (2) |
+    """
+
+    def ranks(task: dict, k: float) -> dict[str, int]:
+        kept = {m: task[f"{m}:keep={k:g}"]["accuracy_kept"] for m in methods if f"{m}:keep={k:g}" in task}
+        order = sorted(kept, key=lambda m: -kept[m])
+        return {m: order.index(m) + 1 for m in kept}
+
+    rank_a = {k: ranks(task_a, k) for k in keeps}
+    rank_b = {k: ranks(task_b, k) for k in keeps}
+    lines = [
+        "| method | " + " | ".join(f"keep {k:.0%}" for k in keeps) + " |",
+        "|---" * (len(keeps) + 1) + "|",
+    ]
+    for m in methods:
+        cells = []
+        for k in keeps:
+            a, b = task_a.get(f"{m}:keep={k:g}"), task_b.get(f"{m}:keep={k:g}")
+            if a is None or b is None:
+                cells.append("-")
+                continue
+            cells.append(
+                f"{100 * a['accuracy_kept']:.1f}% ({rank_a[k][m]}) / {100 * b['accuracy_kept']:.1f}% ({rank_b[k][m]})"
+            )
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def evidence_table(shares: dict[str, dict | None], methods: list[str], keeps: list[float]) -> str:
     """Markdown: per method and keep, the share of finally kept visual tokens that lie on objects and the
     share of objects that keep at least one token."""
@@ -112,7 +152,7 @@ def object_shares(arch: str, plan_names: list[str], folder: Path) -> dict[str, d
 def run(out: str, limit: int = 400, models=tuple(MODELS), keeps=KEEPS, batch_size: int = 16) -> str:
     """Evaluate every plan on each shipped tiny model into ``out/<model>/``; write ``out/README.md``."""
     methods = method_names()
-    sections = []
+    sections, tasks = [], {}
     for arch in models:
         folder = Path(out) / arch
         args = ["--model", arch, "--tasks", "synthvqa", "--limit", str(limit), "--output", str(folder)]
@@ -120,6 +160,7 @@ def run(out: str, limit: int = 400, models=tuple(MODELS), keeps=KEEPS, batch_siz
         args += ["--batch-size", str(batch_size), "--max-new-tokens", "3"]
         eval_main(args)
         results = json.loads((folder / "results.json").read_text())
+        tasks[arch] = results["tasks"]["synthvqa"]["plans"]
         shares = object_shares(arch, plans(methods, list(keeps)), folder)
         sections.append(
             f"## {MODELS[arch]} (`vtprune/assets/`, {results['tasks']['synthvqa']['n_samples']} held-out "
@@ -128,6 +169,19 @@ def run(out: str, limit: int = 400, models=tuple(MODELS), keeps=KEEPS, batch_siz
             + fidelity_table(results, methods, list(keeps))
             + "\n"
             + evidence_table(shares, methods, list(keeps))
+        )
+    if all(t in tasks for t in TWINS):
+        a, b = (tasks[t] for t in TWINS)
+        sections.insert(
+            0,
+            "## The two tiny LLaVA models side by side\n\n"
+            "The same architecture, data, seed and recipe; `llava` was trained with the answer-attention "
+            "loss at decoder layer 3 (held-out accuracy "
+            f"{a['baseline']['main_score']:.3f}), `llava_noattn` without it ({b['baseline']['main_score']:.3f}). "
+            "Cells: accuracy kept on `llava` / on `llava_noattn`, each with the method's rank among all "
+            "methods at that keep on that model (1 = best). A ranking that holds on one model only is a "
+            "property of how the model was trained, not of the method.\n\n"
+            + twin_table(a, b, methods, list(keeps)),
         )
     text = (
         "# Offline fidelity benchmark: accuracy kept vs equivalent tokens\n\n"
@@ -159,7 +213,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--limit", type=int, default=400, help="held-out questions per model")
-    ap.add_argument("--models", default="llava,qwen2_vl")
+    ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
     run(args.out, args.limit, tuple(args.models.split(",")), batch_size=args.batch_size)

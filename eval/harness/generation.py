@@ -31,12 +31,12 @@ def model_source(model) -> str:
         >>> model_source("/no/such/llava")
         Traceback (most recent call last):
         ...
-        FileNotFoundError: no such folder or hub id: '/no/such/llava' (a folder with the model's config.json, a hub id 'org/name', or a shipped tiny model: llava, qwen2_vl)
+        FileNotFoundError: no such folder or hub id: '/no/such/llava' (a folder with the model's config.json, a hub id 'org/name', or a shipped tiny model: llava, qwen2_vl, llava_noattn)
     """
-    from vtprune.eval.synthetic.tiny_models import ARCHS, asset_dir
+    from vtprune.eval.synthetic.tiny_models import ASSET_NAMES, asset_dir
 
     text = str(model)
-    if text in ARCHS:
+    if text in ASSET_NAMES:
         return asset_dir(text)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -45,7 +45,7 @@ def model_source(model) -> str:
         return text
     raise FileNotFoundError(
         f"no such folder or hub id: {text!r} (a folder with the model's config.json, a hub id "
-        f"'org/name', or a shipped tiny model: {', '.join(ARCHS)})"
+        f"'org/name', or a shipped tiny model: {', '.join(ASSET_NAMES)})"
     )
 
 

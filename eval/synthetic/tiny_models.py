@@ -59,7 +59,13 @@ __all__ = [
     "save_tiny",
 ]
 
-ASSET_NAMES = {"llava": "tiny-llava-synthvqa", "qwen2_vl": "tiny-qwen2vl-synthvqa"}
+# shipped checkpoints by name; "llava_noattn" is the tiny LLaVA's twin trained without the
+# answer-attention loss (same architecture and prompt as "llava")
+ASSET_NAMES = {
+    "llava": "tiny-llava-synthvqa",
+    "qwen2_vl": "tiny-qwen2vl-synthvqa",
+    "llava_noattn": "tiny-llava-synthvqa-noattn",
+}
 
 # Sizes chosen for ~20 minutes of CPU training each and checkpoints of a few MB (float32).
 DEFAULT_SIZES: dict[str, dict] = {
@@ -352,25 +358,30 @@ def save_tiny(model, processor, out_dir: str) -> None:
     processor.save_pretrained(out_dir)
 
 
-def asset_dir(arch: str) -> str:
-    """Folder of the shipped trained checkpoint for ``arch`` (inside the installed vtprune package).
+def asset_dir(name: str) -> str:
+    """Folder of the shipped trained checkpoint ``name`` (a key of ``ASSET_NAMES``) inside the
+    installed vtprune package.
 
     Example:
         >>> os.path.basename(asset_dir("llava"))
         'tiny-llava-synthvqa'
+        >>> os.path.basename(asset_dir("llava_noattn"))
+        'tiny-llava-synthvqa-noattn'
     """
-    return str(resources.files("vtprune") / "assets" / ASSET_NAMES[_arch(arch)])
+    if name not in ASSET_NAMES:
+        raise ValueError(f"shipped tiny models: {', '.join(ASSET_NAMES)}; got {name!r}")
+    return str(resources.files("vtprune") / "assets" / ASSET_NAMES[name])
 
 
 def load_tiny(arch_or_dir: str, dtype: torch.dtype = torch.float32):
-    """Load a shipped (``"llava"`` / ``"qwen2_vl"``) or saved tiny model: ``(model.eval(), processor)``.
+    """Load a shipped (a key of ``ASSET_NAMES``) or saved tiny model: ``(model.eval(), processor)``.
 
     Example:
         >>> model, processor = load_tiny("qwen2_vl")  # doctest: +SKIP
     """
     from transformers import AutoConfig, AutoProcessor
 
-    path = asset_dir(arch_or_dir) if arch_or_dir in ARCHS else arch_or_dir
+    path = asset_dir(arch_or_dir) if arch_or_dir in ASSET_NAMES else arch_or_dir
     config = AutoConfig.from_pretrained(path)
     cls = LlavaForConditionalGeneration if config.model_type == "llava" else Qwen2VLForConditionalGeneration
     model = cls.from_pretrained(path, dtype=dtype)
