@@ -201,7 +201,14 @@ def run(out: str, limit: int = 400, models=tuple(MODELS), keeps=KEEPS, batch_siz
         "language model sees them, while random and uniform selection keep a token of every object. On the\n"
         "tiny Qwen2-VL (substitute score, no CLS token) the same two methods find and cover the objects. Read\n"
         "the CLS-attention rows of the tiny LLaVA as "
-        "a property of that model, not of the methods.\n\n" + "\n\n".join(sections)
+        "a property of that model, not of the methods.\n\n"
+        "`llava_noattn` is that tiny LLaVA's twin, trained the same way but without the answer-attention\n"
+        "loss (`--attn-weight 0`; see `vtprune/assets/tiny-llava-synthvqa-noattn/README.md`): a weaker model\n"
+        "(its unpruned accuracy is in its table), so its accuracy-kept ratios sit on a smaller margin above\n"
+        "chance. The first table puts the two side by side with each method's rank. `temporal` is a video\n"
+        "method: on these still images it keeps the `uniform` lattice by design, so its rows equal\n"
+        "`uniform`'s. `flowcut` prunes inside the vision tower, so its token counts are those reaching the\n"
+        "language model and its tower runs on fewer tokens too.\n\n" + "\n\n".join(sections)
     )
     path = Path(out) / "README.md"
     path.write_text(text)
