@@ -170,6 +170,7 @@ def onevision_pixels(cfg, sizes, gen) -> dict:
 def qwen3_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, deepstack=(0, 1, 2), **text_kw):
     """Tiny Qwen3-VL: 3 tower blocks, each feeding DeepStack by default (so features are added
     after decoder layers 0, 1 and 2, as on the released models), interleaved M-RoPE."""
+    torch.manual_seed(seed)  # the weights must not depend on whatever ran before (module-scoped fixtures)
     rope = {
         "rope_type": "default",
         "rope_theta": 10000.0,
