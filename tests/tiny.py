@@ -120,24 +120,29 @@ def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, tower_depth
     return _finish(Qwen2VLForConditionalGeneration(cfg).to(dtype), attn)
 
 
+def _qwen_tower(**extra) -> dict:
+    """The tiny 3-block tower of the Qwen2.5-VL / Qwen3-VL configs (4 px patches, 2x2 merge,
+    2-frame tubelets), plus each family's own fields."""
+    return dict(
+        depth=3,
+        hidden_size=32,
+        intermediate_size=64,
+        out_hidden_size=64,
+        num_heads=2,
+        patch_size=4,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        **extra,
+    )
+
+
 def qwen2_5_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, fullatt=(1,), **text_kw):
     """Tiny Qwen2.5-VL: 3 tower blocks, window attention except ``fullatt`` (default block 1, so
     the last block is a window block), windows of 2x2 merge units (16 px / 4 px patches / merge 2)."""
     torch.manual_seed(seed)
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
     cfg = Qwen2_5_VLConfig(
-        vision_config=dict(
-            depth=3,
-            hidden_size=32,
-            intermediate_size=64,
-            out_hidden_size=64,
-            num_heads=2,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=16,
-            fullatt_block_indexes=list(fullatt),
-        ),
+        vision_config=_qwen_tower(window_size=16, fullatt_block_indexes=list(fullatt)),
         text_config=_text(rope_parameters=rope, **text_kw),
         image_token_id=IMAGE,
         video_token_id=VIDEO,
@@ -178,18 +183,7 @@ def qwen3_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, deepstack=(
         "mrope_interleaved": True,
     }
     cfg = Qwen3VLConfig(
-        vision_config=dict(
-            depth=3,
-            hidden_size=32,
-            intermediate_size=64,
-            out_hidden_size=64,
-            num_heads=2,
-            patch_size=4,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            num_position_embeddings=16,
-            deepstack_visual_indexes=list(deepstack),
-        ),
+        vision_config=_qwen_tower(num_position_embeddings=16, deepstack_visual_indexes=list(deepstack)),
         text_config=_text(rope_parameters=rope, head_dim=16, **text_kw),
         image_token_id=IMAGE,
         video_token_id=VIDEO,

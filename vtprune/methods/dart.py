@@ -43,9 +43,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.config import MethodConfig, ModelInfo, check_choice, check_fraction, check_int, register_method
+from vtprune.config import MethodConfig, ModelInfo, check_choice, check_int, register_method
 from vtprune.diversity import pivot_deduplication
-from vtprune.methods.fastv import resolve_layer_ratio
+from vtprune.methods.fastv import resolve_layer_ratio, validate_layer_ratio
 from vtprune.scoring import apply_rope
 from vtprune.selection import count_for_fraction
 from vtprune.stages import PrefillContext, PrefillStage
@@ -82,12 +82,7 @@ class DART(MethodConfig):
     pivot_score: str = "k_norm"
 
     def validate(self) -> None:
-        if self.layer is not None:
-            check_int(self.name, "layer", self.layer)  # its range depends on the depth: checked at resolve
-        if self.ratio is not None:
-            check_fraction(self.name, "ratio", self.ratio)
-            if self.keep is not None:
-                raise ValueError("dart: give either 'keep' or 'ratio', not both")
+        validate_layer_ratio(self)
         check_int(self.name, "pivot_image", self.pivot_image, minimum=0)
         check_int(self.name, "pivot_text", self.pivot_text, minimum=0)
         if self.pivot_image + self.pivot_text == 0:

@@ -52,12 +52,7 @@ class FastV(MethodConfig):
     score: str = "last"
 
     def validate(self) -> None:
-        if self.layer is not None:
-            check_int(self.name, "layer", self.layer)  # its range depends on the depth: checked at resolve
-        if self.ratio is not None:
-            check_fraction(self.name, "ratio", self.ratio)
-            if self.keep is not None:
-                raise ValueError("fastv: give either 'keep' or 'ratio', not both")
+        validate_layer_ratio(self)
         check_choice(self.name, "score", self.score, ("last", "mean"))
 
     def resolve(self, info: ModelInfo) -> tuple[int, float]:
@@ -88,6 +83,18 @@ class FastVStage(PrefillStage):
         scores = probs.sum(1) / (queries >= 0).sum(1, keepdim=True).clamp(min=1)
         k = count_for_fraction(ctx.visual_in, self.ratio)
         return topk_mask(scores, ctx.visual, k)
+
+
+def validate_layer_ratio(cfg: MethodConfig) -> None:
+    """Check a config's FastV-style ``layer`` / ``ratio`` / ``keep`` options (FastV, DART): ``layer``
+    an integer (its range depends on the depth, checked at resolve), ``ratio`` a fraction, and
+    not both ``keep`` and ``ratio``."""
+    if cfg.layer is not None:
+        check_int(cfg.name, "layer", cfg.layer)
+    if cfg.ratio is not None:
+        check_fraction(cfg.name, "ratio", cfg.ratio)
+        if cfg.keep is not None:
+            raise ValueError(f"{cfg.name}: give either 'keep' or 'ratio', not both")
 
 
 def resolve_layer_ratio(
