@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from vtprune.images import ImageLayout, ImageView, instruction_mask
-from vtprune.recycling import recycle
+from vtprune.recycling import cluster_count, recycle, recycle_clusters
 
 
 @dataclass
@@ -43,6 +43,8 @@ class VisionContext:
     extras: dict = field(default_factory=dict)
     replacements: list = field(default_factory=list)
     protected: list = field(default_factory=list)
+    #: stage key -> ``[(row, positions)]``: the cluster centres ``recycle="clusters"`` added
+    centres: dict = field(default_factory=dict)
     adapter: object = None
     input_ids: torch.Tensor | None = None
     valid: torch.Tensor | None = None
@@ -227,41 +229,79 @@ class VisionStage(Stage):
     def select(self, ctx: VisionContext) -> torch.Tensor:
         """Boolean ``[B, L]`` mask: which visual slots to keep (the images' picks, merges applied)."""
         keep = torch.zeros_like(ctx.visual)
-        views = ctx.views()
-        if self.video_budget == "frame":  # each frame of a video is picked alone, with its own budget
-            views = [part for view in views for part in view.frame_views()]
-        for view in views:
-            out = self.pick(view, self.budget(view))
+        for view in self._views(ctx):
+            budget = self.budget(view)
+            # clusters take their slots out of the budget: the token count stays the same
+            n_clusters = (
+                cluster_count(budget, view.num_tokens - view.num_newlines)
+                if self.recycle == "clusters"
+                else 0
+            )
+            out = self.pick(view, budget - n_clusters if n_clusters else budget)
             out = out if isinstance(out, Pick) else Pick(out)
             pos = view.positions
             kept = out.kept.to(pos.device)
             keep[view.row, pos[kept].to(keep.device)] = True
             for local, vectors in out.replace:
                 ctx.replace(view.row, pos[local.to(pos.device)], vectors)
-            if self.recycle != "none":
+            if self.recycle == "clusters" and n_clusters:
+                centres, means = recycle_clusters(
+                    self._merged(view, out.replace), kept, n_clusters, ~view.newline
+                )
+                at = pos[centres.to(pos.device)]
+                keep[view.row, at.to(keep.device)] = True
+                ctx.replace(view.row, at, means)
+                ctx.centres.setdefault(self.key, []).append((view.row, at))
+            elif self.recycle == "nearest":
                 ctx.replace(view.row, pos[kept], self.recycled(view, kept, out.replace))
             if out.protect is not None:
                 ctx.protect(view.row, pos[out.protect.to(pos.device)])
         return keep
 
-    def recycled(self, view: ImageView, kept: torch.Tensor, merges=()) -> torch.Tensor:
-        """``[k, D]`` new embeddings of the ``kept`` local tokens with the dropped ones folded in
-        (``self.recycle``); the pick's own ``merges`` are applied first. Newlines take no part."""
+    def _views(self, ctx: VisionContext) -> list[ImageView]:
+        """The units :meth:`pick` runs on: the images, or each video frame alone (``"frame"``)."""
+        views = ctx.views()
+        if self.video_budget == "frame":
+            views = [part for view in views for part in view.frame_views()]
+        return views
+
+    @staticmethod
+    def _merged(view: ImageView, merges=()) -> torch.Tensor:
+        """The image's features with the pick's own merges applied."""
         feats = view.features
         if merges:
             feats = feats.clone()
             for local, vectors in merges:
                 feats[local.to(feats.device)] = vectors.to(feats.dtype)
-        return recycle(self.recycle, feats, kept, ~view.newline)
+        return feats
 
-    def recycle_replayed(self, ctx: VisionContext, keep: torch.Tensor) -> None:
+    def recycled(self, view: ImageView, kept: torch.Tensor, merges=()) -> torch.Tensor:
+        """``[k, D]`` new embeddings of the ``kept`` local tokens with the dropped ones folded in
+        (``self.recycle``); the pick's own ``merges`` are applied first. Newlines take no part."""
+        return recycle(self.recycle, self._merged(view, merges), kept, ~view.newline)
+
+    def recycle_replayed(
+        self, ctx: VisionContext, keep: torch.Tensor, centres: torch.Tensor | None = None
+    ) -> None:
         """Redo the recycling for a replayed selection ``keep [B, L]`` (a stage that reads the
         prompt is not recomputed on replay, but its merges must be: they shape the embeddings).
+        ``centres [B, L]`` (``recycle="clusters"``) flags the kept slots that were cluster
+        centres: the rest is the pick, whose dropped tokens are clustered again as before.
         Reads each image's kept count back to the host (replay is not the hot path)."""
-        for view in ctx.views():
+        for view in self._views(ctx):
             pos = view.positions
             kept = torch.nonzero(keep[view.row].to(pos.device)[pos]).flatten()
-            ctx.replace(view.row, pos[kept], self.recycled(view, kept))
+            if self.recycle != "clusters":
+                ctx.replace(view.row, pos[kept], self.recycled(view, kept))
+                continue
+            if centres is None:
+                continue
+            is_centre = centres[view.row].to(pos.device)[pos]
+            picked = torch.nonzero(keep[view.row].to(pos.device)[pos] & ~is_centre).flatten()
+            n_clusters = int(is_centre.sum())
+            if n_clusters:
+                local, means = recycle_clusters(view.features, picked, n_clusters, ~view.newline)
+                ctx.replace(view.row, pos[local.to(pos.device)], means)
 
     def expected_count(self, n_image: int) -> int:
         """Tokens an image of ``n_image`` tokens keeps (for FLOPs without running the model)."""

@@ -8,8 +8,9 @@ kept by default (``protect_newlines``) and count towards that budget, so the 2-D
 the model was trained with survives; the rest of the budget goes to patches, split over the
 image's grids (base image, crop region, video frames) in proportion to their size.
 
-``recycle="nearest"`` folds the dropped tokens into their most similar kept ones instead
-(``vtprune.recycling``).
+``recycle="nearest"`` folds the dropped tokens into their most similar kept ones instead;
+``recycle="clusters"`` spends a tenth of the budget on DPC-kNN cluster means of the dropped
+tokens, placed at their centres (``vtprune.recycling``).
 """
 
 from __future__ import annotations

@@ -73,8 +73,9 @@ class CDPruner(VideoBudget):
             to the last instruction token) or ``"centroid"`` (cosine to the mean instruction
             embedding). HF checkpoints ship no CLIP text tower, so these input-embedding sources
             stand in for the official CLIP-text relevance.
-        recycle: ``"none"`` (default) or ``"nearest"``: fold each dropped token into its most
-            similar kept token (mean of the group; ``vtprune.recycling``).
+        recycle: ``"none"`` (default), ``"nearest"`` (fold each dropped token into its most
+            similar kept token, mean of the group) or ``"clusters"`` (a tenth of the budget goes
+            to DPC-kNN cluster means of the dropped tokens, at their centres; ``vtprune.recycling``).
         per_crop: LLaVA-NeXT only: select within the base image and each crop (budget split by size).
 
     Example:

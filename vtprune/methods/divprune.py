@@ -43,8 +43,9 @@ class DivPrune(VideoBudget):
         keep: kept fraction of each image's tokens (default 0.098, the official ratio).
         per_crop: LLaVA-NeXT only: select within the base image and each crop (budget split by
             size, newline tokens kept) instead of over the whole image sequence.
-        recycle: ``"none"`` (default) or ``"nearest"``: fold each dropped token into its most
-            similar kept token (mean of the group; ``vtprune.recycling``).
+        recycle: ``"none"`` (default), ``"nearest"`` (fold each dropped token into its most
+            similar kept token, mean of the group) or ``"clusters"`` (a tenth of the budget goes
+            to DPC-kNN cluster means of the dropped tokens, at their centres; ``vtprune.recycling``).
 
     Example:
         >>> DivPrune(keep=0.25, per_crop=True).per_crop

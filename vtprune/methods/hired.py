@@ -59,8 +59,9 @@ class HiRED(VideoBudget):
         split_layer: tower layer whose CLS attention splits the budget over crops (default 0).
         select_layer: tower layer whose CLS attention selects tokens (default: the feature layer).
         drop_newlines: drop LLaVA-NeXT row-newline tokens as the official code does.
-        recycle: ``"none"`` (default) or ``"nearest"``: fold each dropped token into its most
-            similar kept token (mean of the group; ``vtprune.recycling``).
+        recycle: ``"none"`` (default), ``"nearest"`` (fold each dropped token into its most
+            similar kept token, mean of the group) or ``"clusters"`` (a tenth of the budget goes
+            to DPC-kNN cluster means of the dropped tokens, at their centres; ``vtprune.recycling``).
 
     Example:
         >>> HiRED(budget=0.2).alpha

@@ -53,8 +53,11 @@ def run_vision_stages(state: RequestState, stages, adapter, base: TokenSet, embe
     )
     keep_vis = base.visual.clone()
     for stage in stages:
-        redo = functools.partial(stage.recycle_replayed, ctx) if stage.recycle != "none" else None
+        redo = (
+            functools.partial(replay_recycling, state, stage, ctx, base) if stage.recycle != "none" else None
+        )
         keep_vis &= select(state, stage, base, functools.partial(stage.select, ctx), redo)
+        record_centres(state, stage, ctx, base)
     keep = keep_mask(base, keep_vis)
     if ctx.protected:
         table = torch.zeros_like(base.visual)
@@ -79,6 +82,30 @@ def run_vision_stages(state: RequestState, stages, adapter, base: TokenSet, embe
     kwargs["position_ids"] = gather_seq(pos, slots, dim=pos.dim() - 1)
     kwargs["attention_mask"] = new.valid.long()
     kwargs["inputs_embeds"] = gather_seq(embeds, slots, present)
+
+
+def record_centres(state: RequestState, stage, ctx: VisionContext, base: TokenSet) -> None:
+    """Remember the cluster centres a vision stage added (``recycle="clusters"``) under
+    ``KEY:centres`` (original positions per row), so a replay can tell them from the pick."""
+    added = ctx.centres.pop(stage.key, None)
+    if not added:
+        return
+    rows = [torch.zeros(0, dtype=torch.long)] * base.orig_index.shape[0]
+    for row, positions in added:
+        found = base.orig_index[row][positions.to(base.orig_index.device)].cpu()
+        rows[row] = torch.cat([rows[row], found]).sort().values
+    state.selections[f"{stage.key}:centres"] = rows
+    # the stage's own kept set stays the last entry (readers take the last as the final set)
+    state.selections[stage.key] = state.selections.pop(stage.key)
+
+
+def replay_recycling(
+    state: RequestState, stage, ctx: VisionContext, base: TokenSet, keep: torch.Tensor
+) -> None:
+    """Redo a replayed vision stage's recycling (its recorded cluster centres, if any, included)."""
+    rows = REPLAY.get().get(f"{stage.key}:centres")
+    centres = None if rows is None else replayed_keep(rows, base, state.orig_len)
+    stage.recycle_replayed(ctx, keep, centres)
 
 
 def prefill_layer(state: RequestState, stages, adapter, i: int, args, kwargs, keep_input: bool = False):
