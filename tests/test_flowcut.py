@@ -133,7 +133,7 @@ def test_images_of_one_batch_keep_their_own_counts(llava):
 # -- LLaVA-1.5 geometry: keep target and FLOPs ----------------------------------------------------
 @pytest.fixture(scope="module")
 def shaped():
-    from vtprune.eval.shapes import llava_config
+    from vtprune.eval.speed.shapes import llava_config
 
     torch.manual_seed(0)
     cfg = llava_config(
