@@ -57,8 +57,9 @@ def main(argv=None) -> None:
     d.add_argument(
         "--model",
         default="llava",
-        choices=("llava", "qwen2_vl"),
-        help="a shipped tiny model (for a folder or hub id use vtprune eval --model)",
+        choices=("llava", "qwen2_vl", "llava_noattn"),
+        help="a shipped tiny model (llava_noattn: the tiny LLaVA trained without the answer-attention "
+        "loss; for a folder or hub id use vtprune eval --model)",
     )
     d.add_argument("--keep", type=float, default=0.5)
     d.add_argument("--methods", default=None, help="comma-separated (default: every method)")

@@ -43,7 +43,7 @@ def load_default(arch: str = "llava"):
     if not os.path.exists(os.path.join(path, "model.safetensors")):
         raise FileNotFoundError(
             f"the embedded tiny {arch} checkpoint is missing from {path}; reinstall vtprune or retrain it "
-            f"with: python -m vtprune.eval.synthetic.train_tiny --arch {arch} --out {path}"
+            f"with the command in its README (python -m vtprune.eval.synthetic.train_tiny ... --out {path})"
         )
     model, processor = load_tiny(arch)
     return model, processor, f"shipped checkpoint {path}"
@@ -108,6 +108,7 @@ def run_demo(
         raise ValueError(f"demo: repeats must be at least 1, got {repeats}")
     methods = methods or DEFAULT_METHODS
     model, processor, source = load_default(arch)
+    arch = "qwen2_vl" if model.config.model_type == "qwen2_vl" else "llava"  # the prompt format
     items = generate_synthvqa(n, seed=seed, split="demo")
     enc = _encode(processor, items, arch)
     one = _encode(processor, items[:1], arch)
