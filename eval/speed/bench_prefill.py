@@ -43,6 +43,125 @@ def build_model(width: int, layers: int, seed: int = 0):
     return model
 
 
+# Qwen2.5-VL-shaped model: token ids inside the small vocabulary (the real ones are ~151k)
+QWEN_VSTART, QWEN_VEND, QWEN_IMAGE, QWEN_VIDEO = 995, 996, 997, 998
+QWEN_PATCH, QWEN_MERGE, QWEN_TUBELET = 14, 2, 2
+QWEN_IMAGE_GRID = (32, 32)  # patches of one 448x448 image: 256 visual tokens after the 2x2 merge
+QWEN_FRAME_GRID = (16, 16)  # patches of one 224x224 frame: 64 visual tokens per 2-frame tubelet
+
+
+def qwen2_5_vl_config(width: int, layers: int, vocab: int = 1000):
+    """Qwen2.5-VL-7B's decoder shape at a reduced width, with a small vision tower (random weights).
+
+    Head dim 128 (``width`` if smaller), ``width / 128`` query heads and 4/28 as many KV heads
+    (at least one): the 7B's grouped-query attention scaled down (7:1 becomes 8:1 at width 1024).
+    The MLP keeps the 7B's 18944/3584 ratio and the M-RoPE sections its 16/24/24 split of half a
+    head. The tower keeps the real patch (14 px), 2x2 merge, 2-frame tubelets and window
+    attention with one full-attention block, but is 4 blocks of width 64: it runs inside every
+    prefill (its time is part of what is measured) without being what is measured.
+
+    Example:
+        >>> cfg = qwen2_5_vl_config(1024, 16)
+        >>> t = cfg.text_config
+        >>> t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.intermediate_size
+        (8, 1, 128, 5412)
+    """
+    from transformers import Qwen2_5_VLConfig
+
+    head_dim = min(128, width)
+    heads = width // head_dim
+    rope = {
+        "rope_type": "default",
+        "rope_theta": 1000000.0,
+        "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16],
+    }
+    text = dict(
+        vocab_size=vocab,
+        hidden_size=width,
+        intermediate_size=int(width * 18944 / 3584),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, round(heads * 4 / 28)),
+        head_dim=head_dim,
+        max_position_embeddings=32768,
+        rope_parameters=rope,
+        bos_token_id=1,  # the real ids lie outside the small vocabulary
+        eos_token_id=2,
+    )
+    vision = dict(
+        depth=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_heads=2,
+        out_hidden_size=width,
+        patch_size=QWEN_PATCH,
+        spatial_merge_size=QWEN_MERGE,
+        temporal_patch_size=QWEN_TUBELET,
+        window_size=112,
+        fullatt_block_indexes=[3],
+        tokens_per_second=2,
+    )
+    return Qwen2_5_VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=QWEN_IMAGE,
+        video_token_id=QWEN_VIDEO,
+        vision_start_token_id=QWEN_VSTART,
+        vision_end_token_id=QWEN_VEND,
+    )
+
+
+def build_qwen_model(width: int, layers: int, seed: int = 0):
+    """A ``Qwen2_5_VLForConditionalGeneration`` of :func:`qwen2_5_vl_config` (random weights, SDPA)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(width, layers)).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def build_qwen_inputs(batch: int, media: str, frames: int = 16, text_tokens: int = 64, seed: int = 0) -> dict:
+    """Processor-like kwargs for ``batch`` rows of one 448x448 image (``media="image"``, 256 tokens)
+    or one clip of ``frames`` 224x224 frames (``"video"``, 64 tokens per 2-frame tubelet): the
+    visual tokens between vision start / end tokens after 5 text tokens, ``text_tokens`` text tokens
+    in all, ``mm_token_type_ids`` 1 for image and 2 for video tokens, and for a clip the
+    ``second_per_grid_ts`` the processor gives at its default 2 fps (1 s per tubelet)."""
+    if media not in ("image", "video"):
+        raise ValueError(f"--media must be 'image' or 'video', got {media!r}")
+    if media == "video" and (frames < QWEN_TUBELET or frames % QWEN_TUBELET):
+        raise ValueError(
+            f"--frames must be a positive multiple of {QWEN_TUBELET} (2-frame tubelets), got {frames}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    h, w = QWEN_IMAGE_GRID if media == "image" else QWEN_FRAME_GRID
+    t = 1 if media == "image" else frames // QWEN_TUBELET
+    n_visual = t * h * w // QWEN_MERGE**2
+    token = QWEN_IMAGE if media == "image" else QWEN_VIDEO
+    pre = torch.randint(3, 900, (batch, 5), generator=gen)
+    post = torch.randint(3, 900, (batch, text_tokens - 7), generator=gen)
+    ids = torch.cat(
+        [
+            pre,
+            torch.full((batch, 1), QWEN_VSTART),
+            torch.full((batch, n_visual), token),
+            torch.full((batch, 1), QWEN_VEND),
+            post,
+        ],
+        1,
+    )
+    patch_dim = 3 * QWEN_TUBELET * QWEN_PATCH**2
+    pixels = torch.randn(batch * t * h * w, patch_dim, generator=gen)
+    grid = torch.tensor([[t, h, w]] * batch)
+    kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    kw["mm_token_type_ids"] = ((ids == QWEN_IMAGE).int() + 2 * (ids == QWEN_VIDEO).int()).int()
+    if media == "image":
+        kw.update(pixel_values=pixels, image_grid_thw=grid)
+    else:
+        kw.update(pixel_values_videos=pixels, video_grid_thw=grid, second_per_grid_ts=torch.ones(batch))
+    return kw
+
+
 def build_inputs(batch: int, text_tokens: int = 64, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     pre = torch.randint(3, 900, (batch, 5), generator=gen)
@@ -63,12 +182,17 @@ def _prefill(model, kw):
 def measure(model, kw, plans: list[str], repeats: int, warmup: int, baseline_every: int = 4) -> dict:
     """Interleaved, paired timing of every plan (:func:`time_plans`); FLOPs and token counts of each."""
     counts = {}
+    n_visual = _visual_tokens(model, kw)
     for p in plans:
         _apply(model, p)
         flops, _ = count_flops(_prefill, model, kw)
         st = vtprune.stats(model) if p != "baseline" else None
-        n_text = kw["input_ids"].shape[1] - 576
-        per_layer = st.visual_tokens_per_layer if st else [576.0] * model.config.text_config.num_hidden_layers
+        n_text = kw["input_ids"].shape[1] - n_visual
+        per_layer = (
+            st.visual_tokens_per_layer
+            if st
+            else [float(n_visual)] * model.config.text_config.num_hidden_layers
+        )
         attn = attention_flops(model.config.text_config, [n + n_text for n in per_layer]) / 2  # causal half
         counts[p] = dict(
             counted_flops=flops,
@@ -83,6 +207,14 @@ def measure(model, kw, plans: list[str], repeats: int, warmup: int, baseline_eve
         r["flops_speedup"] = base_f / (r["counted_flops"] + r["attention_flops"])
         r["share_of_allowed"] = r["measured_speedup"] / r["flops_speedup"]
     return results
+
+
+def _visual_tokens(model, kw) -> int:
+    """Image and video placeholder tokens in the first row (every row has the same count here):
+    576 on the LLaVA model, 256 or ``8 * 64`` on the Qwen2.5-VL one."""
+    ids = kw["input_ids"][0]
+    marks = [getattr(model.config, k, None) for k in ("image_token_id", "video_token_id")]
+    return int(sum((ids == m).sum() for m in marks if m is not None))
 
 
 def time_plans(model, kw, plans: list[str], repeats: int, warmup: int, baseline_every: int = 4) -> dict:
@@ -139,10 +271,15 @@ def _time_plan(model, kw, plan: str, results: dict) -> float:
 
 
 def markdown(report: dict) -> str:
+    model = (
+        _qwen_model_line(report)
+        if report.get("arch") == "qwen2_5_vl"
+        else f"Model: LLaVA-1.5 geometry (576 visual tokens, {report['layers']} layers), width {report['width']}, "
+    )
     lines = [
         f"# Prefill benchmark ({report['machine']})",
         "",
-        f"Model: LLaVA-1.5 geometry (576 visual tokens, {report['layers']} layers), width {report['width']}, "
+        f"{model}"
         f"random weights; threads={report['threads']}, OMP_WAIT_POLICY={report['omp_wait_policy']}; "
         f"{report['repeats']} interleaved repeats after {report['warmup']} warm-up runs; the baseline is "
         f"re-timed around every {report['baseline_every']} plans.",
@@ -166,7 +303,48 @@ def markdown(report: dict) -> str:
         "FLOPs-allowed speedup = (counted matmul FLOPs + causal attention FLOPs by formula) of the unpruned "
         "prefill / the same for the plan; `torch.utils.flop_counter` does not count CPU SDPA kernels, hence the formula.",
     ]
+    if report.get("arch") == "qwen2_5_vl":
+        lines += [
+            "",
+            f"The vision tower runs in every prefill, pruned or not: alone it takes {report['tower_s']:.3f} s "
+            f"(median of {report['repeats']}, batch {min(report['results'])}), part of every prefill time above; "
+            "its matmuls are in the counted FLOPs, its attention is not (the same for every plan). The decoder's "
+            "grouped-query attention is counted with its query heads: KV heads change only the k/v projections, "
+            "which the counter measures.",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def _qwen_model_line(report: dict) -> str:
+    media = (
+        "one 448x448 image (32x32 patches, 256 visual tokens)"
+        if report["media"] == "image"
+        else f"a {report['frames']}-frame clip of 224x224 frames (64 visual tokens per 2-frame tubelet, "
+        f"{report['frames'] // QWEN_TUBELET * 64} in all)"
+    )
+    t = report["text_config"]
+    return (
+        f"Model: Qwen2.5-VL-7B decoder shape (`Qwen2_5_VLForConditionalGeneration`) at width {report['width']}, "
+        f"{report['layers']} layers, {t['heads']} query / {t['kv_heads']} KV heads of dim {t['head_dim']}, "
+        f"MLP {t['intermediate']}; a 4-block, width-64 vision tower; input {media} and 64 text tokens; "
+    )
+
+
+def _time_tower(model, kw, repeats: int) -> float:
+    """Median time of the vision tower alone on the inputs' pixels (it is part of every prefill)."""
+    visual = model.model.visual
+    if "pixel_values" in kw:
+        pixels, grid = kw["pixel_values"], kw["image_grid_thw"]
+    else:
+        pixels, grid = kw["pixel_values_videos"], kw["video_grid_thw"]
+    times = []
+    with torch.inference_mode():
+        visual(pixels, grid_thw=grid)  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            visual(pixels, grid_thw=grid)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main(argv=None) -> dict:
@@ -186,16 +364,39 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--out", default=None, help="folder for prefill_bench.json / .md")
     ap.add_argument("--quick", action="store_true", help="tiny width, 2 repeats: a smoke run")
+    ap.add_argument(
+        "--arch",
+        choices=("llava", "qwen2_5_vl"),
+        default="llava",
+        help="llava: LLaVA-1.5 geometry; qwen2_5_vl: Qwen2.5-VL-7B decoder shape with a small tower",
+    )
+    ap.add_argument(
+        "--media", choices=("image", "video"), default="image", help="qwen2_5_vl only: one image or one clip"
+    )
+    ap.add_argument("--frames", type=int, default=16, help="qwen2_5_vl video: frames in the clip (even)")
     args = ap.parse_args(argv)
     for name in ("repeats", "baseline_every"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.arch == "llava" and (args.media != "image" or "--frames" in (argv or [])):
+        ap.error(f"--media {args.media} / --frames need --arch qwen2_5_vl (the LLaVA model takes one image)")
+    if args.frames < QWEN_TUBELET or args.frames % QWEN_TUBELET:
+        ap.error(
+            f"--frames must be a positive multiple of {QWEN_TUBELET} (2-frame tubelets), got {args.frames}"
+        )
     if args.quick:
         args.width, args.repeats, args.warmup, args.batches = 64, 2, 1, "1"
     plans = [p for p in args.plans.split(";") if p]
     if "baseline" not in plans:
         plans.insert(0, "baseline")
-    model = build_model(args.width, args.layers)
+    if args.arch == "qwen2_5_vl":
+        model = build_qwen_model(args.width, args.layers)
+
+        def inputs(b):
+            return build_qwen_inputs(b, args.media, args.frames)
+    else:
+        model = build_model(args.width, args.layers)
+        inputs = build_inputs
     report = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "width": args.width,
@@ -207,10 +408,26 @@ def main(argv=None) -> dict:
         "baseline_every": args.baseline_every,
         "results": {},
     }
-    for b in (int(x) for x in args.batches.split(",")):
-        report["results"][b] = measure(
-            model, build_inputs(b), plans, args.repeats, args.warmup, args.baseline_every
+    if args.arch == "qwen2_5_vl":
+        t = model.config.text_config
+        report.update(
+            arch=args.arch,
+            media=args.media,
+            frames=args.frames if args.media == "video" else 1,
+            text_config=dict(
+                heads=t.num_attention_heads,
+                kv_heads=t.num_key_value_heads,
+                head_dim=t.head_dim,
+                intermediate=t.intermediate_size,
+            ),
         )
+    batches = [int(x) for x in args.batches.split(",")]
+    for b in batches:
+        report["results"][b] = measure(
+            model, inputs(b), plans, args.repeats, args.warmup, args.baseline_every
+        )
+    if args.arch == "qwen2_5_vl":
+        report["tower_s"] = _time_tower(model, inputs(min(batches)), args.repeats)
     for res in report["results"].values():
         for r in res.values():
             r.pop("overheads")
