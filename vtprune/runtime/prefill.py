@@ -95,8 +95,13 @@ def record_centres(state: RequestState, stage, ctx: VisionContext, base: TokenSe
         found = base.orig_index[row][positions.to(base.orig_index.device)].cpu()
         rows[row] = torch.cat([rows[row], found]).sort().values
     state.selections[f"{stage.key}:centres"] = rows
-    # the stage's own kept set stays the last entry (readers take the last as the final set)
-    state.selections[stage.key] = state.selections.pop(stage.key)
+    keep_kept_set_last(state, stage.key)
+
+
+def keep_kept_set_last(state: RequestState, key: str) -> None:
+    """Move a stage's kept set behind the merge records it just added: readers of
+    ``stats.selections`` take the last entry as the final kept set."""
+    state.selections[key] = state.selections.pop(key)
 
 
 def replay_recycling(
@@ -218,8 +223,7 @@ def apply_merges(state: RequestState, stage, cur: TokenSet, ctx: PrefillContext,
             cen_rows[b] = orig[b][centres].cpu()
         if groups:
             state.selections[mkey], state.selections[ckey] = mem_rows, cen_rows
-            # the stage's own kept set stays the last entry (readers take the last as the final set)
-            state.selections[stage.key] = state.selections.pop(stage.key)
+            keep_kept_set_last(state, stage.key)
     if not groups:
         return hidden
     hidden = hidden.clone()
