@@ -1,4 +1,5 @@
-"""Videos and prompts mixing images and videos on Qwen2-VL / Qwen2.5-VL (issue 13, item 4).
+"""Videos and prompts mixing images and videos on Qwen2-VL, Qwen2.5-VL, Qwen3-VL (and LLaVA-OneVision for
+layerskip and mustdrop; its other video checks are in test_llava_onevision.py) (issue 13, item 4).
 
 HF scatters image features into the image placeholders and video features into the video
 placeholders separately, and runs the tower once per kind; these tests interleave the two.
@@ -13,8 +14,9 @@ from helpers import greedy, row_alone, uncached_greedy
 
 import vtprune
 from vtprune.integrations import adapter_for
+from vtprune.methods.layerskip import CutStage
 
-VISION = ["random", "uniform", "hired", "visionzip", "divprune"]
+VISION = ["random", "uniform", "hired", "visionzip", "divprune", "cdpruner", "todre", "sparsevlm"]
 BATCH = ["iv", "v", "", "i"]  # image-only, video-only, text-only and mixed rows, left padded
 
 
@@ -50,7 +52,7 @@ def test_keep_everything_equals_unpruned(family_model, media, methods):
                 assert torch.equal(model(**kw).logits, ref), method
 
 
-@pytest.mark.parametrize("method", ["hired", "fastv"])
+@pytest.mark.parametrize("method", ["hired", "fastv", "cdpruner", "todre", "sparsevlm"])
 def test_cached_generate_equals_uncached_pruned_steps(family_model, method):
     family, model = family_model
     kw = tiny.media_inputs(family, ["ivi"], seed=3)
@@ -111,3 +113,79 @@ def test_keep_is_met_on_videos(family_model, media):
             model(**kw)
             ratio = vtprune.stats(model).keep_ratio
         assert abs(ratio - 0.25) < 0.02, (method, ratio)
+
+
+# layerskip and mustdrop act beside the vision stages (a cut, thin FFNs, spatial merges, a decode
+# stage): their plans must count video tokens as visual and keep the equivalences on video prompts.
+SKIP_MERGE_PLANS = {
+    "layerskip": dict(keep=0.5, thin_ffn=True),
+    "mustdrop": dict(keep=0.4, decode=False),
+}
+SKIP_MERGE_KEEP_ALL = {
+    "layerskip": dict(keep=1.0, thin_ffn=True, ffn_ratio=1),
+    "mustdrop": dict(keep=1.0),
+}
+ONEVISION_SIZES = [(40, 40), (30, 50)]  # a 2 x 2 anyres grid and an unpadded one
+
+
+@pytest.fixture(scope="module", params=tiny.QWEN + ("llava_onevision",))
+def video_model(request):
+    return request.param, tiny.BUILDERS[request.param]()
+
+
+def _media(family: str, media: list[str], seed: int) -> dict:
+    sizes = ONEVISION_SIZES[: "".join(media).count("i")] if family == "llava_onevision" else None
+    return tiny.media_inputs(family, media, seed=seed, sizes=sizes)
+
+
+@pytest.mark.parametrize("method", sorted(SKIP_MERGE_KEEP_ALL))
+def test_skip_and_merge_keep_everything_equals_unpruned_on_video(video_model, method):
+    family, model = video_model
+    kw = _media(family, BATCH, 7)
+    with torch.no_grad():
+        ref = model(**kw).logits
+        with vtprune.pruned(model, method, **SKIP_MERGE_KEEP_ALL[method]):
+            assert torch.equal(model(**kw).logits, ref)
+
+
+@pytest.mark.parametrize("method", sorted(SKIP_MERGE_PLANS))
+def test_skip_and_merge_cached_equals_uncached_on_video(video_model, method):
+    family, model = video_model
+    kw = _media(family, ["ivi"], 8)
+    with vtprune.pruned(model, method, **SKIP_MERGE_PLANS[method]):
+        cached = greedy(model, kw, 4)
+        reference = uncached_greedy(model, kw, vtprune.stats(model).selections, 4)
+    assert torch.equal(cached, reference)
+
+
+@pytest.mark.parametrize("method", sorted(SKIP_MERGE_PLANS))
+def test_skip_and_merge_padded_video_batch_equals_rows(video_model, method):
+    family, model = video_model
+    kw = _media(family, BATCH, 9)
+    with vtprune.pruned(model, method, **SKIP_MERGE_PLANS[method]):
+        batch = greedy(model, kw, 3)
+        rows = [greedy(model, row_alone(family, kw, b, BATCH), 3) for b in range(len(BATCH))]
+    assert torch.equal(batch, torch.cat(rows))
+
+
+def test_layerskip_cut_removes_video_tokens(video_model):
+    """After the cut layer no visual token is left, video tokens included (a video-only prompt)."""
+    family, model = video_model
+    kw = _media(family, ["v"], 10)
+    n_layers = model.config.get_text_config().num_hidden_layers
+    with torch.no_grad(), vtprune.pruned(model, "layerskip", keep=0.5) as handle:
+        model(**kw)
+        per_layer = vtprune.stats(model).visual_tokens_per_layer
+        (cut,) = [stage.layer for stage in handle.stages if isinstance(stage, CutStage)]
+    n_video = int((kw["input_ids"] == tiny.VIDEO).sum())
+    assert per_layer[0] == n_video > 0
+    assert per_layer[cut:] == [0.0] * (n_layers - cut)
+
+
+def test_mustdrop_keep_is_met_on_video(video_model):
+    family, model = video_model
+    kw = _media(family, ["ivi", "v"], 11)
+    with torch.no_grad(), vtprune.pruned(model, "mustdrop", keep=0.25, decode=False):
+        model(**kw)
+        ratio = vtprune.stats(model).keep_ratio
+    assert abs(ratio - 0.25) < 0.02, ratio
