@@ -114,7 +114,10 @@ def _qwen_received(model, kw, blocks):
             h.remove()
     vc = model.config.vision_config
     window_index, _ = hf.get_vision_window_index(
-        kw["image_grid_thw"], spatial_merge_size=vc.spatial_merge_size, window_size=vc.window_size, patch_size=vc.patch_size
+        kw["image_grid_thw"],
+        spatial_merge_size=vc.spatial_merge_size,
+        window_size=vc.window_size,
+        patch_size=vc.patch_size,
     )
     out = []
     for i in blocks:
@@ -302,7 +305,31 @@ def test_counted_flops_match_the_tokens_per_layer_of_a_run():
     assert per_layer == expected_tokens_per_layer(handle.stages, 576, 32) == [96] * 16 + [32] * 16
     text = int(kw["attention_mask"].sum()) - 576
     cfg = model.config.text_config
-    expected = decoder_linear_flops(cfg, [576 + text] * 32) - decoder_linear_flops(cfg, [n + text for n in per_layer])
+    expected = decoder_linear_flops(cfg, [576 + text] * 32) - decoder_linear_flops(
+        cfg, [n + text for n in per_layer]
+    )
     # the saving is the decoder's projections on the tokens gone, less the scans, merge and scorer
     assert full - pruned == pytest.approx(expected, rel=0.03)
     assert full - pruned < expected
+
+
+def test_videos_and_mixed_prompts():
+    """Qwen2.5-VL (window-permuted tower; Qwen2-VL shares the layout code): a clip is one unit (windows per frame) or, with ``video_budget="frame"``, each frame alone:
+    keep-everything is the unpruned model, ``keep`` holds, and cached decoding equals uncached."""
+    from helpers import greedy, uncached_greedy
+
+    family = "qwen2_5_vl"
+    model = tiny.BUILDERS[family]()
+    kw = tiny.media_inputs(family, ["ivi", "v"], seed=66)
+    with torch.no_grad():
+        ref = model(**kw).logits
+        with vtprune.pruned(model, "vscan", keep=1.0):
+            assert torch.equal(model(**kw).logits, ref)
+        for budget in ("clip", "frame"):
+            with vtprune.pruned(model, "vscan", keep=0.25, video_budget=budget):
+                model(**kw)
+                assert abs(vtprune.stats(model).keep_ratio - 0.25) / 0.25 <= 0.02, budget
+    one = tiny.media_inputs(family, ["ivi"], seed=67)
+    with vtprune.pruned(model, "vscan", keep=0.3):
+        cached = greedy(model, one, 4)
+        assert torch.equal(cached, uncached_greedy(model, one, vtprune.stats(model).selections, 4))

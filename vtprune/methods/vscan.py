@@ -25,6 +25,13 @@ Models" (TMLR 2026; official code: github.com/Tencent/SelfEvolvingAgent, ``VScan
    projections on layer ``layer - 1``'s output, one query row recomputed beside SDPA /
    FlashAttention, mean over heads; with ``labels``, the tokens before each answer span.
 
+Why a vision stage (reading CLS rows at two tower layers) and not a tower stage: VScan's scans
+only *read* the tower, which runs in full in the official code (its tokens are chosen after the
+last layer), and its merge is formed on the projector outputs. So the tower has nothing to drop
+early; the vision-stage probe hooks the q/k projections of the two layers and recomputes the one
+CLS row per crop beside SDPA (Qwen: the received attention of the chosen blocks), with no eager
+switch. Head sum (ours) and head mean (the LLaVA code) rank the same.
+
 Substitute scores and defaults per family:
 
 * LLaVA-1.5 / LLaVA-NeXT (CLIP with CLS): the CLS row at tower layer 5 (local) and the feature
@@ -92,7 +99,7 @@ from vtprune.images import ImageView
 from vtprune.methods.pdrop import PyramidDropStage
 from vtprune.recycling import recycle_nearest
 from vtprune.selection import split_budget, two_stage_count, two_stage_fractions
-from vtprune.stages import PrefillContext, Pick, VisionStage
+from vtprune.stages import Pick, PrefillContext, VisionStage
 
 DEFAULT_KEEP = 0.111  # 64 of LLaVA-1.5's 576 tokens on average, the paper's headline budget
 DEFAULT_SPLIT = 1 / 3  # 96 -> 32 (LLaVA), 16.7% -> 33.3% of it (Qwen2.5-VL)
@@ -156,7 +163,9 @@ class VScan(VideoBudget):
         layer, vision, split = self.resolve(info)
         keep = DEFAULT_KEEP if self.keep is None else self.keep
         window = self.window or (4 if info.family in QWEN_FAMILIES else 6)
-        scan = VScanVisionStage(vision, window, self.local_share, self.merge, self.local_layer, self.global_layer)
+        scan = VScanVisionStage(
+            vision, window, self.local_share, self.merge, self.local_layer, self.global_layer
+        )
         return [scan, VScanPrefillStage(layer, keep, info.num_layers, split)]
 
 
@@ -251,7 +260,11 @@ class VScanVisionStage(VisionStage):
             (5, 22)
         """
         local = self.local_layer
-        local = default_block(int(LOCAL_LAYER * depth / REFERENCE_DEPTH + 0.5)) if local is None else local % depth
+        local = (
+            default_block(int(LOCAL_LAYER * depth / REFERENCE_DEPTH + 0.5))
+            if local is None
+            else local % depth
+        )
         glob = default_block(feature_layer) if self.global_layer is None else self.global_layer % depth
         return local, glob
 
@@ -271,7 +284,9 @@ class VScanVisionStage(VisionStage):
         return split_budget(total, [p.numel() for p, _ in parts])
 
     def pick(self, view: ImageView, budget: list[int]) -> Pick:
-        local_layer, global_layer = self.scan_layers(view.tower_layers, view.default_block, view.feature_layer)
+        local_layer, global_layer = self.scan_layers(
+            view.tower_layers, view.default_block, view.feature_layer
+        )
         shallow, deep = view.cls_scores(local_layer), view.cls_scores(global_layer)
         windows = token_windows(view, self.window)
         kept, merges = [view.newline_indices], []
