@@ -14,6 +14,7 @@ MODULES = [
     "vtprune.methods.divprune",
     "vtprune.methods.temporal",
     "vtprune.methods.todre",
+    "vtprune.methods.vscan",
     "vtprune.clustering",
     "vtprune.methods.sparsevlm",
     "vtprune.methods.flowcut",

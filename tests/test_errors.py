@@ -55,6 +55,9 @@ def model():
         ("mustdrop", {"keep": 0.3, "preset": "64"}, "either 'keep' or thresholds"),
         ("todre", {"layer": 8}, r"'layer'=8 is out of range; allowed: an integer in 1..7"),
         ("todre", {"split": 1.5}, r"'split'=1.5 is invalid; allowed: a number in \[0, 1\]"),
+        ("vscan", {"layer": 8}, r"vscan: option 'layer'=8 is out of range; allowed: an integer in 1..7"),
+        ("vscan", {"window": 0}, r"vscan: option 'window'=0 is invalid; allowed: an integer >= 1"),
+        ("vscan", {"local_layer": 3}, r"'local_layer'=3 is out of range; allowed: an integer in -3..2"),
         (
             "random",
             {"seed": -1},
@@ -95,6 +98,16 @@ WRONG_TYPE = {
     "temporal": {"keep": "0.25"},
     "todre": {"keep": "0.1", "layer": 2.0, "split": "0.5", "score": 1, "init": "center"},
     "sparsevlm": {"keep": "0.1", "budget": 64.0, "layers": "2,6,15", "recycle": 1},
+    "vscan": {
+        "keep": "0.1",
+        "layer": 4.0,
+        "split": "1/3",
+        "local_layer": "5",
+        "global_layer": 1.5,
+        "window": 0,
+        "local_share": None,
+        "merge": 1,
+    },
     "dart": {
         "keep": "0.5",
         "layer": 2.0,
@@ -145,7 +158,17 @@ WRONG_TYPE = {
     },
 }
 # the video-budget option every image vision-stage method shares (vtprune.config.VideoBudget)
-VIDEO_BUDGET = ["random", "uniform", "divprune", "cdpruner", "todre", "hired", "mustdrop", "visionzip"]
+VIDEO_BUDGET = [
+    "random",
+    "uniform",
+    "divprune",
+    "cdpruner",
+    "todre",
+    "hired",
+    "mustdrop",
+    "visionzip",
+    "vscan",
+]
 for _method in VIDEO_BUDGET:
     WRONG_TYPE[_method]["video_budget"] = 1
 

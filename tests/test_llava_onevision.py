@@ -29,7 +29,7 @@ GRIDS = {
     (30, 50): (10, 5, 9),
 }
 SIZES = list(GRIDS)
-VISION = ["random", "uniform", "hired", "visionzip", "divprune", "cdpruner", "mustdrop"]
+VISION = ["random", "uniform", "hired", "visionzip", "divprune", "cdpruner", "mustdrop", "vscan"]
 BATCH = ["iv", "v", "", "i"]  # mixed, video-only, text-only and image-only rows, left padded
 
 

@@ -75,6 +75,40 @@ def pyramid_ratio(keep: float, layers: list[int], num_layers: int, start: float 
     return hi
 
 
+def two_stage_fractions(keep: float, layer: int, split: float, num_layers: int) -> tuple[float, float]:
+    """``(vision, split)`` for a vision stage followed by one prefill stage at ``layer`` that keeps
+    ``split`` of the vision stage's tokens, so the layer average is ``keep``:
+    ``keep * L = layer * v + (L - layer) * split * v``. When that needs more than every token
+    (``v > 1``), the vision stage keeps everything and the prefill stage keeps the rest.
+
+    Example:
+        >>> [round(x, 4) for x in two_stage_fractions(0.111, 16, 1 / 3, 32)]  # VScan's 96 -> 32 of 576
+        [0.1665, 0.3333]
+        >>> [round(x, 4) for x in two_stage_fractions(0.9, 4, 0.5, 8)]
+        [1.0, 0.8]
+    """
+    vision = keep * num_layers / (layer + split * (num_layers - layer))
+    if vision <= 1.0:
+        return vision, split
+    return 1.0, (keep * num_layers - layer) / (num_layers - layer)
+
+
+def two_stage_count(
+    keep: float, n_prompt: torch.Tensor, n_in: torch.Tensor, layer: int, num_layers: int
+) -> torch.Tensor:
+    """Tokens a prefill stage at ``layer`` keeps per row so that the layer average is ``keep``,
+    for ``n_prompt`` visual tokens in the prompt and ``n_in`` left by the vision stage:
+    ``round((keep * N * L - layer * n_in) / (L - layer))``, within ``[0, n_in]`` (the vision
+    stage's rounding is absorbed here).
+
+    Example:
+        >>> two_stage_count(0.111, torch.tensor([576]), torch.tensor([96]), 16, 32).tolist()
+        [32]
+    """
+    target = (keep * n_prompt.double() * num_layers - layer * n_in.double()) / (num_layers - layer)
+    return torch.floor(target + 0.5).long().clamp(min=0).minimum(n_in)
+
+
 def scale_layers(layers: list[int], num_layers: int, reference_layers: int = 32) -> list[int]:
     """Scale boundaries given for a ``reference_layers``-deep model to ``num_layers``, kept distinct."""
     out: list[int] = []

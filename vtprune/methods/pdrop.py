@@ -87,11 +87,19 @@ class PyramidDropStage(PrefillStage):
     def expected_count(self, n_in: int, n_current: int) -> int:
         return int(count_for_fraction(torch.tensor([n_in]), self.fraction, mode="floor"))
 
-    def select(self, ctx: PrefillContext) -> torch.Tensor:
+    def scores(self, ctx: PrefillContext) -> torch.Tensor:
+        """``[B, L]``: the attention of the last instruction token (with ``labels``: the mean of the
+        tokens before each answer span) onto every slot, scored with layer ``layer``'s own norm and
+        q/k projections on layer ``layer - 1``'s output (VScan's prefill stage reuses it)."""
         queries = ctx.query_slot.unsqueeze(1)
         if ctx.answer_query is not None and bool(ctx.answer_query.any()):
             queries = slots_of(ctx.answer_query)
         probs = layer_query_probs(ctx.layers[self.layer], ctx.hidden, ctx.cos, ctx.sin, ctx.valid, queries)
-        scores = probs.sum(1) / (queries >= 0).sum(1, keepdim=True).clamp(min=1)
-        k = count_for_fraction(ctx.visual_in, self.fraction, mode="floor")
-        return topk_mask(scores, ctx.visual, k)
+        return probs.sum(1) / (queries >= 0).sum(1, keepdim=True).clamp(min=1)
+
+    def count(self, ctx: PrefillContext) -> torch.Tensor:
+        """``[B]`` visual tokens kept per row: ``int(N * fraction)``."""
+        return count_for_fraction(ctx.visual_in, self.fraction, mode="floor")
+
+    def select(self, ctx: PrefillContext) -> torch.Tensor:
+        return topk_mask(self.scores(ctx), ctx.visual, self.count(ctx))

@@ -59,7 +59,7 @@ from vtprune.diversity import max_min_diversity
 from vtprune.images import ImageView
 from vtprune.methods.fastv import text_query_slots
 from vtprune.scoring import projected_query_probs
-from vtprune.selection import topk_mask
+from vtprune.selection import topk_mask, two_stage_count, two_stage_fractions
 from vtprune.stages import PrefillContext, PrefillStage, VisionStage
 
 DEFAULT_KEEP = 0.111  # 64 of LLaVA-1.5's 576 tokens, the paper's headline budget
@@ -106,11 +106,7 @@ class ToDRE(VideoBudget):
         layer = max(1, n // 2) if self.layer is None else self.layer
         check_layer(self.name, "layer", layer, n)
         keep = DEFAULT_KEEP if self.keep is None else self.keep
-        vision = keep * n / (layer + self.split * (n - layer))
-        if vision <= 1.0:
-            return layer, vision, self.split
-        # even keeping every token up to the layer falls short of keep: stage 2 keeps more
-        return layer, 1.0, (keep * n - layer) / (n - layer)
+        return (layer, *two_stage_fractions(keep, layer, self.split, n))
 
     def stages(self, info: ModelInfo) -> list:
         layer, vision, split = self.resolve(info)
@@ -159,9 +155,7 @@ class ToDREPrefillStage(PrefillStage):
             >>> st.counts(torch.tensor([576]), torch.tensor([85])).tolist()  # (16*85 + 16*43) / 32 ~ 64
             [43]
         """
-        k, n = self.layer, self.num_layers
-        target = (self.keep * n_prompt.double() * n - k * n_in.double()) / (n - k)
-        return torch.floor(target + 0.5).long().clamp(min=0).minimum(n_in)
+        return two_stage_count(self.keep, n_prompt, n_in, self.layer, self.num_layers)
 
     def expected_count(self, n_in: int, n_current: int) -> int:
         return min(n_current, int(n_in * self.split + 0.5))
