@@ -242,7 +242,7 @@ def generate_synthvqa_video(
     Example:
         >>> item = generate_synthvqa_video(1, seed=0)[0]
         >>> item["question"], item["answer"] in item["choices"]
-        ('which way does the green triangle move ?', True)
+        ('which way does the green cross move ?', True)
     """
     items = []
     for i in range(start, start + n):
