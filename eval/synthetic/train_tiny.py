@@ -434,6 +434,10 @@ def train(
     if media == "video" and image_eval_n:  # what is left of the image skills
         image_result = evaluate(model, processor, arch, n=image_eval_n, seed=eval_seed)
         print(f"held-out images ({image_eval_n} items): overall {image_result['accuracy']:.3f}")
+        if init is not None:  # the same images with the model it started from: what the video steps cost
+            from .tiny_models import load_tiny
+
+            image_result["init"] = evaluate(*load_tiny(init), arch, n=image_eval_n, seed=eval_seed)
     save_tiny(model, processor, out)
     info = {
         "arch": arch,

@@ -26,11 +26,16 @@ def video_readme_text(info: dict, size_mb: float) -> str:
     """The README for a video checkpoint described by ``info`` (the saved ``training_info.json``)."""
     ev, im = info["eval"], info.get("image_eval") or {}
     example = build_video_prompt("which way does the red circle move ?").replace("\n", "\\n")
-    image_part = ""
+    image_part, init = "", im.get("init")
+    init_note = ""
+    if init:
+        per = ", ".join(f"{q} {init['per_qtype'].get(q, 0.0):.3f}" for q in QTYPES)
+        init_note = (
+            f"; the image model it started from scores {init['accuracy']:.3f} on the same images ({per})"
+        )
     if im.get("n"):
         image_part = f"""
-Still images (SynthVQA, `generate_synthvqa({im["n"]}, seed={im["seed"]})`; the image model it started from
-scored 0.948 on 400 of these):
+Still images (SynthVQA, `generate_synthvqa({im["n"]}, seed={im["seed"]})`){init_note}:
 
 | question type | accuracy | n |
 |---|---|---|
