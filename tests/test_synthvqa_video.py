@@ -215,3 +215,13 @@ def test_temporal_keeps_within_2_percent_on_the_video_asset(video_asset):
             st = vtprune.stats(model)
         assert st.visual_tokens_in == STEPS * 64
         assert abs(st.keep_ratio - keep) <= 0.02, (keep, st.keep_ratio)
+
+
+def test_demo_on_the_video_asset_asks_about_clips(capsys):
+    from vtprune.cli import main
+
+    main(["demo", "--model", "qwen2_vl_video", "--n", "2", "--methods", "temporal", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "question 1: 'which way does the" in out  # a clip question, not an image one
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("baseline ", "temporal "))}
+    assert rows["baseline"].endswith(f"{STEPS * 64}x12") and rows["temporal"].endswith(f"{STEPS * 32}x12")
