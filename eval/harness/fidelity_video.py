@@ -193,7 +193,9 @@ def readme_text(results: dict, meta: dict, out: str, frame_methods, clip_methods
         "held-out clips (`generate_synthvqa_video(n, seed=0, split='test')`: 8 frames of 192x192, 4 tubelets\n"
         "x 64 = 256 visual tokens; questions on motion direction, presence in the first/last frame and the\n"
         "number of objects over the clip, balanced). Greedy answers.\n"
-        f"Reproduce: `python -m vtprune.eval.harness.fidelity_video --out {out} --limit {meta['limit']}`.\n\n"
+        "Reproduce: `python -m vtprune.eval.harness.fidelity_video "
+        f"--out {out} --limit {meta['limit']} --frame-methods {','.join(frame_methods)} "
+        f"--clip-methods {','.join(clip_methods)}`.\n\n"
         "Cells: accuracy kept (pruned / unpruned accuracy on the same clips) and, in brackets, the measured\n"
         'keep (`vtprune.stats(model).keep_ratio`, mean over batches). *per frame*: `video_budget="frame"`,\n'
         'each tubelet keeps the same share; *per clip*: `video_budget="clip"`, one budget over the clip.\n'
@@ -211,9 +213,14 @@ def main(argv=None) -> None:
     ap.add_argument("--limit", type=int, default=120, help="held-out clips (a multiple of 12 is balanced)")
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--frame-methods", default=",".join(FRAME_METHODS), help="vision-stage methods")
+    ap.add_argument("--clip-methods", default=",".join(CLIP_METHODS), help="LLM-stage / video methods")
     args = ap.parse_args(argv)
     run_video(
-        args.out, args.limit, frame_methods=tuple(args.frame_methods.split(",")), batch_size=args.batch_size
+        args.out,
+        args.limit,
+        frame_methods=tuple(args.frame_methods.split(",")),
+        clip_methods=tuple(args.clip_methods.split(",")),
+        batch_size=args.batch_size,
     )
 
 
