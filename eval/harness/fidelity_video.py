@@ -44,9 +44,11 @@ __all__ = ["video_plans", "video_table", "run_video"]
 
 KEEPS = (0.5, 0.25, 0.11)
 MODEL = "qwen2_vl_video"
-# Vision-stage image methods, run with both budgets. A subset of all of them fits the CPU time of a 2-core
-# machine: the two baselines, an attention score (VisionZip, on Qwen2-VL's substitute score) and a
-# diversity rule (DivPrune); ``--frame-methods`` adds others.
+# Vision-stage image methods, run with both budgets. The default is the subset that surely fits the CPU
+# time of a shared 2-core machine: the two baselines, an attention score (VisionZip, on Qwen2-VL's
+# substitute score) and a diversity rule (DivPrune). The shipped results/fidelity_video adds cdpruner,
+# hired, mustdrop, todre (``--frame-methods``) and pdrop, sparsevlm (``--clip-methods``); layerskip
+# (whole layers, no per-token budget) and flowcut (inside the tower) are not run.
 FRAME_METHODS = ("random", "uniform", "visionzip", "divprune")
 # Methods inside the language model (a clip is one sequence to them), and the video method.
 CLIP_METHODS = ("fastv", "dart", "temporal")
