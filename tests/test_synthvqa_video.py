@@ -225,3 +225,27 @@ def test_demo_on_the_video_asset_asks_about_clips(capsys):
     assert "question 1: 'which way does the" in out  # a clip question, not an image one
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("baseline ", "temporal "))}
     assert rows["baseline"].endswith(f"{STEPS * 64}x12") and rows["temporal"].endswith(f"{STEPS * 32}x12")
+
+
+def test_fidelity_video_end_to_end_keep_everything_equals_unpruned(tmp_path):
+    """run_video on the shipped video model: keep=1 plans answer every clip as the unpruned model does;
+    results, records and the table are written, and a rerun skips finished plans."""
+    import gzip
+    import json
+
+    from vtprune.eval.harness.fidelity_video import run_video
+
+    opts = dict(limit=12, keeps=(1.0,), frame_methods=("divprune",), clip_methods=("temporal",))
+    text = run_video(str(tmp_path), **opts)
+    results = json.loads((tmp_path / "results.json").read_text())
+    records = [json.loads(line) for line in gzip.open(tmp_path / "records.jsonl.gz", "rt")]
+    by_plan = {}
+    for r in records:
+        by_plan.setdefault(r["plan"], []).append(r["prediction"])
+    assert len(by_plan) == 4 and all(len(v) == 12 for v in by_plan.values())
+    for plan, answers in by_plan.items():
+        assert answers == by_plan["baseline"], plan
+        assert results[plan]["keep_ratio"] == 1.0
+    assert "| divprune | 100.0% (100.0%) | 100.0% (100.0%) |" in text
+    run_video(str(tmp_path), **opts)  # nothing left to do: no new records
+    assert sum(1 for _ in gzip.open(tmp_path / "records.jsonl.gz", "rt")) == len(records)
