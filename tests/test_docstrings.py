@@ -45,6 +45,8 @@ MODULES = [
     "vtprune.eval.speed.flops_report",
     "vtprune.eval.speed.shapes",
     "vtprune.eval.speed.bench_selection",
+    "vtprune.eval.synthetic.synthvqa_video",
+    "vtprune.eval.harness.fidelity_video",
 ]
 
 

@@ -57,9 +57,10 @@ def main(argv=None) -> None:
     d.add_argument(
         "--model",
         default="llava",
-        choices=("llava", "qwen2_vl", "llava_noattn"),
+        choices=("llava", "qwen2_vl", "llava_noattn", "qwen2_vl_video"),
         help="a shipped tiny model (llava_noattn: the tiny LLaVA trained without the answer-attention "
-        "loss; for a folder or hub id use vtprune eval --model)",
+        "loss; qwen2_vl_video: the tiny Qwen2-VL on 8-frame clips, asked about clips; for a folder or "
+        "hub id use vtprune eval --model)",
     )
     d.add_argument("--keep", type=float, default=0.5)
     d.add_argument("--methods", default=None, help="comma-separated (default: every method)")

@@ -52,14 +52,16 @@ def load_default(arch: str = "llava"):
 
 def _encode(processor, items, arch: str):
     from vtprune.eval.synthetic.synthvqa import build_prompt
+    from vtprune.eval.synthetic.synthvqa_video import build_video_prompt
 
     processor.tokenizer.padding_side = "left"
-    return processor(
-        images=[it["image"] for it in items],
-        text=[build_prompt(it["question"], arch) for it in items],
-        return_tensors="pt",
-        padding=True,
-    )
+    if "frames" in items[0]:  # SynthVQA-Video clips (the qwen2_vl_video model)
+        media = {"videos": [it["frames"] for it in items]}
+        text = [build_video_prompt(it["question"]) for it in items]
+    else:
+        media = {"images": [it["image"] for it in items]}
+        text = [build_prompt(it["question"], arch) for it in items]
+    return processor(**media, text=text, return_tensors="pt", padding=True)
 
 
 def _answers(model, processor, enc) -> list[str]:
@@ -104,13 +106,15 @@ def run_demo(
     """
     from vtprune.eval.speed.bench_prefill import time_plans
     from vtprune.eval.synthetic.synthvqa import generate_synthvqa, score_synthvqa
+    from vtprune.eval.synthetic.synthvqa_video import generate_synthvqa_video
 
     if repeats < 1:
         raise ValueError(f"demo: repeats must be at least 1, got {repeats}")
     methods = methods or DEFAULT_METHODS
     model, processor, source = load_default(arch)
+    generate = generate_synthvqa_video if arch == "qwen2_vl_video" else generate_synthvqa  # clips for it
     arch = "qwen2_vl" if model.config.model_type == "qwen2_vl" else "llava"  # the prompt format
-    items = generate_synthvqa(n, seed=seed, split="demo")
+    items = generate(n, seed=seed, split="demo")
     enc = _encode(processor, items, arch)
     one = _encode(processor, items[:1], arch)
     print(f"vtprune demo: {type(model).__name__} ({source})")
@@ -127,7 +131,8 @@ def run_demo(
         acc = score_synthvqa(items, answers)["accuracy"]
         flops, _ = count_flops(_prefill, model, one)
         if plan == "baseline":
-            n_visual = int((one["input_ids"][0] == model.config.image_token_id).sum())
+            media_ids = (model.config.image_token_id, getattr(model.config, "video_token_id", None))
+            n_visual = sum(int((one["input_ids"][0] == t).sum()) for t in media_ids if t is not None)
             per_layer = [n_visual] * model.config.text_config.num_hidden_layers
         else:
             per_layer = vtprune.stats(model).visual_tokens_per_layer

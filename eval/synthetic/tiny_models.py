@@ -65,6 +65,7 @@ ASSET_NAMES = {
     "llava": "tiny-llava-synthvqa",
     "qwen2_vl": "tiny-qwen2vl-synthvqa",
     "llava_noattn": "tiny-llava-synthvqa-noattn",
+    "qwen2_vl_video": "tiny-qwen2vl-synthvqa-video",
 }
 
 # Sizes chosen for ~20 minutes of CPU training each and checkpoints of a few MB (float32).
@@ -135,6 +136,7 @@ _CHAT_TEMPLATES = {
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
         "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
         "{% for c in m['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+        "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
         "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
         "{% endif %}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -148,8 +150,11 @@ def _arch(arch: str) -> str:
     return arch
 
 
-def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
+def build_tokenizer(arch: str, extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
     """Word-level fast tokenizer over the SynthVQA vocabulary plus the architecture's special tokens.
+
+    ``extra_words`` (the video questions' words) are appended after the image vocabulary, so every
+    image word keeps its id and a video model can start from an image model's embeddings.
 
     Lower-cases its input and splits on whitespace and punctuation, so ``"Is there a red circle?"``
     tokenises like ``"is there a red circle ?"``. The LLaVA tokenizer prepends ``<s>`` like Llama's.
@@ -161,6 +166,7 @@ def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
     """
     specials = _SPECIALS[_arch(arch)]
     words = [w for w in _PROMPT_WORDS + task_vocabulary() if w not in specials]
+    words += [w for w in dict.fromkeys(extra_words) if w not in words and w not in specials]
     vocab = {t: i for i, t in enumerate(specials + words)}
     unk = "<unk>"
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk))
@@ -180,7 +186,12 @@ def build_tokenizer(arch: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, padding_side="left", model_max_length=512, **names)
 
 
-def build_processor(arch: str, image_size: int = DEFAULT_IMAGE_SIZE, patch_size: int | None = None):
+def build_processor(
+    arch: str,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    patch_size: int | None = None,
+    extra_words: tuple[str, ...] = (),
+):
     """LlavaProcessor (CLIPImageProcessor) or Qwen2VLProcessor whose image grid is fixed for square input.
 
     Example:
@@ -188,7 +199,7 @@ def build_processor(arch: str, image_size: int = DEFAULT_IMAGE_SIZE, patch_size:
         >>> num_image_tokens(processor, "qwen2_vl")
         64
     """
-    tokenizer = build_tokenizer(arch)
+    tokenizer = build_tokenizer(arch, extra_words)
     patch = patch_size or DEFAULT_SIZES[arch]["patch_size"]
     template = _CHAT_TEMPLATES[arch]
     if arch == "llava":
@@ -211,7 +222,8 @@ def build_processor(arch: str, image_size: int = DEFAULT_IMAGE_SIZE, patch_size:
     return Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(temporal_patch_size=2, **grid),
         tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(temporal_patch_size=2, **grid),
+        # every frame gets the image grid (the per-frame cap only matters for frames above max_pixels)
+        video_processor=Qwen2VLVideoProcessor(temporal_patch_size=2, cap_pixels_per_frame=True, **grid),
         chat_template=template,
     )
 
@@ -317,7 +329,13 @@ def build_config(arch: str, tokenizer=None, image_size: int = DEFAULT_IMAGE_SIZE
     )
 
 
-def build_tiny(arch: str, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE, **overrides):
+def build_tiny(
+    arch: str,
+    seed: int = 0,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    extra_words: tuple[str, ...] = (),
+    **overrides,
+):
     """Freshly initialised (untrained) tiny model and its processor: ``(model, processor)``.
 
     Example:
@@ -325,7 +343,7 @@ def build_tiny(arch: str, seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE, *
         >>> type(model).__name__
         'Qwen2VLForConditionalGeneration'
     """
-    processor = build_processor(arch, image_size, overrides.get("patch_size"))
+    processor = build_processor(arch, image_size, overrides.get("patch_size"), extra_words)
     config = build_config(arch, processor.tokenizer, image_size, **overrides)
     torch.manual_seed(seed)
     cls = LlavaForConditionalGeneration if arch == "llava" else Qwen2VLForConditionalGeneration

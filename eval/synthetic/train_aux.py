@@ -26,7 +26,7 @@ from torch import nn
 
 from .synthvqa_scenes import COLOURS, GRID, SHAPES
 
-__all__ = ["VisualTokenProbe", "scene_token_labels"]
+__all__ = ["VisualTokenProbe", "media_token_labels", "scene_token_labels"]
 
 _COLOURS, _SHAPES = tuple(COLOURS), tuple(SHAPES)
 # (name, classes): colour/shape use class 0 for "empty cell"; row/col are ignored (-100) on empty cells.
@@ -53,6 +53,24 @@ def scene_token_labels(items: list[dict], side: int) -> torch.Tensor:
                 [1 + _COLOURS.index(obj["colour"]), 1 + _SHAPES.index(obj["shape"]), obj["row"], obj["col"]]
             )
     return labels.reshape(len(items), side * side, 4)
+
+
+def media_token_labels(items: list[dict], side: int) -> torch.Tensor:
+    """:func:`scene_token_labels` for a batch of SynthVQA images *or* SynthVQA-Video clips.
+
+    A clip (an item with ``states``) has one token grid per scene state (per Qwen2-VL tubelet), in time
+    order, so its labels are ``(STEPS * side * side, 4)``.
+
+    Example:
+        >>> from vtprune.eval.synthetic.synthvqa_video import generate_synthvqa_video
+        >>> media_token_labels(generate_synthvqa_video(2), side=8).shape
+        torch.Size([2, 256, 4])
+    """
+    if not any("states" in it for it in items):
+        return scene_token_labels(items, side)
+    return torch.stack(
+        [torch.cat([scene_token_labels([{"objects": st}], side)[0] for st in it["states"]]) for it in items]
+    )
 
 
 class VisualTokenProbe(nn.Module):
@@ -108,6 +126,41 @@ def _cell_tokens(item: dict, objects: list[int], image_pos: torch.Tensor, side: 
     return mask
 
 
+def _state_tokens(item: dict, pairs, image_pos: torch.Tensor, side: int, length: int):
+    """``[length]`` bool: the visual tokens of a clip's ``(state, "colour shape")`` evidence pairs (each
+    state is one ``side x side`` grid, laid out in time order)."""
+    per_cell = side // GRID
+    mask = torch.zeros(length, dtype=torch.bool)
+    for state, name in pairs:
+        for obj in item["states"][state]:
+            if f"{obj['colour']} {obj['shape']}" != name:
+                continue
+            r0, c0 = obj["row"] * per_cell, obj["col"] * per_cell
+            cell = [
+                state * side * side + (r0 + dr) * side + c0 + dc
+                for dr in range(per_cell)
+                for dc in range(per_cell)
+            ]
+            mask[image_pos[cell]] = True
+    return mask
+
+
+def _video_heads(item: dict, block: dict, image_pos, side: int, length: int, heads: int):
+    """Per-head targets of one clip question: motion splits the heads between the object's first and
+    last position (as a spatial relation does between its two objects); a frame question answered "no"
+    looks at the first token (nothing in the asked frame matches); otherwise the evidence tokens."""
+    if block["qtype"] == "frame" and block["answer"] == "no":
+        sink = torch.zeros(length, dtype=torch.bool)
+        sink[0] = True
+        return [sink] * heads
+    pairs = [tuple(p) for p in block["focus"]]
+    if block["qtype"] == "motion":
+        first = _state_tokens(item, pairs[:1], image_pos, side, length)
+        last = _state_tokens(item, pairs[1:], image_pos, side, length)
+        return [first if h < heads // 2 else last for h in range(heads)]
+    return [_state_tokens(item, pairs, image_pos, side, length)] * heads
+
+
 def answer_focus(items: list[dict], batch: dict, side: int, image_token_id: int, heads: int):
     """Answer query rows and where each attention head there should look, for a packed training batch.
 
@@ -119,6 +172,7 @@ def answer_focus(items: list[dict], batch: dict, side: int, image_token_id: int,
     0), the sequence's first token, the usual attention sink. A "no" then reads as "looked at the sink"
     instead of "looked at the object that shares one attribute with the asked one" (the evidence the
     generator records for such a question), exactly the partial match it must tell apart from a full one.
+    For SynthVQA-Video clips ``image_token_id`` is the video token's id; see :func:`_video_heads`.
     """
     labels = batch["labels"]
     starts = (labels != -100) & (torch.roll(labels, 1, dims=1) == -100)  # first answer token of each block
@@ -130,7 +184,9 @@ def answer_focus(items: list[dict], batch: dict, side: int, image_token_id: int,
         answer_starts = torch.nonzero(starts[b]).flatten().tolist()
         for block, start in zip(blocks, answer_starts):
             evidence = block["focus"]
-            if (block["qtype"] == "exist" and block["answer"] == "no") or not evidence:
+            if "states" in item:
+                per_head = _video_heads(item, block, image_pos, side, length, heads)
+            elif (block["qtype"] == "exist" and block["answer"] == "no") or not evidence:
                 sink = torch.zeros(labels.shape[1], dtype=torch.bool)
                 sink[0] = True
                 per_head = [sink] * heads

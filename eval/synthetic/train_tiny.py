@@ -15,6 +15,11 @@
   decoder layer is pulled onto the question's evidence (or onto the first token when nothing matches).
   Both are dropped after training; the checkpoint is a plain Hugging Face model.
 * AdamW + linear warm-up + cosine decay; final greedy-generation evaluation on held-out split ``test``.
+* ``--media video`` (Qwen2-VL only) trains on SynthVQA-Video clips (:mod:`vtprune.eval.synthetic.synthvqa_video`)
+  through the processor's video path (``pixel_values_videos`` / ``video_grid_thw``), the probes and the
+  attention target extended per tubelet; ``--init`` starts from a saved model (the shipped image model,
+  whose tower and decoder already know colours, shapes and positions; its vocabulary grows by the video
+  words, appended), and ``--image-every K`` makes every K-th step an image batch so image skills stay.
 
 Example:
     >>> from vtprune.eval.synthetic.train_tiny import train  # doctest: +SKIP
@@ -45,13 +50,21 @@ from .synthvqa import (
     score_synthvqa,
 )
 from .synthvqa_scenes import MAX_OBJECTS, MIN_OBJECTS
-from .tiny_models import DEFAULT_SIZES, build_tiny, num_image_tokens, save_tiny
-from .train_aux import AnswerAttentionProbe, VisualTokenProbe, answer_focus, scene_token_labels
+from .synthvqa_video import (
+    VIDEO_QTYPES,
+    VIDEO_WORDS,
+    build_video_prompt,
+    generate_synthvqa_video,
+    video_prompt_parts,
+)
+from .tiny_models import DEFAULT_SIZES, build_processor, build_tiny, num_image_tokens, save_tiny
+from .train_aux import AnswerAttentionProbe, VisualTokenProbe, answer_focus, media_token_labels
 
 __all__ = ["evaluate", "make_batch", "predict", "train"]
 
 CKPT_NAME = os.path.join("checkpoint", "train_state.pt")
-ALL_QTYPES = QTYPES + AUX_QTYPES
+ALL_QTYPES = QTYPES + AUX_QTYPES + tuple(q for q in VIDEO_QTYPES if q not in QTYPES)
+MEDIA = ("image", "video")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -72,17 +85,28 @@ def make_batch(items: list[dict], processor, arch: str, model=None) -> dict:
     Returns model inputs (``input_ids, attention_mask`` as a 4D boolean block mask, ``position_ids``,
     pixel tensors) plus ``labels`` (-100 outside answers) and ``label_qtype`` (question-type index per
     position, -1 elsewhere). ``model`` is needed for Qwen2-VL to compute the M-RoPE ids of the image.
+    SynthVQA-Video items (with ``frames``; Qwen2-VL only) go through the processor's video path and give
+    ``pixel_values_videos`` and ``video_grid_thw`` instead.
 
     Example:
         >>> batch = make_batch(generate_synthvqa(2, questions_per_image=3), processor, "llava")  # doctest: +SKIP
     """
     tok = processor.tokenizer
-    prefix, suffix = prompt_parts(arch)
-    enc = processor(images=[it["image"] for it in items], text=[prefix] * len(items), return_tensors="pt")
+    video = "frames" in items[0]
+    if video and arch != "qwen2_vl":
+        raise ValueError(f"video batches need arch 'qwen2_vl', got {arch!r}")
+    prefix, suffix = video_prompt_parts() if video else prompt_parts(arch)
+    media = {"videos": [it["frames"] for it in items]} if video else {"images": [it["image"] for it in items]}
+    enc = processor(**media, text=[prefix] * len(items), return_tensors="pt")
     pre_ids = enc["input_ids"]  # identical length for all: fixed image grid, no padding
     n_pre = pre_ids.shape[1]
     if arch == "qwen2_vl":
-        pre_pos, _ = model.model.get_rope_index(pre_ids, enc["mm_token_type_ids"], enc["image_grid_thw"])
+        pre_pos, _ = model.model.get_rope_index(
+            pre_ids,
+            enc["mm_token_type_ids"],
+            image_grid_thw=enc.get("image_grid_thw"),
+            video_grid_thw=enc.get("video_grid_thw"),
+        )
     else:
         pre_pos = torch.arange(n_pre).expand(1, len(items), -1)
     text_start = int(pre_pos[..., -1].max()) + 1  # same for every row (same grid)
@@ -126,15 +150,16 @@ def make_batch(items: list[dict], processor, arch: str, model=None) -> dict:
     batch = {
         "input_ids": input_ids,
         "attention_mask": allowed[:, None],
-        "pixel_values": enc["pixel_values"],
         "labels": labels,
         "label_qtype": label_qtype,
     }
+    pixels = ("pixel_values_videos", "video_grid_thw") if video else ("pixel_values", "image_grid_thw")
+    batch[pixels[0]] = enc[pixels[0]]
     if arch == "qwen2_vl":
         position_ids = text_pos[None].repeat(3, 1, 1)
         position_ids[:, :, :n_pre] = pre_pos
         batch["position_ids"] = position_ids
-        batch["image_grid_thw"] = enc["image_grid_thw"]
+        batch[pixels[1]] = enc[pixels[1]]
     else:
         text_pos[:, :n_pre] = torch.arange(n_pre)
         batch["position_ids"] = text_pos
@@ -161,7 +186,8 @@ def _forward_loss(model, batch: dict):
 
 @torch.no_grad()
 def predict(model, processor, items: list[dict], arch: str, batch_size: int = 32) -> list[str]:
-    """Greedy answers (``model.generate``) for items, using the training prompt format.
+    """Greedy answers (``model.generate``) for items (SynthVQA images or SynthVQA-Video clips), using
+    the training prompt format.
 
     Example:
         >>> answers = predict(model, processor, generate_synthvqa(8), "llava")  # doctest: +SKIP
@@ -171,25 +197,30 @@ def predict(model, processor, items: list[dict], arch: str, batch_size: int = 32
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        enc = processor(
-            images=[it["image"] for it in chunk],
-            text=[build_prompt(it["question"], arch) for it in chunk],
-            return_tensors="pt",
-            padding=True,
-        )
+        if "frames" in chunk[0]:
+            media = {"videos": [it["frames"] for it in chunk]}
+            text = [build_video_prompt(it["question"]) for it in chunk]
+        else:
+            media = {"images": [it["image"] for it in chunk]}
+            text = [build_prompt(it["question"], arch) for it in chunk]
+        enc = processor(**media, text=text, return_tensors="pt", padding=True)
         gen = model.generate(**enc, max_new_tokens=3, do_sample=False)
         out += processor.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return [o.strip() for o in out]
 
 
-def evaluate(model, processor, arch: str, n: int = 400, seed: int = 0, batch_size: int = 32) -> dict:
-    """Score greedy answers on ``n`` held-out items (split ``test``); see :func:`score_synthvqa`.
+def evaluate(
+    model, processor, arch: str, n: int = 400, seed: int = 0, batch_size: int = 32, media: str = "image"
+) -> dict:
+    """Score greedy answers on ``n`` held-out items (split ``test``) of SynthVQA or, with
+    ``media="video"``, SynthVQA-Video; see :func:`score_synthvqa`.
 
     Example:
         >>> evaluate(model, processor, "llava", n=40)["accuracy"]  # doctest: +SKIP
         0.9
     """
-    items = generate_synthvqa(n, seed=seed, split="test")
+    gen = generate_synthvqa_video if media == "video" else generate_synthvqa
+    items = gen(n, seed=seed, split="test")
     was_training = model.training
     result = score_synthvqa(items, predict(model, processor, items, arch, batch_size))
     model.train(was_training)
@@ -199,6 +230,55 @@ def evaluate(model, processor, arch: str, n: int = 400, seed: int = 0, batch_siz
 # ---------------------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------------------
+
+
+def initial_model(arch: str, seed: int, media: str = "image", init: str | None = None):
+    """``(model, processor)`` to train: a fresh tiny model, or the saved model ``init`` with its vocabulary
+    grown by the video words (appended, new embedding rows seeded) when ``media == "video"``.
+
+    Example:
+        >>> model, processor = initial_model("qwen2_vl", 0, "video")
+        >>> processor.tokenizer.convert_tokens_to_ids("frame") < model.config.text_config.vocab_size
+        True
+    """
+    words = VIDEO_WORDS if media == "video" else ()
+    if init is None:
+        return build_tiny(arch, seed=seed, extra_words=words)
+    from .tiny_models import load_tiny
+
+    model, old = load_tiny(init)
+    if model.config.model_type != arch:
+        raise ValueError(f"--init {init!r} is a {model.config.model_type} model, not {arch!r}")
+    processor = build_processor(arch, extra_words=words)
+    new_vocab = processor.tokenizer.get_vocab()
+    moved = [w for w, i in old.tokenizer.get_vocab().items() if new_vocab.get(w) != i]
+    if moved:
+        raise ValueError(f"--init {init!r}: its tokenizer gives other ids to {moved[:5]}; cannot extend it")
+    size = -(-len(processor.tokenizer) // 16) * 16
+    if size > model.config.text_config.vocab_size:
+        torch.manual_seed(seed)  # the new rows are drawn by the model's own initialiser
+        model.resize_token_embeddings(size, mean_resizing=False)
+    return model.train(), processor
+
+
+def _step_items(step, media, image_every, seed, batch_size, questions, focus_steps, curriculum_steps):
+    """Training items of step ``step``: SynthVQA-Video clips ``[step*B, (step+1)*B)`` of split ``train``,
+    or SynthVQA images (the curriculum's) on image steps; a pure function of its arguments."""
+    image_step = media == "image" or (image_every and step % image_every == image_every - 1)
+    if not image_step:
+        return generate_synthvqa_video(
+            batch_size, seed=seed, split="train", start=step * batch_size, questions_per_clip=questions
+        )
+    n_objects, extra_qtypes = curriculum(step, focus_steps, curriculum_steps)
+    return generate_synthvqa(
+        batch_size,
+        seed=seed,
+        split="train",
+        start=step * batch_size,
+        questions_per_image=questions,
+        n_objects=n_objects,
+        extra_qtypes=extra_qtypes,
+    )
 
 
 def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
@@ -253,26 +333,49 @@ def train(
     eval_seed: int = 0,
     threads: int = 2,
     command: str | None = None,
+    media: str = "image",
+    init: str | None = None,
+    image_every: int = 0,
+    image_eval_n: int = 200,
+    freeze_vision: bool = False,
 ) -> dict:
     """Train (or resume) a tiny model, save it with its processor into ``out``, return the held-out score.
+
+    ``media="video"`` trains on SynthVQA-Video clips (``questions_per_image`` questions per clip), every
+    ``image_every``-th step on a SynthVQA image batch instead (0: never); ``init`` is a saved model to
+    start from instead of a fresh one (see the module docstring). ``freeze_vision`` trains the decoder
+    only (the tower of an image model started from already encodes each still tubelet).
 
     Example:
         >>> train("llava", "/tmp/tiny-llava", steps=10, eval_n=8)  # doctest: +SKIP
     """
+    if media not in MEDIA:
+        raise ValueError(f"media must be one of {MEDIA}, got {media!r}")
+    if media == "video" and arch != "qwen2_vl":
+        raise ValueError(f"media 'video' needs arch 'qwen2_vl' (a video path), got arch {arch!r}")
+    if image_every < 0:
+        raise ValueError(f"image_every must be >= 0 (0 = no image batches), got {image_every}")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    model, processor = build_tiny(arch, seed=seed)
+    model, processor = initial_model(arch, seed, media, init)
     probe = VisualTokenProbe(model, arch)  # dense per-token scene labels (see train_aux), dropped at the end
     side = math.isqrt(num_image_tokens(processor, arch))
     # the answer position's attention at ``attn_layer`` is pulled onto the evidence (see train_aux)
     looker = AnswerAttentionProbe(model, attn_layer)
-    params = list(model.parameters()) + list(probe.parameters())
+    if freeze_vision:
+        model.model.visual.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad] + list(probe.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
     ckpt = os.path.join(out, CKPT_NAME)
     start, elapsed, cpu = 0, 0.0, 0.0
     if os.path.exists(ckpt):
         state = load_state(ckpt)
-        if state["arch"] != arch or state["seed"] != seed or state["steps"] != steps:
+        if (state["arch"], state["seed"], state["steps"], state.get("media", "image")) != (
+            arch,
+            seed,
+            steps,
+            media,
+        ):
             raise SystemExit(
                 f"{ckpt} belongs to another run ({state['arch']}, seed {state['seed']}); remove it"
             )
@@ -287,25 +390,20 @@ def train(
     t0, c0 = time.time() - elapsed, time.process_time() - cpu
     bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"train {arch}", dynamic_ncols=True)
     for step in bar:
-        n_objects, extra_qtypes = curriculum(step, focus_steps, curriculum_steps)
-        items = generate_synthvqa(
-            batch_size,
-            seed=seed,
-            split="train",
-            start=step * batch_size,
-            questions_per_image=questions_per_image,
-            n_objects=n_objects,
-            extra_qtypes=extra_qtypes,
+        # batch ``step`` is fully determined by the step index (exact resume); see _step_items
+        items = _step_items(
+            step, media, image_every, seed, batch_size, questions_per_image, focus_steps, curriculum_steps
         )
         batch = make_batch(items, processor, arch, model)
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
+        token = model.config.video_token_id if "frames" in items[0] else model.config.image_token_id
         rows, positions, focus = answer_focus(
-            items, batch, side, model.config.image_token_id, model.config.text_config.num_attention_heads
+            items, batch, side, token, model.config.text_config.num_attention_heads
         )
         looker.query = (rows, positions)
         answer_loss, hit, qt = _forward_loss(model, batch)
-        aux_loss = probe.loss(scene_token_labels(items, side))
+        aux_loss = probe.loss(media_token_labels(items, side))
         attn_loss = looker.loss(focus)
         loss = answer_loss + aux_weight * aux_loss + attn_weight * attn_loss
         opt.zero_grad(set_to_none=True)
@@ -322,16 +420,24 @@ def train(
         )
         if (step + 1) % ckpt_every == 0 and step + 1 < steps:
             times = (time.time() - t0, time.process_time() - c0)
-            _save_state(ckpt, model, probe, opt, arch, seed, steps, step + 1, *times)
+            _save_state(ckpt, model, probe, opt, arch, seed, steps, step + 1, *times, media=media)
     train_seconds, cpu_seconds = time.time() - t0, time.process_time() - c0
     bar.close()
     probe.remove()
     looker.remove()
 
-    result = evaluate(model, processor, arch, n=eval_n, seed=eval_seed)
+    result = evaluate(model, processor, arch, n=eval_n, seed=eval_seed, media=media)
     print(f"held-out ({eval_n} items, split test seed {eval_seed}): overall {result['accuracy']:.3f}")
-    for q in QTYPES:
+    for q in VIDEO_QTYPES if media == "video" else QTYPES:
         print(f"  {q:10s} {result['per_qtype'].get(q, 0.0):.3f}  (n={result['n_per_qtype'].get(q, 0)})")
+    image_result = None
+    if media == "video" and image_eval_n:  # what is left of the image skills
+        image_result = evaluate(model, processor, arch, n=image_eval_n, seed=eval_seed)
+        print(f"held-out images ({image_eval_n} items): overall {image_result['accuracy']:.3f}")
+        if init is not None:  # the same images with the model it started from: what the video steps cost
+            from .tiny_models import load_tiny
+
+            image_result["init"] = evaluate(*load_tiny(init), arch, n=image_eval_n, seed=eval_seed)
     save_tiny(model, processor, out)
     info = {
         "arch": arch,
@@ -354,9 +460,17 @@ def train(
         "visual_tokens": num_image_tokens(processor, arch),
         "command": command,
     }
+    if media == "video":
+        info.update(media=media, init=init, image_every=image_every, freeze_vision=freeze_vision)
+        info["image_eval"] = {"n": image_eval_n, "seed": eval_seed, "split": "test", **(image_result or {})}
     with open(os.path.join(out, "training_info.json"), "w") as f:
         json.dump(info, f, indent=1)
-    write_readme(out, info)
+    if media == "video":
+        from .video_readme import write_video_readme
+
+        write_video_readme(out, info)
+    else:
+        write_readme(out, info)
     shutil.rmtree(os.path.join(out, "checkpoint"), ignore_errors=True)
     return info
 
@@ -377,7 +491,7 @@ def load_state(path: str) -> dict:
         ) from e
 
 
-def _save_state(path, model, probe, opt, arch, seed, steps, step, elapsed, cpu) -> None:
+def _save_state(path, model, probe, opt, arch, seed, steps, step, elapsed, cpu, media="image") -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = {
         "model": model.state_dict(),
@@ -389,6 +503,7 @@ def _save_state(path, model, probe, opt, arch, seed, steps, step, elapsed, cpu) 
         "step": step,
         "elapsed": elapsed,
         "cpu": cpu,
+        "media": media,
     }
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: an interrupt never leaves a half-written checkpoint
@@ -483,6 +598,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--eval-n", type=int, default=400)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--media", choices=MEDIA, default="image", help="video: SynthVQA-Video clips (qwen2_vl)")
+    p.add_argument("--init", default=None, help="saved model folder to start from (e.g. the image asset)")
+    p.add_argument("--image-every", type=int, default=0, help="with --media video: every K-th step images")
+    p.add_argument("--freeze-vision", action="store_true", help="train the decoder only")
     args = p.parse_args(argv)
     import sys
 
@@ -501,6 +620,10 @@ def main(argv: list[str] | None = None) -> None:
         attn_layer=args.attn_layer,
         eval_n=args.eval_n,
         threads=args.threads,
+        media=args.media,
+        init=args.init,
+        image_every=args.image_every,
+        freeze_vision=args.freeze_vision,
         command="python -m vtprune.eval.synthetic.train_tiny "
         + " ".join(sys.argv[1:] if argv is None else argv),
     )
