@@ -247,5 +247,8 @@ def test_fidelity_video_end_to_end_keep_everything_equals_unpruned(tmp_path):
         assert answers == by_plan["baseline"], plan
         assert results[plan]["keep_ratio"] == 1.0
     assert "| divprune | 100.0% (100.0%) | 100.0% (100.0%) |" in text
-    run_video(str(tmp_path), **opts)  # nothing left to do: no new records
+    readme = tmp_path / "README.md"
+    readme.write_text(readme.read_text() + "\n## What it shows (written by hand)\nA note.\n")
+    run_video(str(tmp_path), **opts)  # nothing left to do: no new records, the hand-written notes kept
     assert sum(1 for _ in gzip.open(tmp_path / "records.jsonl.gz", "rt")) == len(records)
+    assert readme.read_text().endswith("## What it shows (written by hand)\nA note.\n")

@@ -31,7 +31,7 @@ def model_source(model) -> str:
         >>> model_source("/no/such/llava")
         Traceback (most recent call last):
         ...
-        FileNotFoundError: no such folder or hub id: '/no/such/llava' (a folder with the model's config.json, a hub id 'org/name', or a shipped tiny model: llava, qwen2_vl, llava_noattn)
+        FileNotFoundError: no such folder or hub id: '/no/such/llava' (a folder with the model's config.json, a hub id 'org/name', or a shipped tiny model: llava, qwen2_vl, llava_noattn, qwen2_vl_video)
     """
     from vtprune.eval.synthetic.tiny_models import ASSET_NAMES, asset_dir
 
