@@ -32,6 +32,7 @@ from vtprune.methods import (  # noqa: E402
     ToDRE,
     UniformPrune,
     VisionZip,
+    ZeroTPrune,
 )
 from vtprune.runtime.state import replay  # noqa: E402
 from vtprune.stats import PruneStats  # noqa: E402
@@ -59,6 +60,7 @@ __all__ = [
     "ToDRE",
     "UniformPrune",
     "VisionZip",
+    "ZeroTPrune",
     "apply",
     "calibrate",
     "method_names",

@@ -14,6 +14,7 @@ from .sparsevlm import SparseVLM
 from .temporal import Temporal
 from .todre import ToDRE
 from .visionzip import VisionZip
+from .zerotprune import ZeroTPrune
 
 __all__ = [
     "CDPruner",
@@ -31,4 +32,5 @@ __all__ = [
     "ToDRE",
     "UniformPrune",
     "VisionZip",
+    "ZeroTPrune",
 ]
