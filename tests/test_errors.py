@@ -83,6 +83,7 @@ WRONG_TYPE = {
     "uniform": {"keep": "0.5", "protect_newlines": "yes", "recycle": True},
     "divprune": {"keep": "0.1", "per_crop": 1, "recycle": "mean"},
     "flowcut": {"keep": "0.1", "smoothing": "half"},
+    "zerotprune": {"keep": "0.1", "layers": "3", "iterations": 30.0, "similarity": "half"},
     "cdpruner": {
         "keep": "0.1",
         "quality": "exp",

@@ -64,14 +64,15 @@ def importance_then_similarity(
 ) -> torch.Tensor:
     """``[n]`` bool: the ``keep`` tokens Zero-TPrune's two stages leave of ``n`` candidates.
 
-    With ``r = n - keep`` to drop, the S-stage drops ``r_s = min(round(similarity * r), keep)``
-    of them and the I-stage the other ``r_i = r - r_s``:
+    Of the ``r = n - keep`` to drop, the S-stage drops ``r_s = min(r, round(similarity * keep),
+    keep - 1)`` and the I-stage the other ``r - r_s``:
 
-    * I-stage: the ``r_i`` lowest ``scores`` leave;
-    * S-stage: the ``m`` survivors, sorted by score (highest first, ties by position), split
-      sequentially into ``A`` (the first ``ceil(m / 2)``) and ``B`` (the rest); each token of ``B``
-      gets its largest cosine similarity of ``keys`` to ``A``, and the ``r_s`` most similar leave
-      (ties: the less important first). Capping ``r_s`` at ``keep`` keeps ``r_s <= |B|``.
+    * I-stage: the ``r - r_s`` lowest ``scores`` leave;
+    * S-stage: the ``m = keep + r_s`` survivors, sorted by score (highest first, ties by
+      position), split sequentially into ``A`` (the first ``floor(m / 2)``) and ``B`` (the rest);
+      each token of ``B`` gets its largest cosine similarity of ``keys`` to ``A``, and the ``r_s``
+      most similar leave (ties: the less important first). ``r_s < keep`` leaves ``B`` a token
+      more than it drops, so the similarity always chooses.
 
     Example:
         >>> scores = torch.tensor([0.4, 0.3, 0.2, 0.1])
@@ -84,7 +85,7 @@ def importance_then_similarity(
     n = scores.numel()
     keep = max(0, min(keep, n))
     r = n - keep
-    r_s = min(int(similarity * r + 0.5), keep)
+    r_s = max(0, min(r, int(similarity * keep + 0.5), keep - 1))
     order = torch.sort(scores.float(), descending=True, stable=True).indices
     survivors = order[: n - (r - r_s)]  # the I-stage's drops are the tail of the order
     out = torch.zeros(n, dtype=torch.bool, device=scores.device)
@@ -92,7 +93,7 @@ def importance_then_similarity(
         out[survivors] = True
         return out
     m = survivors.numel()
-    a, b = survivors[: (m + 1) // 2], survivors[(m + 1) // 2 :]
+    a, b = survivors[: m // 2], survivors[m // 2 :]
     unit = torch.nn.functional.normalize(keys.float(), dim=-1)
     best = (unit[b] @ unit[a].T).max(dim=1).values  # [|B|]
     # most similar first; among equals the less important (later in B) leaves first

@@ -10,9 +10,11 @@ after each chosen tower layer, per image,
 * I-stage: weighted PageRank on it, ``s <- A^T s`` for ``iterations`` steps from the uniform
   vector (a token is important when important tokens attend to it);
 * S-stage: of the ``r`` tokens this step drops, the I-stage drops the ``r - r_s`` least
-  important; the survivors, by importance, are split sequentially into an important half ``A``
-  and the rest ``B``; the ``r_s`` tokens of ``B`` whose key (mean over heads) is most similar
-  (cosine) to some token of ``A`` leave. ``r_s = min(round(similarity * r), kept)``.
+  important; the ``kept + r_s`` survivors, by importance, are split sequentially into an
+  important half ``A`` and the rest ``B``; the ``r_s`` tokens of ``B`` whose key (mean over heads)
+  is most similar (cosine) to some token of ``A`` leave.
+  ``r_s = min(r, round(similarity * kept), kept - 1)``: the S-stage's share is measured against
+  what is kept, so it chooses among more tokens than it drops even when ``r`` is most of the image.
 
 ``keep`` is the fraction of each image's language-model tokens that reach the language model
 (all decoder layers see that many): ``k = round(keep * tokens)``, exactly. With several
@@ -31,9 +33,10 @@ that differ from it, all ours:
   "Emphasizing Informative Region" aggregation and "Variance-based Head Filter" is not done;
 * a fixed number of PageRank steps (default 30), no convergence test, and no ``1/N`` factor per
   step (it scales every score alike), so batched and single-image runs agree exactly;
-* the split between the stages (``similarity``, default 0.5 of each step's drops, capped at the
-  count kept so ``B`` is always large enough), the sequential partition (the paper's default),
-  cosine of head-mean keys as the similarity, and ties broken by importance;
+* the split between the stages (``similarity``, default 0.5: the S-stage drops half as many
+  tokens as the step keeps; the paper prunes a few tokens per layer, where any split leaves
+  ``B`` large enough, but a VLM step drops most of the image), the sequential partition (the
+  paper's default), cosine of head-mean keys as the similarity, and ties broken by importance;
 * the default layer: the one just before the feature layer (LLaVA: CLIP layer -3's output feeds
   the feature layer -2; Qwen2-VL: after the last block, before the merger), where the map is
   most informed; earlier ``layers`` save more tower compute. The default ``keep`` is 64/576,
@@ -71,8 +74,9 @@ class ZeroTPrune(MethodConfig):
         layers: tower layers after which tokens leave (default: the one before the feature
             layer); a strictly increasing list of integers >= 0.
         iterations: weighted PageRank steps (default 30), an integer >= 1.
-        similarity: share of each step's drops made by the S-stage (default 0.5; 0 is the
-            I-stage alone), a number in [0, 1].
+        similarity: tokens the S-stage drops at a step, as a share of the tokens the step
+            keeps (default 0.5; 0 is the I-stage alone; at most all but one of the kept), a
+            number in [0, 1].
 
     Example:
         >>> ZeroTPrune(keep=0.25).iterations, ZeroTPrune().similarity
