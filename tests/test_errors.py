@@ -112,6 +112,7 @@ WRONG_TYPE = {
         "select_layer": "last",
         "drop_newlines": 0,
         "recycle": ["nearest"],
+        "score": "pagerank",
     },
     "layerskip": {
         "keep": "1",
@@ -143,6 +144,7 @@ WRONG_TYPE = {
         "layer": "-2",
         "merge": "sum",
         "drop_newlines": 1,
+        "score": 1,
     },
 }
 # the video-budget option every image vision-stage method shares (vtprune.config.VideoBudget)

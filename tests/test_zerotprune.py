@@ -232,9 +232,9 @@ def test_counted_tower_flops_fall_by_the_tokens_removed(shaped):
 
 
 # -- Qwen2-VL: whole merge groups, the reference on patches --------------------------------------
-def qwen_reference(model, kw, target_of, iterations=30, similarity=0.5) -> list[list[int]]:
-    """The rule on each image at the last block (the default), from that block's own input,
-    with each image's full eager attention map; returns the kept tokens (2x2 groups) per image."""
+def qwen_last_block_maps(model, kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per image, ``(head-mean attention [n, n], head-mean keys [n, d])`` of the tower's last
+    block, from that block's own input in an unpruned run, with the full eager map."""
     visual = model.model.visual
     attn = visual.blocks[-1].attn
     seen = {}
@@ -259,10 +259,18 @@ def qwen_reference(model, kw, target_of, iterations=30, similarity=0.5) -> list[
     for a, b in zip(bounds[:-1], bounds[1:]):
         qi, ki = q[a:b].transpose(0, 1).float(), k[a:b].transpose(0, 1).float()  # [H, n, d]
         weights = torch.softmax(qi @ ki.transpose(-1, -2) * attn.scaling, dim=-1)
-        s = loop_pagerank(weights.mean(0), iterations)
+        out.append((weights.mean(0), ki.mean(0)))
+    return out
+
+
+def qwen_reference(model, kw, target_of, iterations=30, similarity=0.5) -> list[list[int]]:
+    """The rule on each image at the last block (the default); the kept tokens (2x2 groups)."""
+    out = []
+    for attn, keys in qwen_last_block_maps(model, kw):
+        s = loop_pagerank(attn, iterations)
         scores = [sum(s[i : i + 4]) for i in range(0, len(s), 4)]
-        keys = ki.mean(0).view(-1, 4, ki.shape[-1]).mean(1).tolist()
-        out.append(loop_two_stages(scores, keys, target_of(len(scores)), similarity))
+        unit_keys = keys.view(-1, 4, keys.shape[-1]).mean(1).tolist()
+        out.append(loop_two_stages(scores, unit_keys, target_of(len(scores)), similarity))
     return out
 
 
@@ -342,3 +350,60 @@ def test_a_layer_at_or_after_the_feature_layer_is_named(llava):
 def test_bad_options_are_named(option, value, allowed):
     with pytest.raises(ValueError, match=rf"zerotprune: option '{option}'=.*{allowed}"):
         vtprune.ZeroTPrune(**{option: value})
+
+
+# -- the CLS-free score of the vision methods (score="wpr") ------------------------------------
+def wpr_top(model, kw, count_of) -> list[list[int]]:
+    """Per image, the tokens with the highest weighted PageRank (mean over each 2x2 group) of the
+    last block's head-mean map: looped PageRank on the full eager map."""
+    out = []
+    for attn, _ in qwen_last_block_maps(model, kw):
+        s = loop_pagerank(attn, 30)
+        units = [sum(s[i : i + 4]) / 4 for i in range(0, len(s), 4)]
+        order = sorted(range(len(units)), key=lambda i: (-units[i], i))
+        out.append(sorted(order[: count_of(len(units))]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sharp_qwen():
+    """Random tiny weights give a nearly uniform map, where one PageRank step (the received
+    attention) already ranks like thirty; sharper q/k in the last block make the graph matter."""
+    model = tiny.qwen2_vl(tower_depth=5)
+    attn = model.model.visual.blocks[-1].attn
+    with torch.no_grad():
+        attn.qkv.weight[: 2 * attn.qkv.weight.shape[1]] *= 6
+    return model
+
+
+@pytest.mark.parametrize(
+    "method,options,count_of",
+    [
+        ("hired", dict(keep=0.25), lambda n: math.floor(0.25 * n + 0.5)),
+        ("visionzip", dict(dominant=8, contextual=0), lambda n: 8),
+    ],
+)
+def test_wpr_score_picks_the_pagerank_top(sharp_qwen, method, options, count_of):
+    qwen = sharp_qwen
+    kw = tiny.inputs("qwen2_vl", qwen, [1, 2], seed=5, sizes=QWEN_SIZES)
+    ref = wpr_top(qwen, kw, count_of)
+    with torch.no_grad():
+        with vtprune.pruned(qwen, method, score="wpr", **options):
+            qwen(**kw)
+            wpr = picks(qwen, kw, method)
+        with vtprune.pruned(qwen, method, **options):
+            qwen(**kw)
+            received = picks(qwen, kw, method)
+    assert wpr == ref
+    assert wpr != received  # the received-attention substitute ranks differently
+
+
+def test_wpr_score_is_refused_on_a_tower_with_cls(llava):
+    with pytest.raises(ValueError, match=r"hired: option 'score'='wpr' is invalid for this model"):
+        vtprune.apply(llava, "hired", score="wpr")
+    assert vtprune.api.handle_of(llava) is None
+
+
+def test_wpr_score_name_is_checked():
+    with pytest.raises(ValueError, match=r"visionzip: option 'score'='pagerank' is invalid"):
+        vtprune.VisionZip(score="pagerank")

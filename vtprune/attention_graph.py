@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import torch
 
+#: ``score=`` of the vision methods that read a tower score (HiRED, VisionZip): ``"attention"``
+#: (the CLS row, or the received-attention substitute) or ``"wpr"`` (:func:`weighted_pagerank`)
+TOWER_SCORES = ("attention", "wpr")
+
 #: Weighted PageRank steps when a caller does not choose (the power iteration of a row-stochastic
 #: map settles well within this on tower maps; a fixed count keeps batched and looped runs equal)
 DEFAULT_ITERATIONS = 30

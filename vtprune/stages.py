@@ -215,6 +215,9 @@ class VisionStage(Stage):
     #: videos: ``"clip"`` spends one budget over all frames, ``"frame"`` runs :meth:`pick` on each
     #: frame with its own budget (set from the method's ``video_budget`` option)
     video_budget: str = "clip"
+    #: the tower score :meth:`ImageView.cls_scores` reads: ``"attention"`` (the CLS row, or the
+    #: received-attention substitute) or ``"wpr"`` (weighted PageRank; towers without CLS)
+    tower_score: str = "attention"
 
     def vision_layers(self, adapter) -> list[int]:
         """Vision-tower layers whose CLS attention (or substitute) this stage reads (no side effects)."""
