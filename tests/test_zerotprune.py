@@ -321,6 +321,16 @@ def test_qwen_keep_target_within_two_percent(qwen, keep):
     assert abs(got - keep) / keep <= 0.02, got
 
 
+def test_composes_with_a_prefill_stage(llava):
+    kw = tiny.inputs("llava", llava, [1], seed=2)
+    plan = vtprune.Compose(vtprune.ZeroTPrune(keep=0.5, layers=[2]), vtprune.FastV(layer=2, ratio=0.5))
+    with torch.no_grad(), vtprune.pruned(llava, plan):
+        llava(**kw)
+        st = vtprune.stats(llava)
+    assert st.visual_tokens_per_layer == [32, 32] + [16] * (tiny.LAYERS - 2)
+    assert st.tower_tokens_per_layer == [65] * 3 + [33] * (TOWER - 3)
+
+
 # -- refusals and named errors ------------------------------------------------------------------
 @pytest.mark.parametrize(
     "family,match",
