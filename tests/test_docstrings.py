@@ -18,6 +18,8 @@ MODULES = [
     "vtprune.clustering",
     "vtprune.methods.sparsevlm",
     "vtprune.methods.flowcut",
+    "vtprune.methods.zerotprune",
+    "vtprune.attention_graph",
     "vtprune.methods.cdpruner",
     "vtprune.relevance",
     "vtprune.recycling",

@@ -86,6 +86,7 @@ WRONG_TYPE = {
     "uniform": {"keep": "0.5", "protect_newlines": "yes", "recycle": True},
     "divprune": {"keep": "0.1", "per_crop": 1, "recycle": "mean"},
     "flowcut": {"keep": "0.1", "smoothing": "half"},
+    "zerotprune": {"keep": "0.1", "layers": "3", "iterations": 30.0, "similarity": "half"},
     "cdpruner": {
         "keep": "0.1",
         "quality": "exp",
@@ -124,6 +125,7 @@ WRONG_TYPE = {
         "select_layer": "last",
         "drop_newlines": 0,
         "recycle": ["nearest"],
+        "score": "pagerank",
     },
     "layerskip": {
         "keep": "1",
@@ -155,6 +157,7 @@ WRONG_TYPE = {
         "layer": "-2",
         "merge": "sum",
         "drop_newlines": 1,
+        "score": 1,
     },
 }
 # the video-budget option every image vision-stage method shares (vtprune.config.VideoBudget)

@@ -18,6 +18,7 @@ VISION = {
     "divprune": dict(keep=0.3),
     "cdpruner": dict(keep=0.3),
     "flowcut": dict(keep=0.3),  # a tower stage: it too prunes before the language model
+    "zerotprune": dict(keep=0.3),
     "temporal": dict(keep=0.3),
 }
 

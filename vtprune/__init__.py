@@ -33,6 +33,7 @@ from vtprune.methods import (  # noqa: E402
     UniformPrune,
     VisionZip,
     VScan,
+    ZeroTPrune,
 )
 from vtprune.runtime.state import replay  # noqa: E402
 from vtprune.stats import PruneStats  # noqa: E402
@@ -61,6 +62,7 @@ __all__ = [
     "UniformPrune",
     "VisionZip",
     "VScan",
+    "ZeroTPrune",
     "apply",
     "calibrate",
     "method_names",

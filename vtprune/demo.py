@@ -26,6 +26,7 @@ DEFAULT_METHODS = [
     "todre",
     "sparsevlm",
     "flowcut",
+    "zerotprune",
     "dart",
     "temporal",
     "vscan",

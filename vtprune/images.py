@@ -288,18 +288,23 @@ class ImageView:
             raise RuntimeError(f"vtprune: no vision-tower scores captured at layer {layer} for this image")
         return got
 
-    def cls_scores(self, layer: int) -> torch.Tensor:
+    def cls_scores(self, layer: int, score: str = "attention") -> torch.Tensor:
         """``[n]`` float: each token's tower score at ``layer``, ``-inf`` for newline tokens.
 
         CLS towers: the CLS attention (summed over heads) of the tower token it came from. Towers
         without CLS (Qwen2-VL): the documented substitute, the attention each patch receives from
-        all patches of its image, averaged over the patches merged into the token.
+        all patches of its image, averaged over the patches merged into the token; with
+        ``score="wpr"`` the weighted PageRank of the image's head-mean map instead (captured only
+        for stages whose ``tower_score`` is ``"wpr"``), averaged the same way.
         """
         got = self.captured(layer)
+        name = "wpr" if score == "wpr" else "received"
+        if score == "wpr" and "wpr" not in got:
+            raise RuntimeError(f"vtprune: no weighted-PageRank tower score captured at layer {layer}")
         if self.layout.taps is not None:
-            return self._tapped(got["received"], float("-inf"))
+            return self._tapped(got[name], float("-inf"))
         if not self.has_cls or "received" in got:
-            return got["received"].view(self.num_tokens, self.patches_per_token).mean(1)
+            return got[name].view(self.num_tokens, self.patches_per_token).mean(1)
         flat = got["cls"].flatten()
         src = self.layout.source.to(flat.device)
         return torch.where(src >= 0, flat[src.clamp(min=0)], torch.tensor(float("-inf"), device=flat.device))

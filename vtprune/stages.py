@@ -161,6 +161,12 @@ class TowerContext:
     has_cls: bool = True
     group: int = 1
     row_patches: torch.Tensor | None = None
+    #: stages with ``needs_queries`` (Zero-TPrune): every slot's query and key ``[B, H, T, d]``
+    #: (float32, rotary applied where the tower applies it) and the layer's softmax scale, for
+    #: attention maps computed one image at a time beside SDPA; ``None`` for other stages
+    queries: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    scale: float = 1.0
 
 
 class Stage:
@@ -209,6 +215,9 @@ class VisionStage(Stage):
     #: videos: ``"clip"`` spends one budget over all frames, ``"frame"`` runs :meth:`pick` on each
     #: frame with its own budget (set from the method's ``video_budget`` option)
     video_budget: str = "clip"
+    #: the tower score :meth:`ImageView.cls_scores` reads: ``"attention"`` (the CLS row, or the
+    #: received-attention substitute) or ``"wpr"`` (weighted PageRank; towers without CLS)
+    tower_score: str = "attention"
 
     def vision_layers(self, adapter) -> list[int]:
         """Vision-tower layers whose CLS attention (or substitute) this stage reads (no side effects)."""
@@ -369,6 +378,8 @@ class TowerStage(Stage):
 
     point = "tower"
     recycle = "none"  # the compaction at the language model has nothing left to fold in
+    #: the stage reads every query row of its layers (``ctx.queries`` / ``ctx.keys``), not only CLS
+    needs_queries: bool = False
 
     def tower_layers(self, feature_layer: int, depth: int) -> list[int]:
         """Tower layers after which :meth:`after_layer` runs (their CLS row and values are read)."""

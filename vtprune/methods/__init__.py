@@ -15,6 +15,7 @@ from .temporal import Temporal
 from .todre import ToDRE
 from .visionzip import VisionZip
 from .vscan import VScan
+from .zerotprune import ZeroTPrune
 
 __all__ = [
     "CDPruner",
@@ -33,4 +34,5 @@ __all__ = [
     "UniformPrune",
     "VisionZip",
     "VScan",
+    "ZeroTPrune",
 ]

@@ -24,7 +24,9 @@ Decisions:
 * Qwen2-VL has no CLS token: its score is the attention a token receives from all patches of
   its image in the chosen tower block (``ImageView.cls_scores``, ``vtprune.runtime.vision``).
   LLaVA-OneVision has none either (the same substitute, per SigLIP crop); its videos have no base
-  image to split the budget by, so a clip's frames are scored as one set.
+  image to split the budget by, so a clip's frames are scored as one set. On these towers
+  ``score="wpr"`` ranks by Zero-TPrune's weighted PageRank of the block's head-mean attention
+  map instead (``vtprune.attention_graph``); towers with CLS refuse it.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ from dataclasses import dataclass
 
 import torch
 
+from vtprune.attention_graph import TOWER_SCORES
 from vtprune.config import (
     ModelInfo,
     VideoBudget,
     check_bool,
+    check_choice,
     check_fraction,
     check_int,
     check_vision_layer,
@@ -59,6 +63,8 @@ class HiRED(VideoBudget):
         split_layer: tower layer whose CLS attention splits the budget over crops (default 0).
         select_layer: tower layer whose CLS attention selects tokens (default: the feature layer).
         drop_newlines: drop LLaVA-NeXT row-newline tokens as the official code does.
+        score: ``"attention"`` (default: the CLS attention, or the received-attention substitute
+            on towers without CLS) or ``"wpr"`` (weighted PageRank; towers without CLS only).
         recycle: ``"none"`` (default), ``"nearest"`` (fold each dropped token into its most
             similar kept token, mean of the group) or ``"clusters"`` (a tenth of the budget goes
             to DPC-kNN cluster means of the dropped tokens, at their centres; ``vtprune.recycling``).
@@ -74,9 +80,11 @@ class HiRED(VideoBudget):
     select_layer: int | None = None
     drop_newlines: bool = False
     recycle: str = "none"
+    score: str = "attention"
 
     def validate(self) -> None:
         check_fraction(self.name, "alpha", self.alpha, allow_zero=True)
+        check_choice(self.name, "score", self.score, TOWER_SCORES)
         # tower layers: the type here, the range (negative counts from the end) against the tower
         check_int(self.name, "split_layer", self.split_layer)
         if self.select_layer is not None:
@@ -120,6 +128,7 @@ class HiREDStage(VisionStage):
         self.cfg, self.fraction = cfg, budget
         self.keep = cfg.keep
         self.recycle = cfg.recycle
+        self.tower_score = cfg.score
 
     def select_layer(self, default: int) -> int:
         """The scoring layer: ``select_layer`` if set, else ``default`` (the feature layer's score
@@ -143,7 +152,7 @@ class HiREDStage(VisionStage):
         return int(max(view.crops, view.frames) * view.segments[0].size * self.fraction)
 
     def pick(self, view: ImageView, budget: int) -> torch.Tensor:
-        sel = view.cls_scores(self.select_layer(view.score_layer))
+        sel = view.cls_scores(self.select_layer(view.score_layer), self.tower_score)
         newlines = view.newline_indices
         fixed = newlines if not self.cfg.drop_newlines else newlines[:0]
         n_part = view.segments[0].size  # N: patch tokens of one partition
@@ -153,7 +162,7 @@ class HiREDStage(VisionStage):
         base_idx = view.segments[0].indices().to(sel.device)
         base_k = min(int(budget * self.cfg.alpha), n_part)
         chosen = [_top(sel, base_idx, base_k)]
-        split = view.cls_scores(self.cfg.split_layer)
+        split = view.cls_scores(self.cfg.split_layer, self.tower_score)
         side = view.extra["crop_side"]
         grid = view.extra["crop_grid"]
         # one host read per multi-crop image: the crops' shares feed a largest-remainder split

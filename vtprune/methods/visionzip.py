@@ -35,6 +35,9 @@ Decisions (the prompt fixes the placeholder count, and kept tokens keep their po
 * LLaVA-OneVision: no CLS either (received-attention substitute per SigLIP crop); its downscaled
   tiles and pooled video frames mix several tower tokens per token, so ``merge="official"`` is
   formed on the language model's inputs too. Partitions are the base crop and tiles, or the frames.
+* On towers without CLS ``score="wpr"`` ranks the dominant tokens by Zero-TPrune's weighted
+  PageRank of the block's head-mean attention map (``vtprune.attention_graph``) instead of the
+  received attention; towers with CLS refuse it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vtprune.attention_graph import TOWER_SCORES
 from vtprune.config import (
     ModelInfo,
     VideoBudget,
@@ -73,6 +77,9 @@ class VisionZip(VideoBudget):
         merge: ``"official"`` (target + mean of the other members, before the projector) or
             ``"mean"`` (mean of the group, target included, after the projector).
         drop_newlines: drop LLaVA-NeXT row-newline tokens as the official code does.
+        score: ``"attention"`` (default: the CLS attention, or the received-attention substitute
+            on towers without CLS) or ``"wpr"`` (weighted PageRank ranks the dominant tokens;
+            towers without CLS only).
 
     Example:
         >>> VisionZip(dominant=54, contextual=10).per_partition(576)
@@ -84,6 +91,7 @@ class VisionZip(VideoBudget):
     layer: int | None = None
     merge: str = "official"
     drop_newlines: bool = False
+    score: str = "attention"
 
     def validate(self) -> None:
         for name in ("dominant", "contextual"):
@@ -98,6 +106,7 @@ class VisionZip(VideoBudget):
         if self.keep is not None and (self.dominant is not None or self.contextual is not None):
             raise ValueError("visionzip: give either 'keep' or 'dominant'/'contextual', not both")
         check_choice(self.name, "merge", self.merge, MERGES)
+        check_choice(self.name, "score", self.score, TOWER_SCORES)
         check_bool(self.name, "drop_newlines", self.drop_newlines)
 
     def per_partition(self, n: int) -> tuple[int, int]:
@@ -125,6 +134,7 @@ class VisionZipStage(VisionStage):
 
     def __init__(self, cfg: VisionZip):
         self.cfg = cfg
+        self.tower_score = cfg.score
 
     def layer(self, default: int) -> int:
         """The scoring layer: ``layer`` if set, else ``default`` (the feature layer's score block:
@@ -160,7 +170,7 @@ class VisionZipStage(VisionStage):
     def pick(self, view: ImageView, budget: list[tuple[int, int]]) -> Pick:
         """Kept indices within the image's tokens, with the merged (and carried CLS) vectors."""
         layer = self.layer(view.score_layer)
-        scores = view.cls_scores(layer)
+        scores = view.cls_scores(layer, self.tower_score)
         keys = view.keys(layer)
         tower = _TowerFeatures(view) if view.projector is not None else None
         fixed = view.newline_indices

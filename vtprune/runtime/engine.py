@@ -72,7 +72,8 @@ class Runtime:
         layers = sorted({layer for st in self.vision_stages for layer in st.vision_layers(adapter)})
         hidden = sorted({layer for st in self.vision_stages for layer in st.vision_hidden_layers(adapter)})
         keys = any(st.needs_keys for st in self.vision_stages)
-        self.probe = make_probe(adapter, layers, keys, hidden) if layers or hidden else None
+        wpr = check_tower_score(adapter, self.vision_stages)
+        self.probe = make_probe(adapter, layers, keys, hidden, wpr) if layers or hidden else None
         self.encoder = EncoderTap(adapter, self.probe, self._mine, self.tower)
         # the tower's survivors shrink the image placeholders first, like a vision stage's picks
         self.lm_input_stages = tower_stages + self.vision_stages
@@ -334,6 +335,20 @@ class Runtime:
             return layer_mask(state, self.adapter.text_config, i, args, kwargs)
 
         return hook
+
+
+def check_tower_score(adapter, vision_stages: list) -> bool:
+    """Whether a vision stage reads the weighted-PageRank score (``score="wpr"``); refused, naming
+    the option, where the tower has CLS (its stages read the CLS row, not a whole map)."""
+    wpr = [s.key for s in vision_stages if s.tower_score == "wpr"]
+    if wpr and adapter.has_cls:
+        raise ValueError(
+            f"{wpr[0]}: option 'score'='wpr' is invalid for this model; allowed: 'attention' (its "
+            f"{adapter.family} vision tower has a CLS token, whose attention row the method reads; "
+            "'wpr' is the CLS-free score for towers without one: Qwen2-VL, Qwen2.5-VL, Qwen3-VL, "
+            "LLaVA-OneVision)"
+        )
+    return bool(wpr)
 
 
 def check_tower_plan(adapter, tower_stages: list, vision_stages: list) -> TowerRun | None:

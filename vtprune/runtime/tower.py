@@ -60,19 +60,20 @@ class TowerCall:
             self.mask = mask.masked_fill(~self.valid, torch.finfo(hidden.dtype).min)[:, None, None, :]
         return hidden
 
-    def cls_row(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(probs [B, H, T], values [B, H, T, d])`` of ``layer``: the CLS query's softmax over
-        the valid keys, from the projections the layer computed."""
+    def cls_row(self, layer: int) -> tuple[torch.Tensor, ...]:
+        """``(probs [B, H, T], values, queries, keys)`` of ``layer``: the CLS query's softmax over
+        the valid keys, from the projections the layer computed, and the per-head values, queries
+        (every row where a stage needs them, else the CLS row) and keys ``[B, H, T or 1, d]``."""
         slot = self.captured.pop(layer)
         attn = slot["attn"]
         b, t, _ = slot["k"].shape
         h = attn.num_heads
-        q = slot["q"].float().view(b, 1, h, -1).transpose(1, 2)
+        q = slot["q"].float().view(b, -1, h, attn.head_dim).transpose(1, 2)
         k = slot["k"].float().view(b, t, h, -1).transpose(1, 2)
         v = slot["v"].float().view(b, t, h, -1).transpose(1, 2)
-        logits = (q @ k.transpose(-1, -2))[:, :, 0] * attn.scale  # [B, H, T]
+        logits = (q[:, :, :1] @ k.transpose(-1, -2))[:, :, 0] * attn.scale  # [B, H, T]
         logits = logits.masked_fill(~self.valid[:, None, :], float("-inf"))
-        return torch.softmax(logits, dim=-1), v
+        return torch.softmax(logits, dim=-1), v, q, k
 
     def finish(self, feats: list[torch.Tensor], specs: list) -> tuple[list[torch.Tensor], list[dict]]:
         """Each image's features at its original placeholder slots, and what the tower kept."""
@@ -103,6 +104,8 @@ class TowerRun:
             for layer in stage.tower_layers(self.feature_layer, self.depth):
                 self.after.setdefault(layer, []).append(stage)
         self.patches = adapter.tower_tokens_per_crop - 1
+        # only a stage that reads whole attention maps keeps every query row (else the CLS row)
+        self.all_queries = any(s.needs_queries for s in stages)
         self.cls_in_lm = adapter.config.vision_feature_select_strategy != "default"
 
     def new_call(self) -> TowerCall:
@@ -124,7 +127,8 @@ class TowerRun:
             call = TOWER.get()
             if call is not None and call.run is self:
                 slot = call.captured.setdefault(layer, {"attn": attn})
-                slot[what] = (output[:, :1] if what == "q" else output).detach()
+                rows = what == "q" and not self.all_queries
+                slot[what] = (output[:, :1] if rows else output).detach()
 
         return hook
 
@@ -157,7 +161,8 @@ class TowerRun:
     def _run_stages(self, call: TowerCall, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         # one tower stage per plan (the runtime refuses more), so the row read here is its own
         (stage,) = self.after[layer]
-        probs, values = call.cls_row(layer)
+        probs, values, queries, keys = call.cls_row(layer)
+        wants = stage.needs_queries
         ctx = TowerContext(
             layer=layer,
             hidden=hidden,
@@ -169,6 +174,9 @@ class TowerRun:
             patches=self.patches,
             cls_in_lm=self.cls_in_lm,
             scratch=call.scratch[stage.key],
+            queries=queries if wants else None,
+            keys=keys if wants else None,
+            scale=float(self.adapter.vision_attention(layer).scale),
         )
         keep = stage.after_layer(ctx)
         if keep is None:

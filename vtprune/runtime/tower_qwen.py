@@ -165,6 +165,9 @@ class QwenTowerRun:
             has_cls=False,
             group=self.group,
             row_patches=torch.tensor(call.orig_lens, device=slot.device),
+            queries=qp if stage.needs_queries else None,
+            keys=kp if stage.needs_queries else None,
+            scale=float(attn.scaling),
         )
         keep = stage.after_layer(ctx)
         if keep is None:

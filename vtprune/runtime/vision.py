@@ -15,6 +15,10 @@ does), averaged over the 2x2 patches merged into one language-model token. Qwen2
 run on a window-permuted patch order: the probe records the permutation when the tower starts
 and maps every capture (scores, keys, hidden states) back to the token order in ``finish``.
 
+A stage with ``score="wpr"`` (towers without CLS) also gets ``wpr``: weighted PageRank
+(``vtprune.attention_graph``) on the head-mean map the received attention is the column mean
+of, per image (crop, frame); no other map is built.
+
 Captures are detached: they feed selections (scores, similarities), which are not differentiated.
 """
 
@@ -25,12 +29,18 @@ import sys
 
 import torch
 
+from vtprune.attention_graph import weighted_pagerank
+
 CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vtprune_vision_capture", default=None)
 
 
 class _Probe:
-    def __init__(self, adapter, layers: list[int], keys: bool, hidden_layers: list[int] = ()):
+    def __init__(
+        self, adapter, layers: list[int], keys: bool, hidden_layers: list[int] = (), wpr: bool = False
+    ):
         self.adapter, self.layers, self.keys, self.hidden_layers = adapter, layers, keys, list(hidden_layers)
+        #: also keep Zero-TPrune's weighted PageRank of each image's head-mean map (CLS-free towers)
+        self.wpr = wpr
 
     def install_hidden(self, handles: list) -> None:
         """Forward hooks keeping the output of chosen tower layers (features, e.g. MustDrop's)."""
@@ -69,7 +79,7 @@ class ClsProbe(_Probe):
         def hook(module, args, output):
             capture = CAPTURE.get()
             if capture is not None:
-                slot = capture.setdefault(layer, {"attn": attn})
+                slot = capture.setdefault(layer, {"attn": attn, "wpr": self.wpr})
                 slot[what] = (output[:, : self.rows] if what == "q" else output).detach()
 
         return hook
@@ -111,10 +121,15 @@ class CropReceivedProbe(ClsProbe):
             qh = q.float().view(n, t, attn.num_heads, -1).transpose(1, 2)
             kh = k.float().view(n, t, attn.num_heads, -1).transpose(1, 2)  # [n, H, T, d]
             # one crop at a time: [H, T, T] probabilities, not [crops, H, T, T]
-            got = [
-                torch.softmax(qh[i] @ kh[i].transpose(-1, -2) * attn.scale, -1).mean((0, 1)) for i in range(n)
-            ]
+            maps = (torch.softmax(qh[i] @ kh[i].transpose(-1, -2) * attn.scale, -1).mean(0) for i in range(n))
+            got, wpr = [], []
+            for m in maps:
+                got.append(m.mean(0))
+                if slot.get("wpr"):
+                    wpr.append(weighted_pagerank(m))
             out[layer] = {"received": torch.stack(got), "keys": kh.mean(1)}
+            if wpr:
+                out[layer]["wpr"] = torch.stack(wpr)
         return _merge_layers(out, hidden)
 
 
@@ -155,7 +170,9 @@ class ReceivedProbe(_Probe):
             hidden = args[0] if args else kwargs["hidden_states"]
             cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
             with torch.no_grad():
-                capture[layer] = _received_attention(module, hidden, cu, kwargs["position_embeddings"])
+                capture[layer] = _received_attention(
+                    module, hidden, cu, kwargs["position_embeddings"], wpr=self.wpr
+                )
 
         return hook
 
@@ -165,7 +182,7 @@ class ReceivedProbe(_Probe):
         layers, ``hidden`` ``[patches, D]``, all in the token order of the tower's input."""
         order = raw.pop("order", None)
         hidden = cls.split_hidden(raw)
-        out = {layer: {"received": scores, "keys": keys} for layer, (scores, keys) in raw.items()}
+        out = {layer: dict(zip(("received", "keys", "wpr"), got)) for layer, got in raw.items()}
         merged = _merge_layers(out, hidden)
         if order is not None:
             inverse = torch.argsort(order)  # blocks[i] = patches[order[i]], so patches = blocks[inverse]
@@ -175,28 +192,31 @@ class ReceivedProbe(_Probe):
         return merged
 
 
-def _received_attention(attn, hidden, cu_seqlens, rotary):
-    """Per patch, the attention it receives averaged over its image's queries and the heads."""
+def _received_attention(attn, hidden, cu_seqlens, rotary, wpr: bool = False):
+    """Per patch, the attention it receives averaged over its image's queries and the heads, the
+    head-mean keys and, with ``wpr``, the weighted PageRank of the image's head-mean map."""
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
     n = hidden.shape[0]
     q, k, _ = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     q, k = rope(q, k, *rotary)
-    scores, keys = [], []
+    scores, keys, ranks = [], [], []
     bounds = cu_seqlens.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
         qi, ki = q[a:b].float().transpose(0, 1), k[a:b].float().transpose(0, 1)  # [H, n, d]
-        p = torch.softmax(qi @ ki.transpose(-1, -2) * attn.scaling, dim=-1)
-        scores.append(p.mean(dim=(0, 1)))
+        p = torch.softmax(qi @ ki.transpose(-1, -2) * attn.scaling, dim=-1).mean(0)
+        scores.append(p.mean(0))
         keys.append(ki.mean(0))
-    return torch.cat(scores), torch.cat(keys)
+        if wpr:
+            ranks.append(weighted_pagerank(p))
+    return (torch.cat(scores), torch.cat(keys)) + ((torch.cat(ranks),) if wpr else ())
 
 
-def make_probe(adapter, layers: list[int], keys: bool, hidden_layers: list[int] = ()):
+def make_probe(adapter, layers: list[int], keys: bool, hidden_layers: list[int] = (), wpr: bool = False):
     if adapter.has_cls:
         probe = ClsProbe
     else:  # a tower run per crop (LLaVA-OneVision) or over packed patches (Qwen2-VL)
         probe = CropReceivedProbe if adapter.tower_tokens_per_crop is not None else ReceivedProbe
-    return probe(adapter, layers, keys, hidden_layers)
+    return probe(adapter, layers, keys, hidden_layers, wpr)
 
 
 def split_per_image(finished: dict, specs: list, adapter) -> list[dict]:
