@@ -193,8 +193,8 @@ def test_composes_with_a_prefill_stage(llava):
 @pytest.mark.parametrize(
     "family,plan,match",
     [
-        ("llava_next", "flowcut", "supported on LLaVA-1.5 and Qwen2-VL"),
-        ("qwen2_5_vl", "flowcut", "window-permuted"),
+        ("llava_onevision", "flowcut", "supported on LLaVA-1.5, LLaVA-NeXT and Qwen2-VL"),
+        ("qwen3_vl", "flowcut", "DeepStack"),
         ("llava", vtprune.Compose(vtprune.FlowCut(), vtprune.HiRED()), "with vision stages"),
     ],
 )

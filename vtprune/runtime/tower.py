@@ -154,6 +154,10 @@ class TowerRun:
 
         return hook
 
+    def context_extras(self, call: TowerCall) -> dict:
+        """Family-specific :class:`TowerContext` fields (none for whole-image rows)."""
+        return {}
+
     def _run_stages(self, call: TowerCall, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         # one tower stage per plan (the runtime refuses more), so the row read here is its own
         (stage,) = self.after[layer]
@@ -169,6 +173,7 @@ class TowerRun:
             patches=self.patches,
             cls_in_lm=self.cls_in_lm,
             scratch=call.scratch[stage.key],
+            **self.context_extras(call),
         )
         keep = stage.after_layer(ctx)
         if keep is None:
