@@ -43,7 +43,28 @@ port; the schedule runs over all blocks, its last drop just before the merger. U
 * the tower goes straight to ``k`` tokens: the port keeps ``4k`` patches (``k`` merged tokens'
   worth of them, broken groups aside) and prunes to ``k`` again at LLM layer 1, not done here.
 
-Supported on LLaVA-1.5 and Qwen2-VL; LLaVA-NeXT and Qwen2.5-VL are refused with a clear error.
+Qwen2.5-VL: as Qwen2-VL, in the tower's window-permuted order (``vtprune.runtime.tower_qwen25``
+rebuilds the window and image boundaries from the survivors); at window blocks the global row
+still spans the whole image (it is computed beside the block, not read from its windowed attention).
+
+LLaVA-NeXT (the official anyres recipe: the tower keeps about twice the final count, then a second
+prune at LLM layer 1). Each crop (base image and grid crops) is a row of the tower batch
+(``vtprune.runtime.tower_next``). Unlike the code:
+
+* the image's tower budget is ``2k`` patches (``k = round(keep * N * L / (L + 2))``, ``N`` its
+  language-model tokens, newlines included), split over its crops by the patches each shows after
+  unpadding; the code keeps ``k/2`` patches per crop whatever unpadding later cuts. Patches cut by
+  unpadding are not candidates: the drop counts are over the shown ones (entropy still over all
+  present patches) and the others leave with the crop's first drop;
+* newlines are dropped once the image drops any patch (the code drops them for multi-crop
+  images) and all kept when it drops none, so ``keep=1.0`` is the unpruned model;
+* the layer-1 prune (before decoder layer 2, scored with layer 1's q/k/v: the last token's
+  relation over the visual keys plus its value similarity over the visual values, times the value
+  L1 density) reads the row's last token (the code: the last instruction token), ranks each row's
+  visual tokens together, and keeps ``round((keep * L * N - 2M) / (L - 2))`` of them (``M`` left by
+  the tower), so the layer average is ``keep``; the code keeps ``target_num``.
+
+Qwen3-VL and LLaVA-OneVision are refused with a clear error.
 """
 
 from __future__ import annotations
