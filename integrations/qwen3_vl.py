@@ -37,12 +37,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     injection_method = "_deepstack_process"
 
     def check_tower_stage(self, method: str) -> None:
-        """DeepStack reads tower layers the tower stage would shorten: not handled yet."""
-        raise NotImplementedError(
-            f"vtprune: {method} prunes inside the vision tower, which is supported on LLaVA-1.5, "
-            "LLaVA-NeXT and Qwen2-VL so far, not on qwen3_vl (its DeepStack features, taken at "
-            "tower layers, would have to be pruned with the same merge groups)"
-        )
+        """Tower stages run; DeepStack features follow the survivors (``vtprune.runtime.tower_qwen3``)."""
 
     @property
     def injection_layers(self) -> list[int]:

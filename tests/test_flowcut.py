@@ -194,7 +194,6 @@ def test_composes_with_a_prefill_stage(llava):
     "family,plan,match",
     [
         ("llava_onevision", "flowcut", "supported on LLaVA-1.5, LLaVA-NeXT and Qwen2-VL"),
-        ("qwen3_vl", "flowcut", "DeepStack"),
         ("llava", vtprune.Compose(vtprune.FlowCut(), vtprune.HiRED()), "with vision stages"),
     ],
 )
