@@ -116,7 +116,7 @@ class Adapter:
         """Refuse a tower stage (pruning between vision-tower layers) this family cannot run."""
         raise NotImplementedError(
             f"vtprune: {method} prunes inside the vision tower, which is supported on LLaVA-1.5, "
-            f"LLaVA-NeXT and Qwen2-VL so far, not on {self.family}"
+            f"LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Qwen3-VL so far, not on {self.family}"
         )
 
     def check_call(self, call: dict) -> None:

@@ -193,7 +193,7 @@ def test_composes_with_a_prefill_stage(llava):
 @pytest.mark.parametrize(
     "family,plan,match",
     [
-        ("llava_onevision", "flowcut", "supported on LLaVA-1.5, LLaVA-NeXT and Qwen2-VL"),
+        ("llava_onevision", "flowcut", "Qwen2.5-VL and Qwen3-VL so far, not on llava_onevision"),
         ("llava", vtprune.Compose(vtprune.FlowCut(), vtprune.HiRED()), "with vision stages"),
     ],
 )

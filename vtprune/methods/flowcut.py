@@ -64,7 +64,9 @@ prune at LLM layer 1). Each crop (base image and grid crops) is a row of the tow
   visual tokens together, and keeps ``round((keep * L * N - 2M) / (L - 2))`` of them (``M`` left by
   the tower), so the layer average is ``keep``; the code keeps ``target_num``.
 
-Qwen3-VL and LLaVA-OneVision are refused with a clear error.
+Qwen3-VL: as Qwen2-VL; each DeepStack block's features come from the patches present at that
+block and follow the final survivors (``vtprune.runtime.tower_qwen3``). LLaVA-OneVision is
+refused with a clear error.
 """
 
 from __future__ import annotations
