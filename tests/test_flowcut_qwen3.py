@@ -107,3 +107,19 @@ def test_cached_generate_equals_uncached(tables):
 
 def test_padded_batch_equals_rows_alone(tables):
     eq.test_left_padded_batch_equals_rows_alone(tables, "flowcut")
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.3])
+def test_an_image_and_a_video_in_one_prompt(qwen3, keep):
+    """A clip's frames (written after their timestamps) prune per frame, DeepStack rows included."""
+    kw = tiny.media_inputs("qwen3_vl", ["iv"], seed=3, frames=2, sizes=[(8, 12), (16, 16)])
+    with torch.no_grad():
+        ref = qwen3(**kw).logits
+        with vtprune.pruned(qwen3, "flowcut", keep=keep):
+            out = qwen3(**kw).logits
+            st = vtprune.stats(qwen3)
+    if keep == 1.0:
+        assert torch.equal(out, ref)
+    else:
+        assert abs(st.keep_ratio - keep) / keep <= 0.02, st.keep_ratio
+        assert st.tower_tokens_per_layer[-1] < st.tower_tokens_per_layer[0]
