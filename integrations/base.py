@@ -115,8 +115,8 @@ class Adapter:
     def check_tower_stage(self, method: str) -> None:
         """Refuse a tower stage (pruning between vision-tower layers) this family cannot run."""
         raise NotImplementedError(
-            f"vtprune: {method} prunes inside the vision tower, which is supported on LLaVA-1.5 and "
-            f"Qwen2-VL so far, not on {self.family}"
+            f"vtprune: {method} prunes inside the vision tower, which is supported on LLaVA-1.5, "
+            f"LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Qwen3-VL so far, not on {self.family}"
         )
 
     def check_call(self, call: dict) -> None:

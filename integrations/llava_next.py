@@ -30,6 +30,17 @@ class LlavaNextAdapter(Adapter):
     tower_projector = LlavaAdapter.tower_projector
     tower_tokens_per_crop = LlavaAdapter.tower_tokens_per_crop
 
+    def check_tower_stage(self, method: str) -> None:
+        """Tower stages need one feature layer and the "default" strategy (CLS not an image token:
+        the crop grid the packing reshapes holds patches only)."""
+        LlavaAdapter.check_tower_stage(self, method)
+        if self.config.vision_feature_select_strategy != "default":
+            raise NotImplementedError(
+                f"vtprune: {method} prunes inside the vision tower, which on LLaVA-NeXT needs "
+                f"vision_feature_select_strategy='default', not "
+                f"{self.config.vision_feature_select_strategy!r}"
+            )
+
     def required_call_params(self) -> tuple[str, ...]:
         return ("image_sizes",)
 

@@ -36,11 +36,7 @@ class Qwen2_5_VLAdapter(Qwen2VLAdapter):
         )
 
     def check_tower_stage(self, method: str) -> None:
-        """The window-permuted patch order of the blocks is not handled by tower stages yet."""
-        raise NotImplementedError(
-            f"vtprune: {method} prunes inside the vision tower, which is supported on LLaVA-1.5 and "
-            "Qwen2-VL so far, not on qwen2_5_vl (its blocks run on a window-permuted patch order)"
-        )
+        """Tower stages run on the window-permuted blocks (``vtprune.runtime.tower_qwen25``)."""
 
     def score_block(self, layer: int) -> int:
         layer = layer % self.vision_layers_count

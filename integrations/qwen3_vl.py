@@ -36,6 +36,9 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
     #: re-indexes them onto the tokens each layer holds (``vtprune.runtime.injection``)
     injection_method = "_deepstack_process"
 
+    def check_tower_stage(self, method: str) -> None:
+        """Tower stages run; DeepStack features follow the survivors (``vtprune.runtime.tower_qwen3``)."""
+
     @property
     def injection_layers(self) -> list[int]:
         """Decoder layers after which DeepStack features are added (one per tower feature layer)."""

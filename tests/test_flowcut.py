@@ -193,8 +193,7 @@ def test_composes_with_a_prefill_stage(llava):
 @pytest.mark.parametrize(
     "family,plan,match",
     [
-        ("llava_next", "flowcut", "supported on LLaVA-1.5 and Qwen2-VL"),
-        ("qwen2_5_vl", "flowcut", "window-permuted"),
+        ("llava_onevision", "flowcut", "Qwen2.5-VL and Qwen3-VL so far, not on llava_onevision"),
         ("llava", vtprune.Compose(vtprune.FlowCut(), vtprune.HiRED()), "with vision stages"),
     ],
 )

@@ -82,11 +82,18 @@ def llava(
     return _finish(LlavaForConditionalGeneration(cfg).to(dtype), attn)
 
 
-def llava_next(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, crop: int = 32, patch: int = 4):
+def llava_next(
+    attn: str = "sdpa",
+    seed: int = 0,
+    dtype=torch.float32,
+    crop: int = 32,
+    patch: int = 4,
+    tower_layers: int = 3,
+):
     """``crop``-pixel crops of ``(crop / patch)**2`` tokens each; grids up to 2 x 2 crops."""
     torch.manual_seed(seed)
     cfg = LlavaNextConfig(
-        vision_config=_clip(crop, patch),
+        vision_config=_clip(crop, patch, tower_layers),
         text_config=LlamaConfig(**_text()),
         image_token_id=IMAGE,
         image_grid_pinpoints=[[crop, 2 * crop], [2 * crop, crop], [2 * crop, 2 * crop]],
@@ -120,11 +127,11 @@ def qwen2_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, tower_depth
     return _finish(Qwen2VLForConditionalGeneration(cfg).to(dtype), attn)
 
 
-def _qwen_tower(**extra) -> dict:
+def _qwen_tower(depth: int = 3, **extra) -> dict:
     """The tiny 3-block tower of the Qwen2.5-VL / Qwen3-VL configs (4 px patches, 2x2 merge,
     2-frame tubelets), plus each family's own fields."""
     return dict(
-        depth=3,
+        depth=depth,
         hidden_size=32,
         intermediate_size=64,
         out_hidden_size=64,
@@ -136,13 +143,15 @@ def _qwen_tower(**extra) -> dict:
     )
 
 
-def qwen2_5_vl(attn: str = "sdpa", seed: int = 0, dtype=torch.float32, fullatt=(1,), **text_kw):
+def qwen2_5_vl(
+    attn: str = "sdpa", seed: int = 0, dtype=torch.float32, fullatt=(1,), tower_depth: int = 3, **text_kw
+):
     """Tiny Qwen2.5-VL: 3 tower blocks, window attention except ``fullatt`` (default block 1, so
     the last block is a window block), windows of 2x2 merge units (16 px / 4 px patches / merge 2)."""
     torch.manual_seed(seed)
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
     cfg = Qwen2_5_VLConfig(
-        vision_config=_qwen_tower(window_size=16, fullatt_block_indexes=list(fullatt)),
+        vision_config=_qwen_tower(tower_depth, window_size=16, fullatt_block_indexes=list(fullatt)),
         text_config=_text(rope_parameters=rope, **text_kw),
         image_token_id=IMAGE,
         video_token_id=VIDEO,

@@ -101,6 +101,7 @@ class PrefillContext:
     cos: torch.Tensor
     sin: torch.Tensor
     previous_qk: tuple | None = None  # q/k projection outputs of layer ``layer - 1``
+    previous_v: torch.Tensor | None = None  # its v projection output (``needs_previous_values``)
     answer_query: torch.Tensor | None = None
     protected: torch.Tensor | None = None
     visual_prompt: torch.Tensor | None = None  # per row, visual tokens before any vision stage
@@ -167,6 +168,12 @@ class TowerContext:
     queries: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     scale: float = 1.0
+    #: towers whose rows are parts of larger images (LLaVA-NeXT crops): ``row_target`` ``[B]`` the
+    #: patches each row should keep (the image's budget split over its crops), ``candidates``
+    #: ``[B, T]`` the slots whose tokens can reach the language model (others, cut by unpadding,
+    #: may leave freely); ``None`` where every patch counts and ``patches`` sets the target
+    row_target: torch.Tensor | None = None
+    candidates: torch.Tensor | None = None
 
 
 class Stage:
@@ -323,6 +330,8 @@ class PrefillStage(Stage):
     layer: int = 0
     #: a stage that scores with layer ``layer - 1``'s own attention needs that layer's input
     needs_previous_input: bool = False
+    #: the stage also reads layer ``layer - 1``'s value projections (``ctx.previous_v``)
+    needs_previous_values: bool = False
     #: the stage reads the language model's input embeddings (``ctx.lm_input``)
     needs_lm_input: bool = False
 

@@ -43,7 +43,30 @@ port; the schedule runs over all blocks, its last drop just before the merger. U
 * the tower goes straight to ``k`` tokens: the port keeps ``4k`` patches (``k`` merged tokens'
   worth of them, broken groups aside) and prunes to ``k`` again at LLM layer 1, not done here.
 
-Supported on LLaVA-1.5 and Qwen2-VL; LLaVA-NeXT and Qwen2.5-VL are refused with a clear error.
+Qwen2.5-VL: as Qwen2-VL, in the tower's window-permuted order (``vtprune.runtime.tower_qwen25``
+rebuilds the window and image boundaries from the survivors); at window blocks the global row
+still spans the whole image (it is computed beside the block, not read from its windowed attention).
+
+LLaVA-NeXT (the official anyres recipe: the tower keeps about twice the final count, then a second
+prune at LLM layer 1). Each crop (base image and grid crops) is a row of the tower batch
+(``vtprune.runtime.tower_next``). Unlike the code:
+
+* the image's tower budget is ``2k`` patches (``k = round(keep * N * L / (L + 2))``, ``N`` its
+  language-model tokens, newlines included), split over its crops by the patches each shows after
+  unpadding; the code keeps ``k/2`` patches per crop whatever unpadding later cuts. Patches cut by
+  unpadding are not candidates: the drop counts are over the shown ones (entropy still over all
+  present patches) and the others leave with the crop's first drop;
+* newlines are dropped once the image drops any patch (the code drops them for multi-crop
+  images) and all kept when it drops none, so ``keep=1.0`` is the unpruned model;
+* the layer-1 prune (before decoder layer 2, scored with layer 1's q/k/v: the last token's
+  relation over the visual keys plus its value similarity over the visual values, times the value
+  L1 density) reads the row's last token (the code: the last instruction token), ranks each row's
+  visual tokens together, and keeps ``round((keep * L * N - 2M) / (L - 2))`` of them (``M`` left by
+  the tower), so the layer average is ``keep``; the code keeps ``target_num``.
+
+Qwen3-VL: as Qwen2-VL; each DeepStack block's features come from the patches present at that
+block and follow the final survivors (``vtprune.runtime.tower_qwen3``). LLaVA-OneVision is
+refused with a clear error.
 """
 
 from __future__ import annotations
@@ -54,9 +77,14 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.config import MethodConfig, ModelInfo, _invalid, register_method
-from vtprune.stages import TowerContext, TowerStage
+from vtprune.scoring import apply_rope
+from vtprune.selection import topk_mask
+from vtprune.stages import PrefillContext, PrefillStage, TowerContext, TowerStage
 
 DEFAULT_KEEP = 64 / 576  # the official default target_num=64 on LLaVA-1.5
+#: LLaVA-NeXT: the decoder layer before which the second prune acts (scored with layer 1's
+#: attention, as the official ``prune_layer = 1``: layers 0 and 1 see the tower's survivors)
+LM_LAYER = 2
 
 
 @register_method("flowcut")
@@ -83,7 +111,14 @@ class FlowCut(MethodConfig):
             raise _invalid(self.name, "smoothing", self.smoothing, "a number in [0, 1)")
 
     def stages(self, info: ModelInfo) -> list:
-        return [FlowCutStage(DEFAULT_KEEP if self.keep is None else self.keep, float(self.smoothing))]
+        keep = DEFAULT_KEEP if self.keep is None else self.keep
+        if info.family == "llava_next" and info.num_layers > LM_LAYER:
+            # the official anyres recipe: the tower keeps twice the final count, LLM layer 1 the rest
+            return [
+                FlowCutStage(keep, float(self.smoothing), num_layers=info.num_layers, lm_layer=LM_LAYER),
+                FlowCutLLMStage(keep, LM_LAYER, info.num_layers),
+            ]
+        return [FlowCutStage(keep, float(self.smoothing))]
 
 
 def flowcut_scores(cls_probs: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
@@ -110,12 +145,15 @@ def flowcut_scores(cls_probs: torch.Tensor, values: torch.Tensor, valid: torch.T
     return relation, (relation + semantic) * density
 
 
-def drop_counts(relation: torch.Tensor, present: torch.Tensor, target: int, rpl: int) -> torch.Tensor:
+def drop_counts(
+    relation: torch.Tensor, present: torch.Tensor, target, rpl: int, support: torch.Tensor | None = None
+) -> torch.Tensor:
     """Patches each image keeps after a pruning layer with ``rpl`` pruning layers' worth left.
 
     ``present`` ``[B]`` counts the patches now; the image drops
     ``round((n - target) / sqrt(rpl) * (1 - H^2))`` (``H``: entropy of ``relation`` over
-    ``log n``), never below ``target``; ``rpl == 0`` goes straight to ``target``.
+    ``log`` of the ``support`` patches ``relation`` spreads over, by default ``n``), never below
+    ``target`` (an int or ``[B]``); ``rpl == 0`` goes straight to ``target``.
 
     Example:
         >>> uniform = torch.full((1, 5), 0.25)
@@ -129,8 +167,9 @@ def drop_counts(relation: torch.Tensor, present: torch.Tensor, target: int, rpl:
     if rpl == 0:
         return target.minimum(present)
     n = present.float()
+    m = n if support is None else support.float()
     entropy = -torch.xlogy(relation, relation).sum(1)
-    ratio = torch.where(n > 1, entropy / n.clamp_min(2).log(), torch.ones_like(n))
+    ratio = torch.where(m > 1, entropy / m.clamp_min(2).log(), torch.ones_like(m))
     r = torch.round((n - target) / math.sqrt(rpl) * (1 - ratio**2))
     return torch.maximum(present - r.long(), target).minimum(present)
 
@@ -138,15 +177,25 @@ def drop_counts(relation: torch.Tensor, present: torch.Tensor, target: int, rpl:
 class FlowCutStage(TowerStage):
     key = "flowcut"
 
-    def __init__(self, keep: float, smoothing: float = 0.5):
+    def __init__(self, keep: float, smoothing: float = 0.5, num_layers: int = 0, lm_layer: int | None = None):
         self.keep, self.smoothing = keep, smoothing
+        self.num_layers, self.lm_layer = num_layers, lm_layer
 
     def target_tokens(self, n_image: int) -> int:
         """Language-model tokens an image of ``n_image`` keeps (at least one)."""
+        if self.lm_layer is not None:
+            # layers before ``lm_layer`` see 2k, the rest k: solve the layer average for k
+            n, layer = self.num_layers, self.lm_layer
+            return 2 * max(1, int(self.keep * n_image * n / (n + layer) + 0.5))
         return max(1, int(self.keep * n_image + 0.5))
 
+    def crop_budget(self, n_image: int, n_patches: int) -> int:
+        """Patches of an image of ``n_image`` language-model tokens (``n_patches`` of them patches,
+        the rest newlines) that leave the tower (LLaVA-NeXT: split over its crops)."""
+        return min(n_patches, self.target_tokens(n_image))
+
     def expected_count(self, n_image: int) -> int:
-        return self.target_tokens(n_image)
+        return min(n_image, self.target_tokens(n_image))
 
     def tower_layers(self, feature_layer: int, depth: int) -> list[int]:
         return list(range(feature_layer))  # every layer before the feature layer (rpl >= 0)
@@ -154,8 +203,10 @@ class FlowCutStage(TowerStage):
     def after_layer(self, ctx: TowerContext) -> torch.Tensor | None:
         if not ctx.has_cls:
             return self._after_layer_units(ctx)
-        lm_tokens = ctx.patches + int(ctx.cls_in_lm)
-        target = self.target_tokens(lm_tokens) - int(ctx.cls_in_lm)  # patches to keep
+        if ctx.row_target is not None:  # crops of larger images: the runner split the budget
+            target = ctx.row_target
+        else:
+            target = self.target_tokens(ctx.patches + int(ctx.cls_in_lm)) - int(ctx.cls_in_lm)
         relation, score = flowcut_scores(ctx.cls_probs, ctx.values, ctx.valid)
         past = ctx.scratch.get("cumulative")
         if past is None:
@@ -169,9 +220,16 @@ class FlowCutStage(TowerStage):
             return None
         patches = ctx.valid.clone()
         patches[:, 0] = False
-        present = patches.sum(1)
-        keep_n = drop_counts(relation, present, target, rpl)
-        return _top(current, patches, keep_n) | ~patches & ctx.valid
+        if ctx.candidates is None:
+            keep_n = drop_counts(relation, patches.sum(1), target, rpl)
+            return _top(current, patches, keep_n) | ~patches & ctx.valid
+        # only patches the language model will show count; the others (cut by unpadding) leave
+        # with the crop's first drop
+        shown = patches & ctx.candidates
+        present = shown.sum(1)
+        keep_n = drop_counts(relation, present, target, rpl, support=patches.sum(1))
+        hidden = patches & ~shown & (keep_n >= present)[:, None]
+        return _top(current, shown, keep_n) | hidden | ~patches & ctx.valid
 
     def _after_layer_units(self, ctx: TowerContext) -> torch.Tensor | None:
         """Towers without CLS (Qwen2-VL): the mean-query global row times the value density,
@@ -198,6 +256,90 @@ class FlowCutStage(TowerStage):
             return None
         keep_n = drop_counts(relation, units.sum(1), target, rpl)
         return _top(current, units, keep_n).repeat_interleave(g, dim=1)
+
+
+@torch.no_grad()
+def flowcut_llm_scores(attn, q_out, k_out, v_out, cos, sin, visual, query_slot) -> torch.Tensor:
+    """FlowCut's decoder-side score ``[B, L]`` of every visual slot (0 elsewhere).
+
+    From one decoder layer's own projection outputs (``q_out [B, L, H*d]``, ``k_out`` /
+    ``v_out [B, L, H_kv*d]``) and rotary tables at the slots, with the row's query token
+    (``query_slot [B]``): relation = mean over heads of the query's softmax over the *visual*
+    keys, semantic = mean over heads of ``softmax(v_query . v_j / sqrt(d))`` over the visual
+    values, density = ``|| mean_h v_j ||_1``; score ``(relation + semantic) * density``. Key/value
+    heads shared by several query heads (GQA) count once per query head in the relation and
+    once each in the semantic term (repeating them would not change a mean).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> attn = SimpleNamespace(head_dim=2, scaling=2**-0.5)
+        >>> q = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [1.0, 0.0]]])
+        >>> k = torch.tensor([[[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]]])
+        >>> v = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]])
+        >>> ones, zeros = torch.ones(1, 3, 2), torch.zeros(1, 3, 2)
+        >>> visual = torch.tensor([[True, True, False]])
+        >>> s = flowcut_llm_scores(attn, q, k, v, ones, zeros, visual, torch.tensor([2]))
+        >>> bool(s[0, 0] > s[0, 1]), float(s[0, 2])
+        (True, 0.0)
+    """
+    b, n, _ = k_out.shape
+    hd = attn.head_dim
+    rows = torch.arange(b, device=k_out.device)
+    cos, sin = cos.expand(b, -1, -1).float(), sin.expand(b, -1, -1).float()
+    q = q_out[rows, query_slot].float().view(b, -1, 1, hd)  # [B, H, 1, d]
+    q = apply_rope(q, cos[rows, query_slot].unsqueeze(1), sin[rows, query_slot].unsqueeze(1))
+    k = apply_rope(k_out.float().view(b, n, -1, hd).transpose(1, 2), cos, sin)  # [B, Hkv, L, d]
+    v = v_out.float().view(b, n, -1, hd).transpose(1, 2)
+    q = q.view(b, k.shape[1], -1, hd)  # query heads grouped by their key/value head
+    hidden = ~visual[:, None, None, :]
+    relation = torch.softmax(
+        ((q @ k.transpose(-1, -2)) * attn.scaling).masked_fill(hidden, float("-inf")), -1
+    )
+    v_query = v[rows, :, query_slot].unsqueeze(2)  # [B, Hkv, 1, d]
+    semantic = torch.softmax(
+        ((v_query @ v.transpose(-1, -2)) * hd**-0.5).masked_fill(hidden, float("-inf")), -1
+    )
+    score = (relation.mean((1, 2)) + semantic.mean((1, 2))) * v.mean(1).abs().sum(-1)
+    return torch.where(visual, score, 0.0)
+
+
+class FlowCutLLMStage(PrefillStage):
+    """LLaVA-NeXT's second FlowCut prune: before decoder layer ``layer``, scored with the
+    attention of layer ``layer - 1`` (the official ``prune_layer = 1``).
+
+    Each row keeps ``round((keep * L * N - layer * M) / (L - layer))`` visual tokens (``N`` in
+    the prompt, ``M`` left by the tower), so the layer average is ``keep`` whatever the tower's
+    rounding, unpadding and newlines left.
+    """
+
+    needs_previous_input = True
+    needs_previous_values = True
+
+    def __init__(self, keep: float, layer: int, num_layers: int):
+        self.keep, self.layer, self.num_layers = keep, layer, num_layers
+        self.key = f"flowcut@{layer}"
+
+    def counts(self, n_prompt: torch.Tensor, n_in: torch.Tensor) -> torch.Tensor:
+        """Visual tokens each row keeps from ``layer`` on (``n_prompt`` in the prompt, ``n_in`` at the LM input)."""
+        n, layer = self.num_layers, self.layer
+        k = torch.floor((self.keep * n * n_prompt.double() - layer * n_in.double()) / (n - layer) + 0.5)
+        return k.long().clamp(min=1).minimum(n_in)
+
+    def expected_count(self, n_in: int, n_current: int) -> int:
+        # without a run the prompt's N is not known here: the tower kept 2k of it unless keep is high
+        n, layer = self.num_layers, self.layer
+        if 2 * self.keep * n < n + layer:
+            return min(n_current, (n_in + 1) // 2)
+        return min(n_current, int(self.counts(torch.tensor(n_in), torch.tensor(n_in))))
+
+    def select(self, ctx: PrefillContext) -> torch.Tensor:
+        attn = ctx.layers[self.layer - 1].self_attn
+        q_out, k_out = ctx.previous_qk
+        scores = flowcut_llm_scores(
+            attn, q_out, k_out, ctx.previous_v, ctx.cos, ctx.sin, ctx.visual, ctx.query_slot
+        )
+        k = self.counts(ctx.visual_prompt, ctx.visual_in).minimum(ctx.visual.sum(1))
+        return topk_mask(scores, ctx.visual, k)
 
 
 def _top(score: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

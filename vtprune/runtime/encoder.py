@@ -45,6 +45,9 @@ class EncoderTap:
             outer = _ENCODING.set(True)
             token = CAPTURE.set({}) if self.probe is not None else None
             call = self.tower.new_call() if self.tower is not None else None
+            if call is not None and getattr(self.tower, "needs_specs", False):
+                # rows of the tower batch are parts of images (crops): the runner sizes them per image
+                call.specs = self.adapter.image_specs(bind_call(signature, args, kwargs))
             tower_token = TOWER.set(call) if call is not None else None
             try:
                 out = method(*args, **kwargs)

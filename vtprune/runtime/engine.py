@@ -38,7 +38,7 @@ from .prefill import prefill_layer, run_vision_stages
 from .state import ACTIVE, LABELS, RequestState, StepScratch, attach_to_cache, state_of_cache
 from .tokens import TokenSet
 from .tower import TowerRun
-from .tower_qwen import QwenTowerRun
+from .tower_families import tower_run_class
 from .vision import make_probe
 
 
@@ -64,6 +64,9 @@ class Runtime:
                 self.prefill_stages.setdefault(s.layer, []).append(s)
         self.capture_layers = {
             s.layer - 1 for group in self.prefill_stages.values() for s in group if s.needs_previous_input
+        }
+        self.value_layers = {
+            s.layer - 1 for group in self.prefill_stages.values() for s in group if s.needs_previous_values
         }
         self.keep_lm_input = any(s.needs_lm_input for group in self.prefill_stages.values() for s in group)
         self.handles: list = []
@@ -106,6 +109,8 @@ class Runtime:
             attn = a.layers[i].self_attn
             self.handles.append(attn.q_proj.register_forward_hook(self._keep_projection(0)))
             self.handles.append(attn.k_proj.register_forward_hook(self._keep_projection(1)))
+        for i in self.value_layers:
+            self.handles.append(a.layers[i].self_attn.v_proj.register_forward_hook(self._keep_values))
         if self.attention_handlers:
             cfg = a.text_config
             self._attn_restore = cfg._attn_implementation
@@ -142,6 +147,12 @@ class Runtime:
             else:
                 setattr(module, name, previous)
         self.patched_forwards.clear()
+
+    def _keep_values(self, module, args, output):
+        """Keep a scoring layer's v projection output during prefill (FlowCut's LLM prune)."""
+        state = ACTIVE.get()
+        if self._mine(state) and state.prefilling:
+            state.step.memo["previous_v"] = output
 
     def _keep_projection(self, which: int):
         """Keep the q (0) or k (1) projection output of a scoring layer during prefill.
@@ -365,7 +376,7 @@ def check_tower_plan(adapter, tower_stages: list, vision_stages: list) -> TowerR
             "prefill-stage methods (fastv, pdrop) instead"
         )
     adapter.check_tower_stage(keys)
-    run = (TowerRun if adapter.has_cls else QwenTowerRun)(adapter, tower_stages)
+    run = tower_run_class(adapter)(adapter, tower_stages)
     if not run.after:
         raise NotImplementedError(
             f"vtprune: {keys} reads tower layers before the feature layer, and this model's features "

@@ -165,6 +165,7 @@ def run_prefill_stage(state: RequestState, stage: PrefillStage, adapter, i: int,
         cos=cos,
         sin=sin,
         previous_qk=state.step.captured_qk,
+        previous_v=state.step.memo.get("previous_v"),
         answer_query=answer,
         protected=on_slots(state.protected, cur),
         visual_prompt=state.visual_in.to(hidden.device),
@@ -187,6 +188,7 @@ def run_prefill_stage(state: RequestState, stage: PrefillStage, adapter, i: int,
         adapter.text_config, hidden, new.valid.long(), compat.get_cache(kwargs), layer_idx=i
     )
     state.step.captured_qk = None
+    state.step.memo.pop("previous_v", None)
     return hidden
 
 

@@ -158,6 +158,10 @@ class TowerRun:
 
         return hook
 
+    def context_extras(self, call: TowerCall) -> dict:
+        """Family-specific :class:`TowerContext` fields (none for whole-image rows)."""
+        return {}
+
     def _run_stages(self, call: TowerCall, layer: int, hidden: torch.Tensor) -> torch.Tensor:
         # one tower stage per plan (the runtime refuses more), so the row read here is its own
         (stage,) = self.after[layer]
@@ -177,6 +181,7 @@ class TowerRun:
             queries=queries if wants else None,
             keys=keys if wants else None,
             scale=float(self.adapter.vision_attention(layer).scale),
+            **self.context_extras(call),
         )
         keep = stage.after_layer(ctx)
         if keep is None:
