@@ -30,6 +30,7 @@ from vtprune.methods import (  # noqa: E402
     SparseVLM,
     Temporal,
     ToDRE,
+    TransPrune,
     UniformPrune,
     VisionZip,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "SparseVLM",
     "Temporal",
     "ToDRE",
+    "TransPrune",
     "UniformPrune",
     "VisionZip",
     "apply",

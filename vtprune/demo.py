@@ -27,6 +27,7 @@ DEFAULT_METHODS = [
     "sparsevlm",
     "flowcut",
     "dart",
+    "transprune",
     "temporal",
     "random",
     "uniform",

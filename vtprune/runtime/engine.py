@@ -36,6 +36,7 @@ from .injection import wrap_injection
 from .plumbing import bind_call, refuse_compiled, refuse_unsupported
 from .prefill import prefill_layer, run_vision_stages
 from .state import ACTIVE, LABELS, RequestState, StepScratch, attach_to_cache, state_of_cache
+from .taps import install_taps, plan_taps
 from .tokens import TokenSet
 from .tower import TowerRun
 from .tower_qwen import QwenTowerRun
@@ -65,6 +66,7 @@ class Runtime:
         self.capture_layers = {
             s.layer - 1 for group in self.prefill_stages.values() for s in group if s.needs_previous_input
         }
+        self.taps = plan_taps(self.prefill_stages)
         self.keep_lm_input = any(s.needs_lm_input for group in self.prefill_stages.values() for s in group)
         self.handles: list = []
         self.patched_methods: list[str] = []
@@ -105,6 +107,7 @@ class Runtime:
             attn = a.layers[i].self_attn
             self.handles.append(attn.q_proj.register_forward_hook(self._keep_projection(0)))
             self.handles.append(attn.k_proj.register_forward_hook(self._keep_projection(1)))
+        install_taps(self.taps, a.layers, self._mine, self.handles)
         if self.attention_handlers:
             cfg = a.text_config
             self._attn_restore = cfg._attn_implementation
