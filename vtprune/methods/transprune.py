@@ -48,7 +48,6 @@ from vtprune.config import (
     ModelInfo,
     _invalid,
     check_choice,
-    check_fraction,
     check_layer,
     check_layer_list,
     register_method,
@@ -100,12 +99,14 @@ class TransPrune(MethodConfig):
         if self.layers is not None:
             check_layer_list(self.name, "layers", self.layers, minimum=1, increasing=True)
         if self.ratios is not None:
-            if not isinstance(self.ratios, (list, tuple)) or not self.ratios:
-                raise _invalid(self.name, "ratios", self.ratios, "a non-empty list of numbers in (0, 1]")
-            for r in self.ratios:
-                check_fraction(self.name, "ratios", r)
-            if list(self.ratios) != sorted(self.ratios, reverse=True):
-                raise ValueError(f"{self.name}: option 'ratios'={self.ratios!r} must be non-increasing")
+            allowed = "a non-empty, non-increasing list of numbers in (0, 1]"
+            ratios = self.ratios
+            ok = isinstance(ratios, (list, tuple)) and bool(ratios)
+            ok = ok and all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios
+            )
+            if not ok or list(ratios) != sorted(ratios, reverse=True):
+                raise _invalid(self.name, "ratios", ratios, allowed)
             if self.keep is not None:
                 raise ValueError(f"{self.name}: give either 'keep' or 'ratios', not both")
         if self.window is not None:
