@@ -10,6 +10,7 @@ from helpers import count_hooks, row_alone
 
 import vtprune
 from vtprune.config import ModelInfo
+from vtprune.flops import count_flops, decoder_linear_flops
 from vtprune.stages import expected_tokens_per_layer
 
 
@@ -139,14 +140,29 @@ def shaped():
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(keep=0.2, score="ttv")])
-def test_tokens_per_layer_follow_the_schedule(shaped, opts):
-    """LLaVA-1.5's geometry: the run holds the expected counts the FLOPs report uses."""
+def test_tokens_per_layer_and_counted_flops_follow_the_schedule(shaped, opts):
+    """LLaVA-1.5's geometry: the run holds the expected counts the FLOPs report uses, and the
+    counted FLOPs fall by the decoder projections on the dropped tokens (less TransPrune's own
+    small work: the TTV reductions and the instruction rows)."""
     model, kw = shaped
-    with torch.no_grad(), vtprune.pruned(model, "transprune", **opts):
-        model(**kw)
-        st = vtprune.stats(model)
+    cfg = model.config.text_config
+    text = int(kw["attention_mask"].sum()) - 576
+
+    def run(m, k):
+        with torch.no_grad():
+            return m(**k)
+
+    full, _ = count_flops(run, model, kw)
+    with vtprune.pruned(model, "transprune", **opts):
+        pruned, _ = count_flops(run, model, kw)
+        per_layer = vtprune.stats(model).visual_tokens_per_layer
     stages = vtprune.TransPrune(**opts).stages(ModelInfo(num_layers=32, family="llava"))
-    assert st.visual_tokens_per_layer == expected_tokens_per_layer(stages, 576, 32)
+    assert per_layer == expected_tokens_per_layer(stages, 576, 32)
+    expected = decoder_linear_flops(cfg, [576 + text] * 32) - decoder_linear_flops(
+        cfg, [n + text for n in per_layer]
+    )
+    assert full - pruned == pytest.approx(expected, rel=0.03)
+    assert full - pruned < expected
 
 
 def test_composes_after_a_vision_stage():

@@ -12,6 +12,9 @@ Four hook points, all instance-level ``register_forward_pre_hook(..., with_kwarg
 * each decoder layer: runs prefill stages at their layer, and hands every later layer the
   rotary tables, attention mask and (absent) position ids of the tokens it really holds.
 
+Plans whose prefill stages read decoder sub-layers (TransPrune) also hook the attention and MLP
+modules of those layers only (``taps.py``).
+
 This module installs the hooks and routes each call; what runs at prefill (stages, compaction)
 lives in ``prefill.py`` and what runs at decode (masks over pruned caches, cache re-indexing)
 in ``decode.py``.
