@@ -142,8 +142,8 @@ def shaped():
 @pytest.mark.parametrize("opts", [dict(), dict(keep=0.2, score="ttv")])
 def test_tokens_per_layer_and_counted_flops_follow_the_schedule(shaped, opts):
     """LLaVA-1.5's geometry: the run holds the expected counts the FLOPs report uses, and the
-    counted FLOPs fall by the decoder projections on the dropped tokens (less TransPrune's own
-    small work: the TTV reductions and the instruction rows)."""
+    counted FLOPs fall by the decoder projections on the dropped tokens (less the instruction
+    rows' small matmuls; the TTV reductions add none)."""
     model, kw = shaped
     cfg = model.config.text_config
     text = int(kw["attention_mask"].sum()) - 576
@@ -162,7 +162,10 @@ def test_tokens_per_layer_and_counted_flops_follow_the_schedule(shaped, opts):
         cfg, [n + text for n in per_layer]
     )
     assert full - pruned == pytest.approx(expected, rel=0.03)
-    assert full - pruned < expected
+    if opts.get("score") == "ttv":  # norms and cosines only: no matmul beyond the model's own
+        assert full - pruned == expected
+    else:  # the instruction rows are the only extra matmuls
+        assert full - pruned < expected
 
 
 def test_composes_after_a_vision_stage():

@@ -251,8 +251,8 @@ class TransPruneStage(PrefillStage):
 
     def select(self, ctx: PrefillContext) -> torch.Tensor:
         score = torch.zeros(ctx.visual.shape, device=ctx.hidden.device)
-        if self.score != "iga":
-            acc = ctx.tapped["ttv"]
+        acc = (ctx.tapped or {}).get("ttv")
+        if acc is not None:  # None: no window layer ran (nothing was visual there)
             orig_len = acc.shape[1] - 1
             at = torch.where(ctx.visual, ctx.orig_index, orig_len).to(acc.device)
             score += _share(acc.gather(1, at), ctx.visual)
