@@ -61,6 +61,7 @@ KEEP_METHODS = [
     "todre",
     "sparsevlm",
     "dart",
+    "transprune",
     "temporal",
     "vscan",
 ]

@@ -24,6 +24,7 @@ MODULES = [
     "vtprune.relevance",
     "vtprune.recycling",
     "vtprune.methods.dart",
+    "vtprune.methods.transprune",
     "vtprune.stages",
     "vtprune.flops",
     "vtprune.config",

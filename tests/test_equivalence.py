@@ -22,6 +22,7 @@ PLANS = {
     "todre": dict(keep=0.3),
     "sparsevlm": dict(keep=0.3, recycle=True),
     "dart": dict(keep=0.5),
+    "transprune": dict(keep=0.4),
     "temporal": dict(keep=0.3),
     "vscan": dict(keep=0.3),
     # the decode stage makes decoding differ from an uncached recomputation by design; it is
@@ -41,6 +42,7 @@ KEEP_ALL = {
     "todre": dict(keep=1.0),
     "sparsevlm": dict(keep=1.0, recycle=True),
     "dart": dict(keep=1.0),
+    "transprune": dict(keep=1.0),
     "temporal": dict(keep=1.0),
     "vscan": dict(keep=1.0),
     "mustdrop": dict(keep=1.0),

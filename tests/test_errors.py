@@ -70,6 +70,19 @@ def model():
         ("dart", {"pivot_score": "attn"}, r"'pivot_score'='attn' is invalid; allowed: 'k_norm'"),
         ("dart", {"keep": 0.5, "ratio": 0.2}, "either 'keep' or 'ratio'"),
         ("dart", {"keep": 0.1, "layer": 4}, r"dart: keep=0.1 is unreachable with layer=4"),
+        ("transprune", {"keep": 0.5, "ratios": [0.5]}, "either 'keep' or 'ratios'"),
+        (
+            "transprune",
+            {"ratios": [0.5, 0.8, 0.1]},
+            r"'ratios'=\[0.5, 0.8, 0.1\] is invalid; allowed: a non-empty, non-inc",
+        ),
+        ("transprune", {"score": "attn"}, r"'score'='attn' is invalid; allowed: 'ttv\+iga', 'ttv', 'iga'"),
+        ("transprune", {"layers": [2, 4]}, "has 2 boundaries but there are 3 ratios"),
+        (
+            "transprune",
+            {"layers": [2, 4], "ratios": [0.5, 0.2], "window": [4]},
+            r"'window'=\[4\] is out of range",
+        ),
     ],
 )
 def test_bad_options_raise_value_error(model, method, opts, match):
@@ -117,6 +130,7 @@ WRONG_TYPE = {
         "pivot_text": "4",
         "pivot_score": 1,
     },
+    "transprune": {"keep": "0.5", "layers": "7,9,12", "ratios": "0.5", "window": 6, "score": 1},
     "hired": {
         "keep": True,
         "budget": "0.2",

@@ -28,6 +28,7 @@ DEFAULT_METHODS = [
     "flowcut",
     "zerotprune",
     "dart",
+    "transprune",
     "temporal",
     "vscan",
     "random",

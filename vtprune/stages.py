@@ -6,7 +6,8 @@ the others physically (hidden states, positions, masks, KV cache).
 
 * :class:`VisionStage` acts once, before the language model, on the projected image tokens; its
   default ``select`` hands each image to a pure ``pick(view, budget)``.
-* :class:`PrefillStage` acts before decoder layer ``layer`` during prefill.
+* :class:`PrefillStage` acts before decoder layer ``layer`` during prefill; a
+  :class:`SublayerTap` it names reads decoder sub-layers' inputs and outputs on the way.
 * :class:`TowerStage` acts between vision-tower layers: the tokens it drops leave the tower
   itself, so later tower layers, the projector and the language model all see fewer.
 """
@@ -108,6 +109,8 @@ class PrefillContext:
     lm_input: LMInput | None = None  # the language model's input (stages with ``needs_lm_input``)
     final_norm: nn.Module | None = None  # the decoder's last norm (DART measures similarity after it)
     merges: list = field(default_factory=list)
+    orig_index: torch.Tensor | None = None  # [B, L] each slot's place in the caller's sequence (-1: padding)
+    tapped: dict | None = None  # what the stage's SublayerTap gathered so far in this request
 
     def merge(self, row: int, members: torch.Tensor, centres: torch.Tensor) -> None:
         """Replace kept slot ``centres[i]`` by the mean of the hidden states of ``members``
@@ -324,10 +327,32 @@ class VisionStage(Stage):
         raise NotImplementedError
 
 
+class SublayerTap:
+    """Reads decoder sub-layers' inputs and outputs during prefill, reduced on the fly.
+
+    The runtime hooks the attention and MLP modules of each layer in :attr:`layers` (only
+    those) and calls :meth:`observe` with each module's input (the normed hidden states) and
+    output (before the residual add). The tap keeps what it needs in ``memory``, one dict per
+    request shared by every stage that names the tap (``ctx.tapped`` at those stages); it must
+    not keep the hidden states themselves.
+    """
+
+    key: str = "?"
+    layers: tuple[int, ...] = ()
+
+    def observe(self, memory: dict, layer: int, kind: str, x_in, x_out, token_set, orig_len: int) -> None:
+        """``kind`` is ``"attn"`` or ``"mlp"``; ``x_in``/``x_out`` are ``[B, L, D]`` over the slots
+        of ``token_set`` (a ``vtprune.runtime.tokens.TokenSet``); ``orig_len`` is the caller's
+        sequence length (``token_set.orig_index`` indexes it)."""
+        raise NotImplementedError
+
+
 class PrefillStage(Stage):
     point = "prefill"
     reads_prompt = True  # every prefill stage scores with the prompt's own tokens
     layer: int = 0
+    #: sub-layer inputs/outputs the stage reads (shared by the stages naming the same tap)
+    tap: SublayerTap | None = None
     #: a stage that scores with layer ``layer - 1``'s own attention needs that layer's input
     needs_previous_input: bool = False
     #: the stage also reads layer ``layer - 1``'s value projections (``ctx.previous_v``)

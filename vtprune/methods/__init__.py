@@ -13,6 +13,7 @@ from .pdrop import PyramidDrop
 from .sparsevlm import SparseVLM
 from .temporal import Temporal
 from .todre import ToDRE
+from .transprune import TransPrune
 from .visionzip import VisionZip
 from .vscan import VScan
 from .zerotprune import ZeroTPrune
@@ -31,6 +32,7 @@ __all__ = [
     "SparseVLM",
     "Temporal",
     "ToDRE",
+    "TransPrune",
     "UniformPrune",
     "VisionZip",
     "VScan",

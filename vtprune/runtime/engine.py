@@ -12,6 +12,9 @@ Four hook points, all instance-level ``register_forward_pre_hook(..., with_kwarg
 * each decoder layer: runs prefill stages at their layer, and hands every later layer the
   rotary tables, attention mask and (absent) position ids of the tokens it really holds.
 
+Plans whose prefill stages read decoder sub-layers (TransPrune) also hook the attention and MLP
+modules of those layers only (``taps.py``).
+
 This module installs the hooks and routes each call; what runs at prefill (stages, compaction)
 lives in ``prefill.py`` and what runs at decode (masks over pruned caches, cache re-indexing)
 in ``decode.py``.
@@ -36,6 +39,7 @@ from .injection import wrap_injection
 from .plumbing import bind_call, refuse_compiled, refuse_unsupported
 from .prefill import prefill_layer, run_vision_stages
 from .state import ACTIVE, LABELS, RequestState, StepScratch, attach_to_cache, state_of_cache
+from .taps import install_taps, plan_taps
 from .tokens import TokenSet
 from .tower import TowerRun
 from .tower_families import tower_run_class
@@ -68,6 +72,7 @@ class Runtime:
         self.value_layers = {
             s.layer - 1 for group in self.prefill_stages.values() for s in group if s.needs_previous_values
         }
+        self.taps = plan_taps(self.prefill_stages)
         self.keep_lm_input = any(s.needs_lm_input for group in self.prefill_stages.values() for s in group)
         self.handles: list = []
         self.patched_methods: list[str] = []
@@ -111,6 +116,7 @@ class Runtime:
             self.handles.append(attn.k_proj.register_forward_hook(self._keep_projection(1)))
         for i in self.value_layers:
             self.handles.append(a.layers[i].self_attn.v_proj.register_forward_hook(self._keep_values))
+        install_taps(self.taps, a.layers, self._mine, self.handles)
         if self.attention_handlers:
             cfg = a.text_config
             self._attn_restore = cfg._attn_implementation

@@ -171,6 +171,8 @@ def run_prefill_stage(state: RequestState, stage: PrefillStage, adapter, i: int,
         visual_prompt=state.visual_in.to(hidden.device),
         lm_input=lm_input(state, cur) if stage.needs_lm_input else None,
         final_norm=getattr(adapter.language_model, "norm", None),
+        orig_index=cur.orig_index,
+        tapped=None if stage.tap is None else state.step.memo.get(("tap", stage.tap.key), {}),
     )
     keep_vis = select(state, stage, cur, lambda: stage.select(ctx))
     hidden = apply_merges(state, stage, cur, ctx, hidden)
