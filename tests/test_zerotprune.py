@@ -334,7 +334,12 @@ def test_composes_with_a_prefill_stage(llava):
 # -- refusals and named errors ------------------------------------------------------------------
 @pytest.mark.parametrize(
     "family,match",
-    [("llava_next", "supported on LLaVA-1.5 and Qwen2-VL"), ("qwen2_5_vl", "window-permuted")],
+    [
+        ("llava_next", "supported on LLaVA-1.5 and Qwen2-VL so far, not on LLaVA-NeXT"),
+        ("qwen2_5_vl", "supported on LLaVA-1.5 and Qwen2-VL so far, not on Qwen2.5-VL"),
+        ("qwen3_vl", "supported on LLaVA-1.5 and Qwen2-VL so far, not on Qwen3-VL"),
+        ("llava_onevision", "zerotprune prunes inside the vision tower.*not on llava_onevision"),
+    ],
 )
 def test_unsupported_families_are_refused_clearly(family, match):
     model = tiny.BUILDERS[family]()

@@ -414,6 +414,9 @@ class TowerStage(Stage):
     recycle = "none"  # the compaction at the language model has nothing left to fold in
     #: the stage reads every query row of its layers (``ctx.queries`` / ``ctx.keys``), not only CLS
     needs_queries: bool = False
+    #: model families the stage's rule is written for (``None``: every family with a tower runner);
+    #: the runtime refuses the others by name before any hook is installed
+    families: tuple[str, ...] | None = None
 
     def tower_layers(self, feature_layer: int, depth: int) -> list[int]:
         """Tower layers after which :meth:`after_layer` runs (their CLS row and values are read)."""

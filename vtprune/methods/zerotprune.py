@@ -117,6 +117,8 @@ def step_count(n: int, target: int, step: int, steps: int) -> int:
 class ZeroTPruneStage(TowerStage):
     key = "zerotprune"
     needs_queries = True
+    # the NeXT crop budgets and Qwen2.5-VL's window blocks are not wired into the map / PageRank yet
+    families = ("llava", "qwen2_vl")
 
     def __init__(self, keep: float, layers: list[int] | None, iterations: int, similarity: float):
         self.keep, self.layers, self.iterations, self.similarity = keep, layers, iterations, similarity

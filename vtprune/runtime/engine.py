@@ -368,6 +368,16 @@ def check_tower_score(adapter, vision_stages: list) -> bool:
     return bool(wpr)
 
 
+FAMILY_NAMES = {
+    "llava": "LLaVA-1.5",
+    "llava_next": "LLaVA-NeXT",
+    "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL",
+    "qwen3_vl": "Qwen3-VL",
+    "llava_onevision": "LLaVA-OneVision",
+}
+
+
 def check_tower_plan(adapter, tower_stages: list, vision_stages: list) -> TowerRun | None:
     """The tower hooks of a plan, or a clear error for what tower stages do not support yet."""
     if not tower_stages:
@@ -382,6 +392,13 @@ def check_tower_plan(adapter, tower_stages: list, vision_stages: list) -> TowerR
             "prefill-stage methods (fastv, pdrop) instead"
         )
     adapter.check_tower_stage(keys)
+    (stage,) = tower_stages
+    if stage.families is not None and adapter.family not in stage.families:
+        raise NotImplementedError(
+            f"vtprune: {keys} prunes inside the vision tower and is supported on "
+            f"{' and '.join(FAMILY_NAMES.get(f, f) for f in stage.families)} so far, not on "
+            f"{FAMILY_NAMES.get(adapter.family, adapter.family)}"
+        )
     run = tower_run_class(adapter)(adapter, tower_stages)
     if not run.after:
         raise NotImplementedError(
