@@ -62,6 +62,7 @@ KEEP_METHODS = [
     "sparsevlm",
     "dart",
     "temporal",
+    "vflowopt",
 ]
 
 

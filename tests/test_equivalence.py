@@ -23,6 +23,7 @@ PLANS = {
     "sparsevlm": dict(keep=0.3, recycle=True),
     "dart": dict(keep=0.5),
     "temporal": dict(keep=0.3),
+    "vflowopt": dict(keep=0.3, cell=2),
     # the decode stage makes decoding differ from an uncached recomputation by design; it is
     # checked on its own in test_vision_methods.py
     "mustdrop": dict(keep=0.4, decode=False),
@@ -41,6 +42,7 @@ KEEP_ALL = {
     "sparsevlm": dict(keep=1.0, recycle=True),
     "dart": dict(keep=1.0),
     "temporal": dict(keep=1.0),
+    "vflowopt": dict(keep=1.0, cell=2),
     "mustdrop": dict(keep=1.0),
     "layerskip": dict(keep=1.0, thin_ffn=True, ffn_ratio=1),
 }

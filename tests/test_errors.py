@@ -83,6 +83,7 @@ WRONG_TYPE = {
     "uniform": {"keep": "0.5", "protect_newlines": "yes", "recycle": True},
     "divprune": {"keep": "0.1", "per_crop": 1, "recycle": "mean"},
     "flowcut": {"keep": "0.1", "smoothing": "half"},
+    "vflowopt": {"keep": "0.1", "threshold": "39", "cell": "4", "layer": 1.0},
     "cdpruner": {
         "keep": "0.1",
         "quality": "exp",
@@ -142,10 +143,11 @@ WRONG_TYPE = {
         "layer": "-2",
         "merge": "sum",
         "drop_newlines": 1,
+        "share": "0.8",
     },
 }
 # the video-budget option every image vision-stage method shares (vtprune.config.VideoBudget)
-VIDEO_BUDGET = ["random", "uniform", "divprune", "cdpruner", "todre", "hired", "mustdrop", "visionzip"]
+VIDEO_BUDGET = ["random", "uniform", "divprune", "cdpruner", "todre", "hired", "mustdrop", "visionzip", "vflowopt"]
 for _method in VIDEO_BUDGET:
     WRONG_TYPE[_method]["video_budget"] = 1
 

@@ -19,6 +19,7 @@ VISION = {
     "cdpruner": dict(keep=0.3),
     "flowcut": dict(keep=0.3),  # a tower stage: it too prunes before the language model
     "temporal": dict(keep=0.3),
+    "vflowopt": dict(keep=0.3, cell=2),
 }
 
 

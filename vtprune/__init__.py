@@ -31,10 +31,12 @@ from vtprune.methods import (  # noqa: E402
     Temporal,
     ToDRE,
     UniformPrune,
+    VFlowOpt,
     VisionZip,
 )
 from vtprune.runtime.state import replay  # noqa: E402
 from vtprune.stats import PruneStats  # noqa: E402
+from vtprune.tune import TuneResult, load_plan, tune  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -58,6 +60,7 @@ __all__ = [
     "Temporal",
     "ToDRE",
     "UniformPrune",
+    "VFlowOpt",
     "VisionZip",
     "apply",
     "calibrate",
@@ -67,4 +70,7 @@ __all__ = [
     "remove",
     "replay",
     "stats",
+    "TuneResult",
+    "load_plan",
+    "tune",
 ]

@@ -28,6 +28,7 @@ DEFAULT_METHODS = [
     "flowcut",
     "dart",
     "temporal",
+    "vflowopt",
     "random",
     "uniform",
 ]

@@ -13,6 +13,7 @@ from .pdrop import PyramidDrop
 from .sparsevlm import SparseVLM
 from .temporal import Temporal
 from .todre import ToDRE
+from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 
 __all__ = [
@@ -30,5 +31,6 @@ __all__ = [
     "Temporal",
     "ToDRE",
     "UniformPrune",
+    "VFlowOpt",
     "VisionZip",
 ]

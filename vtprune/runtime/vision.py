@@ -29,8 +29,12 @@ CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vtprune_v
 
 
 class _Probe:
-    def __init__(self, adapter, layers: list[int], keys: bool, hidden_layers: list[int] = ()):
+    def __init__(
+        self, adapter, layers: list[int], keys: bool, hidden_layers: list[int] = (), hub: dict | None = None
+    ):
         self.adapter, self.layers, self.keys, self.hidden_layers = adapter, layers, keys, list(hidden_layers)
+        #: tower layer -> hub threshold: also keep each token's attention from the hub tokens (VFlowOpt)
+        self.hub = dict(hub or {})
 
     def install_hidden(self, handles: list) -> None:
         """Forward hooks keeping the output of chosen tower layers (features, e.g. MustDrop's)."""
@@ -66,11 +70,15 @@ class ClsProbe(_Probe):
             handles.append(attn.k_proj.register_forward_hook(self._keep(layer, "k", attn)))
 
     def _keep(self, layer: int, what: str, attn):
+        rows = None if layer in self.hub else self.rows  # hub scores need every query row
+
         def hook(module, args, output):
             capture = CAPTURE.get()
             if capture is not None:
                 slot = capture.setdefault(layer, {"attn": attn})
-                slot[what] = (output[:, : self.rows] if what == "q" else output).detach()
+                slot[what] = (output[:, :rows] if what == "q" else output).detach()
+                if layer in self.hub:
+                    slot["hub_t"] = self.hub[layer]
 
         return hook
 
@@ -85,10 +93,12 @@ class ClsProbe(_Probe):
             attn, q, k = slot["attn"], slot["q"], slot["k"]
             n, t, _ = k.shape
             h = attn.num_heads
-            qh = q.float().view(n, 1, h, -1).transpose(1, 2)  # [n, H, 1, d]
+            qh = q[:, :1].float().view(n, 1, h, -1).transpose(1, 2)  # [n, H, 1, d]
             kh = k.float().view(n, t, h, -1).transpose(1, 2)  # [n, H, T, d]
             probs = torch.softmax(qh @ kh.transpose(-1, -2) * attn.scale, dim=-1)[:, :, 0]  # [n, H, T]
             out[layer] = {"cls": probs.sum(1), "cls_heads": probs, "keys": kh.mean(1)}
+            if "hub_t" in slot:
+                out[layer]["hub"] = _hub_rows(q, kh, attn, attn.scale, slot["hub_t"])
         return _merge_layers(out, hidden)
 
 
@@ -115,7 +125,24 @@ class CropReceivedProbe(ClsProbe):
                 torch.softmax(qh[i] @ kh[i].transpose(-1, -2) * attn.scale, -1).mean((0, 1)) for i in range(n)
             ]
             out[layer] = {"received": torch.stack(got), "keys": kh.mean(1)}
+            if "hub_t" in slot:
+                out[layer]["hub"] = _hub_rows(q, kh, attn, attn.scale, slot["hub_t"])
         return _merge_layers(out, hidden)
+
+
+def _hub_rows(q, kh, attn, scale, threshold) -> torch.Tensor:
+    """``[crops, T]``: per crop, every token's attention from the crop's hub tokens (one crop's
+    ``[H, T, T]`` map at a time)."""
+    from vtprune.scoring import hub_attention
+
+    n, t, _ = q.shape
+    qh = q.float().view(n, t, attn.num_heads, -1).transpose(1, 2)
+    return torch.stack(
+        [
+            hub_attention(torch.softmax(qh[i] @ kh[i].transpose(-1, -2) * scale, -1), threshold)
+            for i in range(n)
+        ]
+    )
 
 
 def _merge_layers(a: dict, b: dict) -> dict:
@@ -155,7 +182,8 @@ class ReceivedProbe(_Probe):
             hidden = args[0] if args else kwargs["hidden_states"]
             cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
             with torch.no_grad():
-                capture[layer] = _received_attention(module, hidden, cu, kwargs["position_embeddings"])
+                rotary = kwargs["position_embeddings"]
+                capture[layer] = _received_attention(module, hidden, cu, rotary, self.hub.get(layer))
 
         return hook
 
@@ -165,7 +193,13 @@ class ReceivedProbe(_Probe):
         layers, ``hidden`` ``[patches, D]``, all in the token order of the tower's input."""
         order = raw.pop("order", None)
         hidden = cls.split_hidden(raw)
-        out = {layer: {"received": scores, "keys": keys} for layer, (scores, keys) in raw.items()}
+        out = {}
+        for layer, (scores, keys, hub) in raw.items():
+            out[layer] = (
+                {"received": scores, "keys": keys}
+                if hub is None
+                else {"received": scores, "keys": keys, "hub": hub}
+            )
         merged = _merge_layers(out, hidden)
         if order is not None:
             inverse = torch.argsort(order)  # blocks[i] = patches[order[i]], so patches = blocks[inverse]
@@ -175,28 +209,35 @@ class ReceivedProbe(_Probe):
         return merged
 
 
-def _received_attention(attn, hidden, cu_seqlens, rotary):
-    """Per patch, the attention it receives averaged over its image's queries and the heads."""
+def _received_attention(attn, hidden, cu_seqlens, rotary, hub_threshold=None):
+    """Per patch, the attention it receives averaged over its image's queries and the heads (and,
+    with ``hub_threshold``, the attention it gets from its image's hub tokens; else ``None``)."""
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
     n = hidden.shape[0]
     q, k, _ = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     q, k = rope(q, k, *rotary)
-    scores, keys = [], []
+    scores, keys, hubs = [], [], []
     bounds = cu_seqlens.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
         qi, ki = q[a:b].float().transpose(0, 1), k[a:b].float().transpose(0, 1)  # [H, n, d]
         p = torch.softmax(qi @ ki.transpose(-1, -2) * attn.scaling, dim=-1)
         scores.append(p.mean(dim=(0, 1)))
         keys.append(ki.mean(0))
-    return torch.cat(scores), torch.cat(keys)
+        if hub_threshold is not None:
+            from vtprune.scoring import hub_attention
+
+            hubs.append(hub_attention(p, hub_threshold))
+    return torch.cat(scores), torch.cat(keys), (torch.cat(hubs) if hubs else None)
 
 
-def make_probe(adapter, layers: list[int], keys: bool, hidden_layers: list[int] = ()):
+def make_probe(
+    adapter, layers: list[int], keys: bool, hidden_layers: list[int] = (), hub: dict | None = None
+):
     if adapter.has_cls:
         probe = ClsProbe
     else:  # a tower run per crop (LLaVA-OneVision) or over packed patches (Qwen2-VL)
         probe = CropReceivedProbe if adapter.tower_tokens_per_crop is not None else ReceivedProbe
-    return probe(adapter, layers, keys, hidden_layers)
+    return probe(adapter, layers, keys, hidden_layers, hub)
 
 
 def split_per_image(finished: dict, specs: list, adapter) -> list[dict]:
