@@ -148,3 +148,16 @@ def test_tune_searches_the_vflowopt_schedule(tmp_path):
     with torch.no_grad(), vtprune.pruned(model, plan):
         model(**samples[0])
         assert vtprune.stats(model).keep_ratio == pytest.approx(0.25, rel=0.02)
+
+
+def test_composes_with_a_later_pyramid_drop():
+    """VFlowOpt's vision stage then a PyramidDrop boundary: the official method's shape (tower
+    importance first, decoder drops later)."""
+    model = tiny.llava()
+    kw = tiny.inputs("llava", model, [1], seed=9)
+    plan = vtprune.Compose(vtprune.VFlowOpt(keep=0.5, cell=2), vtprune.PyramidDrop(layers=[4], ratio=0.5))
+    with torch.no_grad(), vtprune.pruned(model, plan):
+        model(**kw)
+        st = vtprune.stats(model)
+    assert st.visual_tokens_per_layer == [32] * 4 + [16] * 4
+    assert set(st.selections["pdrop@4"][0].tolist()) <= set(st.selections["vflowopt"][0].tolist())

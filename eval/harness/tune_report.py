@@ -80,7 +80,6 @@ def run(
     folder = Path(out)
     results_path = folder / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    rows = []
     test_items = generate_synthvqa(test, seed=seed, split="test")
     cal_items = calibration_items(calibration, seed)
     for arch in models:
@@ -127,12 +126,7 @@ def run(
             results[f"{arch}/{method}"] = record
             results_path.parent.mkdir(parents=True, exist_ok=True)
             results_path.write_text(json.dumps(results, indent=2) + "\n")
-            a0 = base["accuracy"]
-            rows.append(
-                f"| {arch} | {method} | `{_opts(tuned.options)}` | {record['kl_default']:.4f} -> "
-                f"{record['kl_tuned']:.4f} | {default['accuracy']:.3f} ({default['accuracy'] / a0:.1%}) | "
-                f"{best['accuracy']:.3f} ({best['accuracy'] / a0:.1%}) | {default['keep']:.3f} / {best['keep']:.3f} |"
-            )
+    rows = [_row(key, record, results) for key, record in results.items() if not key.endswith("/baseline")]
     unpruned = ", ".join(f"{a} {results[f'{a}/baseline']['accuracy']:.3f}" for a in models)
     text = (
         f"# `vtprune.tune` at keep {keep:.0%}: default vs tuned settings\n\n"
@@ -142,8 +136,8 @@ def run(
         f"of the target (these small images round every schedule's counts); both settings then answered the first {test}\n"
         f"held-out `test` items greedily (3 new tokens). Unpruned accuracy: {unpruned}.\n"
         f"Reproduce: `python -m vtprune.eval.harness.tune_report --out {out} --methods {','.join(methods)}`.\n\n"
-        "| model | method | tuned options | calibration KL (default -> tuned) | accuracy default (kept) "
-        "| accuracy tuned (kept) | measured keep default / tuned |\n|---|---|---|---|---|---|---|\n"
+        "| model | method | tuned options | calibration KL (default -> tuned) | feasible trials | accuracy "
+        "default (kept) | accuracy tuned (kept) | measured keep default / tuned |\n|---|---|---|---|---|---|---|---|\n"
         + "\n".join(rows)
         + "\n\nThe plan files (`<model>-<method>.json`, for `vtprune.load_plan`) and every trial "
         "(`*.trials.jsonl`) are beside this README.\n"
@@ -151,6 +145,19 @@ def run(
     (folder / "README.md").write_text(text)
     print(text)
     return text
+
+
+def _row(key: str, record: dict, results: dict) -> str:
+    """One table row: every method tuned so far (this run's and earlier runs' in results.json)."""
+    arch, method = key.split("/")
+    a0 = results[f"{arch}/baseline"]["accuracy"]
+    default, best = record["default"], record["tuned"]
+    return (
+        f"| {arch} | {method} | `{_opts(record['options'])}` | {record['kl_default']:.4f} -> "
+        f"{record['kl_tuned']:.4f} | {record['feasible']}/{record['trials']} | {default['accuracy']:.3f} "
+        f"({default['accuracy'] / a0:.1%}) | {best['accuracy']:.3f} ({best['accuracy'] / a0:.1%}) | "
+        f"{default['keep']:.3f} / {best['keep']:.3f} |"
+    )
 
 
 def _opts(options: dict) -> str:
