@@ -147,7 +147,8 @@ WRONG_TYPE = {
     },
 }
 # the video-budget option every image vision-stage method shares (vtprune.config.VideoBudget)
-VIDEO_BUDGET = ["random", "uniform", "divprune", "cdpruner", "todre", "hired", "mustdrop", "visionzip", "vflowopt"]
+VIDEO_BUDGET = ["random", "uniform", "divprune", "cdpruner", "todre", "hired", "mustdrop", "visionzip"]
+VIDEO_BUDGET.append("vflowopt")
 for _method in VIDEO_BUDGET:
     WRONG_TYPE[_method]["video_budget"] = 1
 
