@@ -135,9 +135,9 @@ def recycle_cells(
 
     Example:
         >>> s = torch.tensor([4.0, 3.0, 2.0, 1.0]); f = torch.eye(4)
-        >>> kept, targets, vectors = recycle_cells(s, f, torch.arange(4), torch.tensor([0, 0, 1, 1]), 2)
-        >>> kept.tolist(), targets.tolist(), vectors[0].tolist()
-        ([0, 2], [2], [0.0, 0.0, 0.6666666865348389, 0.3333333432674408])
+        >>> kept, targets, vectors = recycle_cells(s, f, torch.arange(4), torch.tensor([0, 0, 1, 1]), 3)
+        >>> kept.tolist(), targets.tolist(), [round(v, 4) for v in vectors[1].tolist()]
+        ([0, 1, 2], [1, 2], [0.0, 0.0, 0.6667, 0.3333])
     """
     order = torch.sort(scores[candidates], descending=True, stable=True).indices
     ranked, ranked_groups = candidates[order], groups[order]
