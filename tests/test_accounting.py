@@ -64,6 +64,7 @@ KEEP_METHODS = [
     "transprune",
     "temporal",
     "vscan",
+    "vflowopt",
 ]
 
 

@@ -25,6 +25,7 @@ PLANS = {
     "transprune": dict(keep=0.4),
     "temporal": dict(keep=0.3),
     "vscan": dict(keep=0.3),
+    "vflowopt": dict(keep=0.3, cell=2),
     # the decode stage makes decoding differ from an uncached recomputation by design; it is
     # checked on its own in test_vision_methods.py
     "mustdrop": dict(keep=0.4, decode=False),
@@ -45,6 +46,7 @@ KEEP_ALL = {
     "transprune": dict(keep=1.0),
     "temporal": dict(keep=1.0),
     "vscan": dict(keep=1.0),
+    "vflowopt": dict(keep=1.0, cell=2),
     "mustdrop": dict(keep=1.0),
     "layerskip": dict(keep=1.0, thin_ffn=True, ffn_ratio=1),
 }

@@ -100,6 +100,7 @@ WRONG_TYPE = {
     "divprune": {"keep": "0.1", "per_crop": 1, "recycle": "mean"},
     "flowcut": {"keep": "0.1", "smoothing": "half"},
     "zerotprune": {"keep": "0.1", "layers": "3", "iterations": 30.0, "similarity": "half"},
+    "vflowopt": {"keep": "0.1", "threshold": "39", "cell": "4", "layer": 1.0},
     "cdpruner": {
         "keep": "0.1",
         "quality": "exp",
@@ -172,6 +173,7 @@ WRONG_TYPE = {
         "merge": "sum",
         "drop_newlines": 1,
         "score": 1,
+        "share": "0.8",
     },
 }
 # the video-budget option every image vision-stage method shares (vtprune.config.VideoBudget)
@@ -185,6 +187,7 @@ VIDEO_BUDGET = [
     "mustdrop",
     "visionzip",
     "vscan",
+    "vflowopt",
 ]
 for _method in VIDEO_BUDGET:
     WRONG_TYPE[_method]["video_budget"] = 1

@@ -20,6 +20,7 @@ VISION = {
     "flowcut": dict(keep=0.3),  # a tower stage: it too prunes before the language model
     "zerotprune": dict(keep=0.3),
     "temporal": dict(keep=0.3),
+    "vflowopt": dict(keep=0.3, cell=2),
 }
 
 

@@ -32,12 +32,14 @@ from vtprune.methods import (  # noqa: E402
     ToDRE,
     TransPrune,
     UniformPrune,
+    VFlowOpt,
     VisionZip,
     VScan,
     ZeroTPrune,
 )
 from vtprune.runtime.state import replay  # noqa: E402
 from vtprune.stats import PruneStats  # noqa: E402
+from vtprune.tune import TuneResult, load_plan, tune  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -62,6 +64,7 @@ __all__ = [
     "ToDRE",
     "TransPrune",
     "UniformPrune",
+    "VFlowOpt",
     "VisionZip",
     "VScan",
     "ZeroTPrune",
@@ -73,4 +76,7 @@ __all__ = [
     "remove",
     "replay",
     "stats",
+    "TuneResult",
+    "load_plan",
+    "tune",
 ]

@@ -103,6 +103,16 @@ class MethodConfig:
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, **dataclasses.asdict(self)}
 
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """``vtprune.tune``'s default search space on a model: option name -> candidate values.
+
+        ``keep`` is fixed by the search (each method resolves the rest of its hyper-parameters
+        from it), so only options that may be given together with ``keep`` belong here; a
+        method without a space can still be tuned with ``tune(..., space=...)``.
+        """
+        return {}
+
 
 VIDEO_BUDGETS = ("clip", "frame")
 

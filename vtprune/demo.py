@@ -31,6 +31,7 @@ DEFAULT_METHODS = [
     "transprune",
     "temporal",
     "vscan",
+    "vflowopt",
     "random",
     "uniform",
 ]

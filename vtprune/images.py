@@ -309,6 +309,24 @@ class ImageView:
         src = self.layout.source.to(flat.device)
         return torch.where(src >= 0, flat[src.clamp(min=0)], torch.tensor(float("-inf"), device=flat.device))
 
+    def hub_scores(self, layer: int) -> torch.Tensor:
+        """``[n]`` float: the attention each token gets from its crop's (image's) hub tokens at
+        ``layer`` (``vtprune.scoring.hub_attention``; Qwen2-VL: averaged over the patches merged
+        into the token), ``-inf`` for newline tokens. Captured only for stages that ask for it
+        (``VisionStage.vision_hub``)."""
+        got = self.captured(layer)
+        if "hub" not in got:
+            raise RuntimeError(
+                f"vtprune: no hub-token attention captured at tower layer {layer} for this image"
+            )
+        if self.layout.taps is not None:
+            return self._tapped(got["hub"], float("-inf"))
+        if not self.has_cls:
+            return got["hub"].view(self.num_tokens, self.patches_per_token).mean(1)
+        flat = got["hub"].flatten()
+        src = self.layout.source.to(flat.device)
+        return torch.where(src >= 0, flat[src.clamp(min=0)], torch.tensor(float("-inf"), device=flat.device))
+
     def keys(self, layer: int) -> torch.Tensor:
         """``[n, head_dim]``: each token's tower key at ``layer`` (mean over heads)."""
         keys = self.captured(layer)["keys"]

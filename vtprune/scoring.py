@@ -91,3 +91,24 @@ def projected_query_probs(
     q = apply_rope(q, _gather_rows(cos, qs), _gather_rows(sin, qs))
     k = apply_rope(k, cos, sin)
     return kernels.query_key_probs(q, k, valid, query_slots, attn.scaling)
+
+
+def hub_attention(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """VFlowOpt's importance: each key's attention from the hub tokens of one attention map.
+
+    ``probs`` ``[H, T, T]`` (queries x keys, rows sum to 1) is averaged over heads to ``A``; a
+    token's received attention is its column mean, the hubs are the tokens receiving more than
+    ``threshold`` times the mean of that (the most-attended token when none does), and the score
+    of key ``j`` is the mean of ``A[i, j]`` over the hub queries ``i``.
+
+    Example:
+        >>> p = torch.tensor([[[0.1, 0.9], [0.2, 0.8]]])  # token 1 receives the most
+        >>> hub_attention(p, threshold=1.2).tolist()  # its own row only
+        [0.20000000298023224, 0.800000011920929]
+    """
+    a = probs.float().mean(0)
+    received = a.mean(0)
+    hubs = received > threshold * received.mean()
+    hubs = torch.where(hubs.any(), hubs, received == received.max())  # no host read
+    weights = hubs.float() / hubs.float().sum()
+    return weights @ a

@@ -237,6 +237,11 @@ class VisionStage(Stage):
         """Vision-tower layers whose output features this stage reads."""
         return []
 
+    def vision_hub(self, adapter) -> dict[int, float]:
+        """Tower layer -> threshold for the layers (among :meth:`vision_layers`) where this stage
+        reads each token's attention from the hub tokens (``ImageView.hub_scores``)."""
+        return {}
+
     def budget(self, view: ImageView) -> int | None:
         """Tokens this image may keep: ``round(keep * tokens)`` by default."""
         return None if self.keep is None else int(self.keep * view.num_tokens + 0.5)

@@ -14,6 +14,7 @@ from .sparsevlm import SparseVLM
 from .temporal import Temporal
 from .todre import ToDRE
 from .transprune import TransPrune
+from .vflowopt import VFlowOpt
 from .visionzip import VisionZip
 from .vscan import VScan
 from .zerotprune import ZeroTPrune
@@ -34,6 +35,7 @@ __all__ = [
     "ToDRE",
     "TransPrune",
     "UniformPrune",
+    "VFlowOpt",
     "VisionZip",
     "VScan",
     "ZeroTPrune",

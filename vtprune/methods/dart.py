@@ -47,6 +47,7 @@ from vtprune.config import MethodConfig, ModelInfo, check_choice, check_int, reg
 from vtprune.diversity import pivot_deduplication
 from vtprune.methods.fastv import resolve_layer_ratio, validate_layer_ratio
 from vtprune.scoring import apply_rope
+from vtprune.search import layer_candidates
 from vtprune.selection import count_for_fraction
 from vtprune.stages import PrefillContext, PrefillStage
 
@@ -88,6 +89,12 @@ class DART(MethodConfig):
         if self.pivot_image + self.pivot_text == 0:
             raise ValueError("dart: 'pivot_image' and 'pivot_text' are both 0; allowed: at least one pivot")
         check_choice(self.name, "pivot_score", self.pivot_score, PIVOT_SCORES)
+
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """``layer`` (early enough for ``keep``) and the pivot counts for ``vtprune.tune``."""
+        layers = [x for x in layer_candidates(info.num_layers) if x < keep * info.num_layers]
+        return {"layer": layers or [1], "pivot_image": [2, 4, 8], "pivot_text": [0, 4]}
 
     def resolve(self, info: ModelInfo) -> tuple[int, float]:
         return resolve_layer_ratio(

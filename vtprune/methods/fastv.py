@@ -23,6 +23,7 @@ from vtprune.config import (
     register_method,
 )
 from vtprune.scoring import projected_query_probs
+from vtprune.search import layer_candidates
 from vtprune.selection import count_for_fraction, fastv_ratio, slots_of, topk_mask
 from vtprune.stages import PrefillContext, PrefillStage
 
@@ -54,6 +55,12 @@ class FastV(MethodConfig):
     def validate(self) -> None:
         validate_layer_ratio(self)
         check_choice(self.name, "score", self.score, ("last", "mean"))
+
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """``layer`` (early enough for ``keep``) and ``score`` for ``vtprune.tune``."""
+        layers = [x for x in layer_candidates(info.num_layers) if x < keep * info.num_layers]
+        return {"layer": layers or [1], "score": ["last", "mean"]}
 
     def resolve(self, info: ModelInfo) -> tuple[int, float]:
         return resolve_layer_ratio(self.name, self.layer, self.keep, self.ratio, info.num_layers)

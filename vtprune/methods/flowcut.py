@@ -105,6 +105,11 @@ class FlowCut(MethodConfig):
 
     smoothing: float = 0.5
 
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """The cross-layer smoothing weight for ``vtprune.tune`` (FlowCut's only other option)."""
+        return {"smoothing": [0.0, 0.25, 0.5, 0.75, 0.9]}
+
     def validate(self) -> None:
         ok = isinstance(self.smoothing, (int, float)) and not isinstance(self.smoothing, bool)
         if not ok or not 0 <= self.smoothing < 1:

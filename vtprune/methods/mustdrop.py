@@ -40,6 +40,7 @@ from vtprune.config import (
 from vtprune.images import ImageView
 from vtprune.methods.fastv import text_query_slots
 from vtprune.scoring import projected_query_probs
+from vtprune.search import increasing_lists, layer_candidates
 from vtprune.selection import pyramid_average, pyramid_ratio, scale_layers
 from vtprune.stages import DecodeStage, Pick, PrefillContext, PrefillStage, VisionStage
 
@@ -92,6 +93,19 @@ class MustDrop(VideoBudget):
             raise ValueError(
                 "mustdrop: give either 'keep' or thresholds ('preset', 'global_thr', 'individual_thr')"
             )
+
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """Filtering layers, the vision-stage merge threshold and window, and the key-set share for
+        ``vtprune.tune`` (with ``keep`` the prefill thresholds are solved per request)."""
+        cands = [x for x in layer_candidates(info.num_layers, first=0) if x <= info.num_layers - 2]
+        lists = increasing_lists(cands, (2, 3, 4), first_below=keep * info.num_layers - 1)
+        return {
+            "layers": lists,
+            "merge_threshold": [0.7, 0.8, 0.9, 0.95],
+            "window": [2, 3],
+            "key_ratio": [0.0, 0.04, 0.08],
+        }
 
     def thresholds(self) -> tuple[float, float]:
         g, i = PRESETS[self.preset or "192"]

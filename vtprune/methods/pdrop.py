@@ -23,6 +23,7 @@ from vtprune.config import (
     register_method,
 )
 from vtprune.scoring import layer_query_probs
+from vtprune.search import increasing_lists, layer_candidates
 from vtprune.selection import count_for_fraction, pyramid_ratio, scale_layers, slots_of, topk_mask
 from vtprune.stages import PrefillContext, PrefillStage
 
@@ -57,6 +58,13 @@ class PyramidDrop(MethodConfig):
                 raise ValueError("pdrop: give either 'keep' or 'ratio', not both")
         if self.layers is not None:
             check_layer_list(self.name, "layers", self.layers, increasing=True)  # range: at resolve
+
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """Stage boundaries for ``vtprune.tune``: two to four of them, the first early enough for
+        ``keep``; the ratio is then solved for ``keep``."""
+        cands = layer_candidates(info.num_layers)
+        return {"layers": increasing_lists(cands, (2, 3, 4), first_below=keep * info.num_layers)}
 
     def resolve(self, info: ModelInfo) -> tuple[list[int], float]:
         n = info.num_layers

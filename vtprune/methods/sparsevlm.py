@@ -56,6 +56,7 @@ from vtprune.config import (
     register_method,
 )
 from vtprune.scoring import projected_query_probs
+from vtprune.search import increasing_lists, layer_candidates
 from vtprune.selection import count_for_fraction, scale_layers, slots_of, topk_mask
 from vtprune.stages import LMInput, PrefillContext, PrefillStage
 
@@ -107,6 +108,14 @@ class SparseVLM(MethodConfig):
                     f"sparsevlm: option 'layers'={self.layers!r} must list three layers (one per schedule count)"
                 )
         check_bool(self.name, "recycle", self.recycle)
+
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """The three rating layers for ``vtprune.tune`` (tokens leave after each: the first must
+        come early enough for ``keep``)."""
+        cands = layer_candidates(info.num_layers, first=0)
+        lists = increasing_lists([x for x in cands if x <= info.num_layers - 2], (3,))
+        return {"layers": [x for x in lists if x[0] + 1 < keep * info.num_layers], "recycle": [False, True]}
 
     def boundaries(self, info: ModelInfo) -> list[int]:
         """The first layer that sees each stage's pruned set (``layers`` + 1)."""

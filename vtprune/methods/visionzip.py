@@ -52,6 +52,7 @@ from vtprune.config import (
     VideoBudget,
     check_bool,
     check_choice,
+    check_fraction,
     check_vision_layer,
     register_method,
 )
@@ -73,6 +74,8 @@ class VisionZip(VideoBudget):
             where the tower has one.
         contextual: contextual (merged) tokens per partition.
         keep: alternatively, the kept fraction of each image, split 54:10.
+        share: with ``keep``, the dominant tokens' share of the budget instead of 54/64 (the
+            contextual tokens get the rest); a number in (0, 1].
         layer: tower layer whose CLS attention and keys are used (default: the feature layer).
         merge: ``"official"`` (target + mean of the other members, before the projector) or
             ``"mean"`` (mean of the group, target included, after the projector).
@@ -92,6 +95,7 @@ class VisionZip(VideoBudget):
     merge: str = "official"
     drop_newlines: bool = False
     score: str = "attention"
+    share: float | None = None
 
     def validate(self) -> None:
         for name in ("dominant", "contextual"):
@@ -107,7 +111,20 @@ class VisionZip(VideoBudget):
             raise ValueError("visionzip: give either 'keep' or 'dominant'/'contextual', not both")
         check_choice(self.name, "merge", self.merge, MERGES)
         check_choice(self.name, "score", self.score, TOWER_SCORES)
+        if self.share is not None:
+            check_fraction(self.name, "share", self.share)
+            if self.dominant is not None or self.contextual is not None:
+                raise ValueError(
+                    "visionzip: 'share' splits a 'keep' budget; give it with 'keep', not 'dominant'/'contextual'"
+                )
         check_bool(self.name, "drop_newlines", self.drop_newlines)
+
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """The dominant share of the budget, the scoring tower layer and the merge for ``vtprune.tune``."""
+        depth = info.vision_layers or 1
+        layers = sorted({-1, -2, -(depth // 2 or 1)} & set(range(-depth, 0)))
+        return {"share": [0.5, 0.7, 54 / 64, 0.95, 1.0], "layer": [None, *layers], "merge": list(MERGES)}
 
     def per_partition(self, n: int) -> tuple[int, int]:
         """(dominant, contextual) for a partition of ``n`` tokens."""
@@ -119,8 +136,8 @@ class VisionZip(VideoBudget):
         return d, min(n - d, self.contextual or 0)
 
     def split(self, k: int) -> tuple[int, int]:
-        """``k`` kept tokens as (dominant, contextual), in the papers' 54:10 proportion."""
-        d = min(k, int(k * DOMINANT_SHARE + 0.5))
+        """``k`` kept tokens as (dominant, contextual), in the papers' 54:10 proportion (or ``share``)."""
+        d = min(k, int(k * (DOMINANT_SHARE if self.share is None else self.share) + 0.5))
         return d, k - d
 
     def stages(self, info: ModelInfo) -> list:

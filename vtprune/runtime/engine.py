@@ -81,7 +81,8 @@ class Runtime:
         hidden = sorted({layer for st in self.vision_stages for layer in st.vision_hidden_layers(adapter)})
         keys = any(st.needs_keys for st in self.vision_stages)
         wpr = check_tower_score(adapter, self.vision_stages)
-        self.probe = make_probe(adapter, layers, keys, hidden, wpr) if layers or hidden else None
+        hub = {layer: t for st in self.vision_stages for layer, t in st.vision_hub(adapter).items()}
+        self.probe = make_probe(adapter, layers, keys, hidden, wpr, hub) if layers or hidden else None
         self.encoder = EncoderTap(adapter, self.probe, self._mine, self.tower)
         # the tower's survivors shrink the image placeholders first, like a vision stage's picks
         self.lm_input_stages = tower_stages + self.vision_stages

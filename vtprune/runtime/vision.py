@@ -36,11 +36,19 @@ CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vtprune_v
 
 class _Probe:
     def __init__(
-        self, adapter, layers: list[int], keys: bool, hidden_layers: list[int] = (), wpr: bool = False
+        self,
+        adapter,
+        layers: list[int],
+        keys: bool,
+        hidden_layers: list[int] = (),
+        wpr: bool = False,
+        hub: dict | None = None,
     ):
         self.adapter, self.layers, self.keys, self.hidden_layers = adapter, layers, keys, list(hidden_layers)
         #: also keep Zero-TPrune's weighted PageRank of each image's head-mean map (CLS-free towers)
         self.wpr = wpr
+        #: tower layer -> hub threshold: also keep each token's attention from the hub tokens (VFlowOpt)
+        self.hub = dict(hub or {})
 
     def install_hidden(self, handles: list) -> None:
         """Forward hooks keeping the output of chosen tower layers (features, e.g. MustDrop's)."""
@@ -76,11 +84,15 @@ class ClsProbe(_Probe):
             handles.append(attn.k_proj.register_forward_hook(self._keep(layer, "k", attn)))
 
     def _keep(self, layer: int, what: str, attn):
+        rows = None if layer in self.hub else self.rows  # hub scores need every query row
+
         def hook(module, args, output):
             capture = CAPTURE.get()
             if capture is not None:
                 slot = capture.setdefault(layer, {"attn": attn, "wpr": self.wpr})
-                slot[what] = (output[:, : self.rows] if what == "q" else output).detach()
+                slot[what] = (output[:, :rows] if what == "q" else output).detach()
+                if layer in self.hub:
+                    slot["hub_t"] = self.hub[layer]
 
         return hook
 
@@ -95,10 +107,12 @@ class ClsProbe(_Probe):
             attn, q, k = slot["attn"], slot["q"], slot["k"]
             n, t, _ = k.shape
             h = attn.num_heads
-            qh = q.float().view(n, 1, h, -1).transpose(1, 2)  # [n, H, 1, d]
+            qh = q[:, :1].float().view(n, 1, h, -1).transpose(1, 2)  # [n, H, 1, d]
             kh = k.float().view(n, t, h, -1).transpose(1, 2)  # [n, H, T, d]
             probs = torch.softmax(qh @ kh.transpose(-1, -2) * attn.scale, dim=-1)[:, :, 0]  # [n, H, T]
             out[layer] = {"cls": probs.sum(1), "cls_heads": probs, "keys": kh.mean(1)}
+            if "hub_t" in slot:
+                out[layer]["hub"] = _hub_rows(q, kh, attn, attn.scale, slot["hub_t"])
         return _merge_layers(out, hidden)
 
 
@@ -130,7 +144,24 @@ class CropReceivedProbe(ClsProbe):
             out[layer] = {"received": torch.stack(got), "keys": kh.mean(1)}
             if wpr:
                 out[layer]["wpr"] = torch.stack(wpr)
+            if "hub_t" in slot:
+                out[layer]["hub"] = _hub_rows(q, kh, attn, attn.scale, slot["hub_t"])
         return _merge_layers(out, hidden)
+
+
+def _hub_rows(q, kh, attn, scale, threshold) -> torch.Tensor:
+    """``[crops, T]``: per crop, every token's attention from the crop's hub tokens (one crop's
+    ``[H, T, T]`` map at a time)."""
+    from vtprune.scoring import hub_attention
+
+    n, t, _ = q.shape
+    qh = q.float().view(n, t, attn.num_heads, -1).transpose(1, 2)
+    return torch.stack(
+        [
+            hub_attention(torch.softmax(qh[i] @ kh[i].transpose(-1, -2) * scale, -1), threshold)
+            for i in range(n)
+        ]
+    )
 
 
 def _merge_layers(a: dict, b: dict) -> dict:
@@ -171,7 +202,7 @@ class ReceivedProbe(_Probe):
             cu = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
             with torch.no_grad():
                 capture[layer] = _received_attention(
-                    module, hidden, cu, kwargs["position_embeddings"], wpr=self.wpr
+                    module, hidden, cu, kwargs["position_embeddings"], wpr=self.wpr, hub=self.hub.get(layer)
                 )
 
         return hook
@@ -182,7 +213,7 @@ class ReceivedProbe(_Probe):
         layers, ``hidden`` ``[patches, D]``, all in the token order of the tower's input."""
         order = raw.pop("order", None)
         hidden = cls.split_hidden(raw)
-        out = {layer: dict(zip(("received", "keys", "wpr"), got)) for layer, got in raw.items()}
+        out = {layer: {name: t for name, t in got.items() if t is not None} for layer, got in raw.items()}
         merged = _merge_layers(out, hidden)
         if order is not None:
             inverse = torch.argsort(order)  # blocks[i] = patches[order[i]], so patches = blocks[inverse]
@@ -192,14 +223,16 @@ class ReceivedProbe(_Probe):
         return merged
 
 
-def _received_attention(attn, hidden, cu_seqlens, rotary, wpr: bool = False):
-    """Per patch, the attention it receives averaged over its image's queries and the heads, the
-    head-mean keys and, with ``wpr``, the weighted PageRank of the image's head-mean map."""
+def _received_attention(attn, hidden, cu_seqlens, rotary, wpr: bool = False, hub: float | None = None):
+    """Per patch: ``received``, the attention it receives averaged over its image's queries and the
+    heads; ``keys``, the head-mean keys; with ``wpr``, ``wpr``, the weighted PageRank of the image's
+    head-mean map; with a ``hub`` threshold, ``hub``, its attention from the image's hub tokens
+    (VFlowOpt). Absent ones are ``None``."""
     rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
     n = hidden.shape[0]
     q, k, _ = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     q, k = rope(q, k, *rotary)
-    scores, keys, ranks = [], [], []
+    scores, keys, ranks, hubs = [], [], [], []
     bounds = cu_seqlens.tolist()
     for a, b in zip(bounds[:-1], bounds[1:]):
         qi, ki = q[a:b].float().transpose(0, 1), k[a:b].float().transpose(0, 1)  # [H, n, d]
@@ -208,15 +241,30 @@ def _received_attention(attn, hidden, cu_seqlens, rotary, wpr: bool = False):
         keys.append(ki.mean(0))
         if wpr:
             ranks.append(weighted_pagerank(p))
-    return (torch.cat(scores), torch.cat(keys)) + ((torch.cat(ranks),) if wpr else ())
+        if hub is not None:
+            from vtprune.scoring import hub_attention
+
+            hubs.append(hub_attention(p.unsqueeze(0), hub))  # it averages the heads first: p already is
+    return {"received": _cat(scores), "keys": _cat(keys), "wpr": _cat(ranks), "hub": _cat(hubs)}
 
 
-def make_probe(adapter, layers: list[int], keys: bool, hidden_layers: list[int] = (), wpr: bool = False):
+def _cat(parts: list) -> torch.Tensor | None:
+    return torch.cat(parts) if parts else None
+
+
+def make_probe(
+    adapter,
+    layers: list[int],
+    keys: bool,
+    hidden_layers: list[int] = (),
+    wpr: bool = False,
+    hub: dict | None = None,
+):
     if adapter.has_cls:
         probe = ClsProbe
     else:  # a tower run per crop (LLaVA-OneVision) or over packed patches (Qwen2-VL)
         probe = CropReceivedProbe if adapter.tower_tokens_per_crop is not None else ReceivedProbe
-    return probe(adapter, layers, keys, hidden_layers, wpr)
+    return probe(adapter, layers, keys, hidden_layers, wpr, hub)
 
 
 def split_per_image(finished: dict, specs: list, adapter) -> list[dict]:
