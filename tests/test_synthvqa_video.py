@@ -251,4 +251,4 @@ def test_fidelity_video_end_to_end_keep_everything_equals_unpruned(tmp_path):
     readme.write_text(readme.read_text() + "\n## What it shows (written by hand)\nA note.\n")
     run_video(str(tmp_path), **opts)  # nothing left to do: no new records, the hand-written notes kept
     assert sum(1 for _ in gzip.open(tmp_path / "records.jsonl.gz", "rt")) == len(records)
-    assert readme.read_text().endswith("## What it shows (written by hand)\nA note.\n")
+    assert readme.read_text().endswith("\n\n## What it shows (written by hand)\nA note.\n")

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 import vtprune
+from vtprune.eval.harness.reports import write_keeping_notes
 from vtprune.eval.synthetic.synthvqa import normalize_answer, score_synthvqa
 from vtprune.eval.synthetic.synthvqa_video import VIDEO_QTYPES, generate_synthvqa_video
 from vtprune.eval.synthetic.tiny_models import load_tiny
@@ -183,28 +184,9 @@ def run_video(
             f.writelines(json.dumps(r) + "\n" for r in records)
         results_path.write_text(json.dumps({"_meta": meta, **results}, indent=1))
     text = readme_text(results, meta, out, frame_methods, clip_methods, keeps)
-    readme = folder / "README.md"
-    text += hand_written_notes(readme.read_text() if readme.exists() else "")
-    readme.write_text(text)
+    write_keeping_notes(folder / "README.md", text)
     print(text)
     return text
-
-
-NOTES_HEADING = "## What it shows (written by hand"
-
-
-def hand_written_notes(previous: str) -> str:
-    """The hand-written analysis at the end of a previous README (from :data:`NOTES_HEADING` on), so
-    that re-running the benchmark refreshes the tables without deleting it.
-
-    Example:
-        >>> hand_written_notes("# table\\n\\n## What it shows (written by hand)\\nDivPrune leads.\\n")
-        '\\n## What it shows (written by hand)\\nDivPrune leads.\\n'
-        >>> hand_written_notes("# table only\\n")
-        ''
-    """
-    at = previous.find(NOTES_HEADING)
-    return "" if at < 0 else "\n" + previous[at:]
 
 
 def readme_text(results: dict, meta: dict, out: str, frame_methods, clip_methods, keeps) -> str:

@@ -227,3 +227,29 @@ def publish_benchmark(report: dict, md: str, out: str | Path | None, name: str) 
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{name}.json").write_text(json.dumps(report, indent=2, default=str))
         (folder / f"{name}.md").write_text(md)
+
+
+NOTES_HEADING = "## What it shows"
+
+
+def hand_written_notes(previous: str) -> str:
+    """The hand-written analysis at the end of a generated README (from :data:`NOTES_HEADING` on).
+
+    Example:
+        >>> hand_written_notes("# table\\n\\n## What it shows\\nDivPrune leads.\\n")
+        '\\n## What it shows\\nDivPrune leads.\\n'
+        >>> hand_written_notes("# table only\\n")
+        ''
+    """
+    at = previous.find(NOTES_HEADING)
+    return "" if at < 0 else "\n" + previous[at:]
+
+
+def write_keeping_notes(path: str | Path, text: str) -> str:
+    """Write a benchmark's generated README ``text`` to ``path``, keeping the hand-written analysis
+    a previous version ended with, so re-running a benchmark refreshes its tables without deleting
+    what a person wrote about them. Returns what was written."""
+    path = Path(path)
+    text = text.rstrip("\n") + "\n" + hand_written_notes(path.read_text() if path.exists() else "")
+    path.write_text(text)
+    return text

@@ -28,6 +28,7 @@ from vtprune.eval.synthetic.synthvqa import build_prompt, generate_synthvqa, sco
 from vtprune.eval.synthetic.tiny_models import load_tiny
 
 from .generation import encode, generate_answers
+from .reports import write_keeping_notes
 
 __all__ = ["calibration_items", "run"]
 
@@ -142,7 +143,7 @@ def run(
         + "\n\nThe plan files (`<model>-<method>.json`, for `vtprune.load_plan`) and every trial "
         "(`*.trials.jsonl`) are beside this README.\n"
     )
-    (folder / "README.md").write_text(text)
+    write_keeping_notes(folder / "README.md", text)
     print(text)
     return text
 
