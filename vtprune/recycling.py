@@ -71,14 +71,15 @@ def recycle_nearest(
         >>> recycle_nearest(x, torch.arange(5)).equal(x)  # nothing dropped: nothing changes
         True
     """
-    x = features.detach().float()  # a selection-side merge, not differentiated
+    # the assignment is a selection (not differentiated); the means carry gradients to the features
+    x = features.float()
     n, device = x.shape[0], x.device
     kept = kept.to(device=device, dtype=torch.long)
     ok = torch.ones(n, dtype=torch.bool, device=device) if eligible is None else eligible.to(device)
     donor = ok.clone()
     donor[kept] = False  # the dropped, eligible rows
     receiver = ok[kept]  # [k]: kept rows that may take donors
-    xn = torch.nn.functional.normalize(x, dim=-1)
+    xn = torch.nn.functional.normalize(x.detach(), dim=-1)
     sim = xn @ xn[kept].T  # [n, k]
     sim = sim.masked_fill(~receiver, float("-inf"))
     target = sim.argmax(1)  # [n]: each row's most similar eligible kept row
