@@ -43,6 +43,7 @@ KEEP_ALL = {
     "temporal": dict(keep=1.0),
     "mustdrop": dict(keep=1.0),
     "layerskip": dict(keep=1.0, thin_ffn=True, ffn_ratio=1),
+    "prefixkv": dict(keep=1.0),  # its other tables are in test_prefixkv.py (a decode-time method)
 }
 
 

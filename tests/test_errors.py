@@ -67,6 +67,7 @@ def model():
         ("dart", {"pivot_score": "attn"}, r"'pivot_score'='attn' is invalid; allowed: 'k_norm'"),
         ("dart", {"keep": 0.5, "ratio": 0.2}, "either 'keep' or 'ratio'"),
         ("dart", {"keep": 0.1, "layer": 4}, r"dart: keep=0.1 is unreachable with layer=4"),
+        ("prefixkv", {"sink": -1}, r"prefixkv: option 'sink'=-1 is invalid; allowed: an integer >= 0"),
     ],
 )
 def test_bad_options_raise_value_error(model, method, opts, match):
@@ -135,6 +136,7 @@ WRONG_TYPE = {
         "key_ratio": "0.08",
         "decode": "true",
     },
+    "prefixkv": {"keep": "0.3", "profile": 5, "sink": 4.0},
     "visionzip": {
         "keep": "x",
         "dominant": 5.0,

@@ -55,7 +55,9 @@ def test_padded_batch_equals_rows_alone_on_a_hybrid_decoder(hybrid):
     assert torch.equal(batch, torch.cat(rows))
 
 
-@pytest.mark.parametrize("method", ["fastv", "pdrop", "mustdrop", "layerskip", "todre", "dart", "sparsevlm"])
+@pytest.mark.parametrize(
+    "method", ["fastv", "pdrop", "mustdrop", "layerskip", "todre", "dart", "sparsevlm", "prefixkv"]
+)
 def test_in_llm_methods_refuse_naming_the_layer_types(hybrid, method):
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in hybrid.modules())
     with pytest.raises(NotImplementedError, match="sliding_attention"):
