@@ -49,6 +49,7 @@ KEEP_ALL = {
     "vflowopt": dict(keep=1.0, cell=2),
     "mustdrop": dict(keep=1.0),
     "layerskip": dict(keep=1.0, thin_ffn=True, ffn_ratio=1),
+    "prefixkv": dict(keep=1.0),  # its other tables are in test_prefixkv.py (a decode-time method)
 }
 
 

@@ -83,6 +83,7 @@ def model():
             {"layers": [2, 4], "ratios": [0.5, 0.2], "window": [4]},
             r"'window'=\[4\] is out of range",
         ),
+        ("prefixkv", {"sink": -1}, r"prefixkv: option 'sink'=-1 is invalid; allowed: an integer >= 0"),
     ],
 )
 def test_bad_options_raise_value_error(model, method, opts, match):
@@ -165,6 +166,7 @@ WRONG_TYPE = {
         "key_ratio": "0.08",
         "decode": "true",
     },
+    "prefixkv": {"keep": "0.3", "profile": 5, "sink": 4.0},
     "visionzip": {
         "keep": "x",
         "dominant": 5.0,

@@ -58,7 +58,19 @@ def test_padded_batch_equals_rows_alone_on_a_hybrid_decoder(hybrid):
 
 
 @pytest.mark.parametrize(
-    "method", ["fastv", "pdrop", "mustdrop", "layerskip", "todre", "dart", "sparsevlm", "vscan", "transprune"]
+    "method",
+    [
+        "fastv",
+        "pdrop",
+        "mustdrop",
+        "layerskip",
+        "todre",
+        "dart",
+        "sparsevlm",
+        "vscan",
+        "transprune",
+        "prefixkv",
+    ],
 )
 def test_in_llm_methods_refuse_naming_the_layer_types(hybrid, method):
     hooks = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in hybrid.modules())

@@ -17,6 +17,7 @@ from vtprune.api import Handle, apply, pruned, remove, stats  # noqa: E402
 from vtprune.calibration import HeadMask, calibrate  # noqa: E402
 from vtprune.compose import Compose  # noqa: E402
 from vtprune.config import REGISTRY, MethodConfig, method_names, register_method  # noqa: E402
+from vtprune.kv_profile import PrefixKVProfile, profile_prefixkv  # noqa: E402
 from vtprune.methods import (  # noqa: E402
     DART,
     DivPrune,
@@ -25,6 +26,7 @@ from vtprune.methods import (  # noqa: E402
     HiRED,
     LayerSkip,
     MustDrop,
+    PrefixKV,
     PyramidDrop,
     RandomPrune,
     SparseVLM,
@@ -56,6 +58,8 @@ __all__ = [
     "Handle",
     "HeadMask",
     "MethodConfig",
+    "PrefixKV",
+    "PrefixKVProfile",
     "PruneStats",
     "PyramidDrop",
     "RandomPrune",
@@ -71,6 +75,7 @@ __all__ = [
     "apply",
     "calibrate",
     "method_names",
+    "profile_prefixkv",
     "pruned",
     "register_method",
     "remove",

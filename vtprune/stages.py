@@ -401,9 +401,24 @@ class DecodeStage(Stage):
     """
 
     point = "decode"
+    #: re-index layers ``first_layer``.. to the final prefill set (MustDrop); a per-layer KV
+    #: stage (PrefixKV) sets this False and answers :meth:`layer_keep` instead
+    reindex: bool = True
 
     def __init__(self, first_layer: int, key: str = "decode"):
         self.first_layer, self.key = first_layer, key
+
+    def tap_layers(self, num_layers: int) -> set[int]:
+        """Decoder layers whose prefill attention inputs :meth:`observe` must see."""
+        return set()
+
+    def observe(self, layer: int, query, key, valid, scaling: float, state) -> None:
+        """Prefill of a tapped layer: its post-rotary ``query [B, H, M, D]`` and ``key [B, H_kv, M, D]``
+        (as the attention backend gets them), with ``valid [B, M]`` the slots that may be attended."""
+
+    def layer_keep(self, state) -> dict[int, torch.Tensor]:
+        """After prefill: per layer, boolean ``[B, M]`` over its cache slots, the ones it keeps."""
+        return {}
 
 
 class TowerStage(Stage):

@@ -22,6 +22,9 @@ class PruneStats:
             ``None`` (not measured) unless the plan was applied with ``timing=True``, because
             measuring it synchronises the GPU at every pruning point.
         selections: per stage key, the original positions of the visual tokens each row kept.
+        kv_positions: with a per-layer KV stage (``prefixkv``), per decoder layer and row, the
+            original positions (all tokens, not only visual) its KV cache kept after prefill;
+            ``None`` otherwise.
         tower_tokens_per_layer: with a tower stage, the tokens (CLS included) each vision-tower
             layer ran on, one number per tower layer, mean over the images; ``None`` otherwise.
 
@@ -39,6 +42,7 @@ class PruneStats:
     overhead_s: float | None = None
     selections: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
     tower_tokens_per_layer: list[float] | None = None
+    kv_positions: list[list[torch.Tensor]] | None = field(default=None, repr=False)
 
     @property
     def equivalent_tokens(self) -> float:

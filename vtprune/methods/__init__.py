@@ -10,6 +10,7 @@ from .hired import HiRED
 from .layerskip import LayerSkip
 from .mustdrop import MustDrop
 from .pdrop import PyramidDrop
+from .prefixkv import PrefixKV
 from .sparsevlm import SparseVLM
 from .temporal import Temporal
 from .todre import ToDRE
@@ -28,6 +29,7 @@ __all__ = [
     "HiRED",
     "LayerSkip",
     "MustDrop",
+    "PrefixKV",
     "PyramidDrop",
     "RandomPrune",
     "SparseVLM",

@@ -14,7 +14,7 @@ from vtprune import compat
 
 from .plumbing import slots_within
 from .state import RequestState
-from .tokens import TokenSet
+from .tokens import TokenSet, compact
 
 
 def decode_mask2d(state: RequestState, token_set: TokenSet, hidden, cache, layer_idx: int) -> torch.Tensor:
@@ -33,7 +33,7 @@ def remap_lm_mask(state: RequestState, args, kwargs):
         raise NotImplementedError("vtprune: pre-built 4-D / per-layer-type attention masks are not supported")
     if mask2d is not None:
         state.step.decode_tail = mask2d[:, state.orig_len :].bool()
-    first = state.sets[0]
+    first = state.sets[state.layer_set[0]]  # a per-layer KV stage may have shortened layer 0 too
     if first.length == state.orig_len and not first.has_padding:
         return None
     cache = compat.get_cache(kwargs)
@@ -60,6 +60,8 @@ def reindex_caches(state: RequestState, decode_stages, cache) -> None:
     final_idx = len(state.sets) - 1
     final = state.sets[final_idx]
     for stage in decode_stages:
+        if not stage.reindex:
+            continue
         for i in range(stage.first_layer, len(state.layer_set)):
             s = state.layer_set[i]
             if s == final_idx:
@@ -68,3 +70,23 @@ def reindex_caches(state: RequestState, decode_stages, cache) -> None:
             idx = slots_within(state.sets[s], final).to(layer.keys.device)
             layer.keys, layer.values = kernels.gather_rows([layer.keys, layer.values], idx)
             state.layer_set[i] = final_idx
+
+
+def compact_layer_caches(state: RequestState, layer_keep: dict[int, torch.Tensor], cache) -> None:
+    """Shorten each listed layer's KV cache to its own kept slots (a per-layer token set each).
+
+    ``layer_keep[i]`` is boolean ``[B, M_i]`` over the slots of the set layer ``i`` holds; rows
+    keeping different counts are left-padded like any compacted set, so the decode masks built
+    per token set cover them.
+    """
+    for i, keep in sorted(layer_keep.items()):
+        cur = state.sets[state.layer_set[i]]
+        keep = keep.to(cur.present.device) & cur.present
+        if bool(keep.eq(cur.present).all()):
+            continue
+        slots, present = compact(keep)
+        state.sets.append(cur.select(slots, present, i))
+        state.layer_set[i] = len(state.sets) - 1
+        layer = cache.layers[i]
+        index = torch.where(present, slots, -1).to(layer.keys.device)
+        layer.keys, layer.values = kernels.gather_rows([layer.keys, layer.values], index)

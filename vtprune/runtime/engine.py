@@ -33,7 +33,7 @@ from vtprune.stages import DecodeStage, PrefillStage, SkipStage, TowerStage, Vis
 from vtprune.stats import PruneStats
 
 from .attention import wrapper_name
-from .decode import layer_mask, reindex_caches, remap_lm_mask
+from .decode import compact_layer_caches, layer_mask, reindex_caches, remap_lm_mask
 from .encoder import EncoderTap
 from .injection import wrap_injection
 from .plumbing import bind_call, refuse_compiled, refuse_unsupported
@@ -60,6 +60,11 @@ class Runtime:
         self.decode_stages = [s for s in stages if isinstance(s, DecodeStage)]
         self.skip_stages = [s for s in stages if isinstance(s, SkipStage)]
         self.attention_handlers = {layer: s for s in self.skip_stages for layer in s.attention_layers}
+        # decode stages that read each layer's prefill q/k as the attention backend receives them
+        self.score_taps: dict[int, list[DecodeStage]] = {}
+        for s in self.decode_stages:
+            for layer in s.tap_layers(len(adapter.layers)):
+                self.score_taps.setdefault(layer, []).append(s)
         self.owner = id(model)
         self._attn_restore = None
         self.prefill_stages: dict[int, list[PrefillStage]] = {}
@@ -118,7 +123,7 @@ class Runtime:
         for i in self.value_layers:
             self.handles.append(a.layers[i].self_attn.v_proj.register_forward_hook(self._keep_values))
         install_taps(self.taps, a.layers, self._mine, self.handles)
-        if self.attention_handlers:
+        if self.attention_handlers or self.score_taps:
             cfg = a.text_config
             self._attn_restore = cfg._attn_implementation
             cfg._attn_implementation = wrapper_name(cfg._attn_implementation)
@@ -264,7 +269,8 @@ class Runtime:
         state.step = StepScratch()
         ACTIVE.set(state)
         if call.get("position_ids") is None:
-            seen = state.orig_len + cache.get_seq_length() - state.sets[0].length
+            # get_seq_length is layer 0's cache: subtract the prompt slots that layer holds
+            seen = state.orig_len + cache.get_seq_length() - state.sets[state.layer_set[0]].length
             call["position_ids"] = self.adapter.decode_position_ids(
                 seen, q_len, ref.shape[0], ref.device, attention_mask=call.get("attention_mask")
             )
@@ -322,11 +328,18 @@ class Runtime:
             return None
         stats = state.stats = self._per_thread.stats = PruneStats.from_state(state, len(self.adapter.layers))
         cache = compat.get_cache(kwargs)
+        final = state.sets[-1]  # the set the last layer ran on (decode stages add cache-only sets)
         if self.decode_stages and cache is not None:
             with state.timed():
                 reindex_caches(state, self.decode_stages, cache)
+                for stage in self.decode_stages:
+                    compact_layer_caches(state, stage.layer_keep(state), cache)
             stats.kv_cache_lengths = [state.sets[s].length for s in state.layer_set]
-        final = state.sets[-1]
+            if self.score_taps:
+                stats.kv_positions = [
+                    [row[p].cpu() for row, p in zip(t.orig_index, t.present)]
+                    for t in (state.sets[s] for s in state.layer_set)
+                ]
         if final.length == state.orig_len and not final.has_padding:
             stats.overhead_s = state.overhead_s
             return None
