@@ -383,6 +383,13 @@ class TowerStage(Stage):
         """Tokens of an ``n_image``-token image that reach the language model."""
         raise NotImplementedError
 
+    def expected_tower_units(
+        self, units: int, feature_layer: int, depth: int, entropy: float = 0.0
+    ) -> list[int]:
+        """Per tower layer, the units (patches per crop, or merge groups per image) it runs on, for
+        FLOPs estimates; ``entropy`` stands in for what data-dependent schedules read at run time."""
+        raise NotImplementedError
+
     def select(self, ctx: VisionContext) -> torch.Tensor:
         """Boolean ``[B, L]``: the image placeholders whose tokens left the tower."""
         keep = torch.zeros_like(ctx.visual)
