@@ -30,6 +30,7 @@ MODULES = [
     "vtprune.methods.baselines",
     "vtprune.runtime.tokens",
     "vtprune.runtime.injection",
+    "vtprune.runtime.survivors",
     "vtprune.integrations",
     "vtprune.integrations.base",
     "vtprune.integrations.llava_onevision",
@@ -44,6 +45,7 @@ MODULES = [
     "vtprune.eval.speed.flops_report",
     "vtprune.eval.speed.shapes",
     "vtprune.eval.speed.bench_selection",
+    "vtprune.eval.speed.bench_tower",
 ]
 
 

@@ -195,7 +195,6 @@ def test_composes_with_a_prefill_stage(llava):
     [
         ("llava_next", "flowcut", "supported on LLaVA-1.5 and Qwen2-VL"),
         ("qwen2_5_vl", "flowcut", "window-permuted"),
-        ("llava", vtprune.Compose(vtprune.FlowCut(), vtprune.HiRED()), "with vision stages"),
     ],
 )
 def test_unsupported_plans_are_refused_clearly(family, plan, match):

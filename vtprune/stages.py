@@ -410,7 +410,8 @@ def expected_tokens_per_layer(stages: list[Stage], n_visual: int, num_layers: in
         [576, 576, 144, 144]
     """
     n = n_visual
-    for s in stages:
+    # the tower's survivors come first, whatever the order of the plan (vision stages act on them)
+    for s in sorted(stages, key=lambda s: not isinstance(s, TowerStage)):
         if isinstance(s, (VisionStage, TowerStage)):
             n = s.expected_count(n)
     n_in, counts = n, []

@@ -337,18 +337,13 @@ class Runtime:
 
 
 def check_tower_plan(adapter, tower_stages: list, vision_stages: list) -> TowerRun | None:
-    """The tower hooks of a plan, or a clear error for what tower stages do not support yet."""
+    """The tower hooks of a plan, or a clear error for what tower stages do not support yet.
+    Vision stages in the same plan choose among the tower's survivors (``runtime/survivors.py``)."""
     if not tower_stages:
         return None
     keys = ", ".join(s.key for s in tower_stages)
     if len(tower_stages) > 1:
         raise NotImplementedError(f"vtprune: one tower stage per plan is supported, got {keys}")
-    if vision_stages:
-        raise NotImplementedError(
-            f"vtprune: composing a tower stage ({keys}) with vision stages "
-            f"({', '.join(s.key for s in vision_stages)}) is not supported yet; compose it with "
-            "prefill-stage methods (fastv, pdrop) instead"
-        )
     adapter.check_tower_stage(keys)
     run = (TowerRun if adapter.has_cls else QwenTowerRun)(adapter, tower_stages)
     if not run.after:
