@@ -15,7 +15,7 @@ def test_tower_benchmark_runs_on_a_tiny_shape(shape):
     else:
         model, kw = bt.qwen2_vl_tower_model(32, depth=3), bt.SHAPES["qwen2_vl"][1]()
         full = 32 * 32  # one 448 px image: 1024 patches
-    bt.sharpen(model, 16.0)
+    bt.sharpen(model, bt.SHARPEN[shape])
     plans = ["baseline", "flowcut:keep=0.25"]
     res = bt.measure(model, kw, plans, repeats=1, warmup=0, baseline_every=1)
     base, flow = res["baseline"], res["flowcut:keep=0.25"]
@@ -28,7 +28,7 @@ def test_tower_benchmark_runs_on_a_tiny_shape(shape):
         dict(
             machine="test",
             widths={shape: 32},
-            sharpen=16.0,
+            sharpen={shape: bt.SHARPEN[shape]},
             threads=1,
             omp_wait_policy="default",
             repeats=1,

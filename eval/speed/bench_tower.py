@@ -16,7 +16,8 @@ formula on the tokens each layer ran on, as recorded by ``vtprune.stats``) unpru
 
 Random weights give a near-uniform CLS row (normalised entropy close to 1), on which FlowCut's
 schedule drops nothing until its last pruning layer; a trained tower's row is peaked. The query
-and key weights are therefore scaled by ``--sharpen`` (default 16) so the schedule drops tokens
+and key weights are therefore scaled (``SHARPEN``: 16 on CLIP; 100 on Qwen2-VL, whose mean-query
+row averages the random queries out; ``--sharpen`` sets both) so the schedule drops tokens
 progressively, as on a trained tower; timing does not depend on weight values, only the schedule
 does, and the tokens per layer are reported.
 
@@ -40,6 +41,7 @@ from vtprune.eval.speed.shapes import llava_config
 from vtprune.flops import count_flops, tower_attention_flops
 
 KEEPS = (0.5, 0.25, 0.11)
+SHARPEN = {"llava_next": 16.0, "qwen2_vl": 100.0}  # query/key weight scale per shape (see above)
 CROPS = 5  # LLaVA-NeXT at 672x672: the base image and 2 x 2 crops, 336 px each
 TEXT = 8  # text tokens beside the image in the one prefill that reads the tower's token counts
 
@@ -202,7 +204,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Vision-tower benchmark ({report['machine']})",
         "",
-        f"Random weights, query/key weights scaled by {report['sharpen']:g}; threads={report['threads']}, "
+        f"Random weights, query/key weights scaled by {report['sharpen']}; threads={report['threads']}, "
         f"OMP_WAIT_POLICY={report['omp_wait_policy']}; {report['repeats']} interleaved repeats after "
         f"{report['warmup']} warm-up runs; the baseline is re-timed around every {report['baseline_every']} plans. "
         "Timed: the image encoder alone (tower + projector / merger).",
@@ -240,7 +242,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--keeps", default=",".join(map(str, KEEPS)), help="flowcut keep fractions")
     ap.add_argument("--llava-width", type=int, default=256, help="CLIP tower width (real: 1024)")
     ap.add_argument("--qwen-width", type=int, default=256, help="Qwen2-VL tower width (real: 1280)")
-    ap.add_argument("--sharpen", type=float, default=16.0, help="scale of the tower's query/key weights")
+    ap.add_argument(
+        "--sharpen",
+        type=float,
+        default=None,
+        help="scale of the tower's query/key weights (default: SHARPEN)",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--baseline-every", type=int, default=3)
@@ -261,7 +268,7 @@ def main(argv=None) -> dict:
     report = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "widths": {s: widths[s] for s in shapes},
-        "sharpen": args.sharpen,
+        "sharpen": {s: args.sharpen or SHARPEN[s] for s in shapes},
         "threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "repeats": args.repeats,
@@ -272,7 +279,7 @@ def main(argv=None) -> dict:
     for shape in shapes:
         build, inputs, _ = SHAPES[shape]
         model = build(widths[shape])
-        sharpen(model, args.sharpen)
+        sharpen(model, report["sharpen"][shape])
         report["results"][shape] = measure(
             model, inputs(), plans, args.repeats, args.warmup, args.baseline_every
         )
