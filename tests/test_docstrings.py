@@ -43,6 +43,7 @@ MODULES = [
     "vtprune.methods.baselines",
     "vtprune.runtime.tokens",
     "vtprune.runtime.injection",
+    "vtprune.runtime.survivors",
     "vtprune.integrations",
     "vtprune.integrations.base",
     "vtprune.integrations.llava_onevision",
@@ -59,6 +60,7 @@ MODULES = [
     "vtprune.eval.speed.bench_selection",
     "vtprune.eval.synthetic.synthvqa_video",
     "vtprune.eval.harness.fidelity_video",
+    "vtprune.eval.speed.bench_tower",
 ]
 
 

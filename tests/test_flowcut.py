@@ -194,7 +194,12 @@ def test_composes_with_a_prefill_stage(llava):
     "family,plan,match",
     [
         ("llava_onevision", "flowcut", "Qwen2.5-VL and Qwen3-VL so far, not on llava_onevision"),
-        ("llava", vtprune.Compose(vtprune.FlowCut(), vtprune.HiRED()), "with vision stages"),
+        (
+            "llava_next",
+            vtprune.Compose(vtprune.FlowCut(), vtprune.HiRED()),
+            "with vision stages.*not on LLaVA-NeXT",
+        ),
+        ("qwen2_5_vl", vtprune.Compose(vtprune.FlowCut(), vtprune.DivPrune()), "not on Qwen2.5-VL"),
     ],
 )
 def test_unsupported_plans_are_refused_clearly(family, plan, match):

@@ -451,6 +451,13 @@ class TowerStage(Stage):
         """Tokens of an ``n_image``-token image that reach the language model."""
         raise NotImplementedError
 
+    def expected_tower_units(
+        self, units: int, feature_layer: int, depth: int, entropy: float = 0.0
+    ) -> list[int]:
+        """Per tower layer, the units (patches per crop, or merge groups per image) it runs on, for
+        FLOPs estimates; ``entropy`` stands in for what data-dependent schedules read at run time."""
+        raise NotImplementedError
+
     def select(self, ctx: VisionContext) -> torch.Tensor:
         """Boolean ``[B, L]``: the image placeholders whose tokens left the tower."""
         keep = torch.zeros_like(ctx.visual)
@@ -471,7 +478,8 @@ def expected_tokens_per_layer(stages: list[Stage], n_visual: int, num_layers: in
         [576, 576, 144, 144]
     """
     n = n_visual
-    for s in stages:
+    # the tower's survivors come first, whatever the order of the plan (vision stages act on them)
+    for s in sorted(stages, key=lambda s: not isinstance(s, TowerStage)):
         if isinstance(s, (VisionStage, TowerStage)):
             n = s.expected_count(n)
     n_in, counts = n, []

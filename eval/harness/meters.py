@@ -12,6 +12,9 @@ by PyTorch), ``flops_formula`` (the papers' ``4nd^2 + 2n^2d + 3ndm`` over visual
 layer), ``prefill_s`` / ``decode_s_per_token`` / ``generate_s`` (medians), ``kv_cache_bytes``
 after prefill, ``peak_memory_bytes`` (how: ``peak_memory_kind``) and ``overhead_share``
 (method time / prefill time), plus the timer, repeats and thread settings used.
+``tower_tokens_per_layer`` (per image: what a tower stage left at each vision-tower layer, or the
+unpruned count) and ``tower_flops`` (:func:`vtprune.flops.tower_flops` on it: the tower's layers
+by formula, attention included) record the vision tower apart.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 import vtprune
 from vtprune.eval.harness.plans import apply_plan
 from vtprune.eval.harness.timers import StepClock, peak_memory, time_call
-from vtprune.flops import count_flops, paper_flops
+from vtprune.flops import count_flops, paper_flops, tower_flops
 from vtprune.integrations import adapter_for
 
 METER_KEYS = (
@@ -32,6 +35,8 @@ METER_KEYS = (
     "visual_tokens_per_layer",
     "equivalent_tokens",
     "keep_ratio",
+    "tower_tokens_per_layer",
+    "tower_flops",
     "flops_counted",
     "flops_formula",
     "prefill_s",
@@ -59,6 +64,36 @@ def kv_cache_bytes(text_config, lengths: list[float], dtype: torch.dtype) -> int
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     size = torch.empty((), dtype=dtype).element_size()
     return int(sum(2 * kv_heads * head_dim * n * size for n in lengths))
+
+
+def tower_accounting(model, inputs: dict, recorded: list[float] | None) -> dict:
+    """Per image, the tokens each vision-tower layer ran on (``recorded`` from
+    :func:`vtprune.stats`, or the unpruned count: tower tokens per crop times the crops, or the
+    patches of the image) and the tower's FLOPs by formula (the crops as separate attention
+    sequences). Images of one batch are assumed alike (the meters run a batch of one).
+
+    Example:
+        >>> tower_accounting(model, inputs, None)["tower_tokens_per_layer"][:2]  # doctest: +SKIP
+        [577.0, 577.0]
+    """
+    adapter = adapter_for(model)
+    vc = adapter.config.vision_config
+    crops = 1
+    pixels = inputs.get("pixel_values")
+    if adapter.tower_tokens_per_crop is not None and pixels is not None:
+        batch = int(inputs["input_ids"].shape[0])
+        crops = pixels.shape[1] if pixels.dim() == 5 else max(1, pixels.shape[0] // batch)
+    if recorded is None:
+        if adapter.tower_tokens_per_crop is not None:
+            per_image = float(adapter.tower_tokens_per_crop * crops)
+        else:
+            grid = inputs.get("image_grid_thw")
+            per_image = float(grid.prod(-1).float().mean()) if grid is not None else 0.0
+        recorded = [per_image] * adapter.vision_layers_count
+    return {
+        "tower_tokens_per_layer": list(recorded),
+        "tower_flops": tower_flops(vc, list(recorded), sequences=crops),
+    }
 
 
 def _prefill(model, inputs: dict):
@@ -140,6 +175,8 @@ def measure_plans(
         apply_plan(model, plan)
         flops, _ = count_flops(_prefill, model, inputs)
         acc = token_accounting(model, inputs, plan)
+        recorded = vtprune.stats(model).tower_tokens_per_layer if plan != "baseline" else None
+        acc.update(tower_accounting(model, inputs, recorded))
         peak, delta, kind = peak_memory(lambda: _prefill(model, inputs), device)
         for _ in range(warmup):
             _prefill(model, inputs)

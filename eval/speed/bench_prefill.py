@@ -217,7 +217,9 @@ def _visual_tokens(model, kw) -> int:
     return int(sum((ids == m).sum() for m in marks if m is not None))
 
 
-def time_plans(model, kw, plans: list[str], repeats: int, warmup: int, baseline_every: int = 4) -> dict:
+def time_plans(
+    model, kw, plans: list[str], repeats: int, warmup: int, baseline_every: int = 4, run=None
+) -> dict:
     """Prefill time of each plan (``"baseline"`` among them) on inputs ``kw``: warmed up, interleaved, paired.
 
     A shared CPU drifts in speed by tens of percent over a minute, more than the effects being
@@ -226,7 +228,10 @@ def time_plans(model, kw, plans: list[str], repeats: int, warmup: int, baseline_
     its two bracketing baseline times over its own time. The reported speedup
     (``measured_speedup``) is the median of these paired ratios over the repeats; ``median_s``
     is the plain median of the plan's own times. ``warmup`` untimed runs of each plan come first.
+    ``run(model, kw)`` is what is timed: the prefill by default (the tower benchmark times the
+    image encoder alone).
     """
+    run = run or _prefill
     if "baseline" not in plans:
         raise ValueError(f"time_plans needs 'baseline' among the plans to pair with, got {plans}")
     results = {p: {"times": [], "overheads": [], "paired_speedups": []} for p in plans}
@@ -234,13 +239,13 @@ def time_plans(model, kw, plans: list[str], repeats: int, warmup: int, baseline_
     for p in plans:
         _apply(model, p)
         for _ in range(warmup):
-            _prefill(model, kw)
+            run(model, kw)
     for _ in tqdm(range(repeats), desc=f"batch {kw['input_ids'].shape[0]}", leave=False):
-        before = _time_plan(model, kw, "baseline", results)
+        before = _time_plan(model, kw, "baseline", results, run)
         for start in range(0, len(others), baseline_every):
             chunk = others[start : start + baseline_every]
-            times = {p: _time_plan(model, kw, p, results) for p in chunk}
-            after = _time_plan(model, kw, "baseline", results)
+            times = {p: _time_plan(model, kw, p, results, run) for p in chunk}
+            after = _time_plan(model, kw, "baseline", results, run)
             for p, t in times.items():
                 results[p]["paired_speedups"].append((before + after) / 2 / t)
             before = after
@@ -258,15 +263,17 @@ def _apply(model, plan: str) -> None:
     apply_plan(model, plan, timing=True)
 
 
-def _time_plan(model, kw, plan: str, results: dict) -> float:
-    """Apply ``plan``, time one prefill, and record its time (and method overhead)."""
+def _time_plan(model, kw, plan: str, results: dict, run=None) -> float:
+    """Apply ``plan``, time one ``run`` (a prefill by default), and record its time (and the method
+    overhead, which only a prefill records)."""
     _apply(model, plan)
     t0 = time.perf_counter()
-    _prefill(model, kw)
+    (run or _prefill)(model, kw)
     elapsed = time.perf_counter() - t0
     results[plan]["times"].append(elapsed)
-    if plan != "baseline":
-        results[plan]["overheads"].append(vtprune.stats(model).overhead_s)
+    st = vtprune.stats(model) if plan != "baseline" else None
+    if st is not None and st.overhead_s is not None:
+        results[plan]["overheads"].append(st.overhead_s)
     return elapsed
 
 

@@ -7,6 +7,17 @@ one decoder layer then runs under ``FlopCounterMode`` once per distinct sequence
 (``text_tokens`` + visual tokens of that layer, ``attention_mask=None`` so attention is counted
 densely, as :func:`vtprune.flops.attention_flops` does) and the counts are summed over layers.
 The vision tower and the projector run once on meta for one image and are reported apart.
+
+The tower is reported per plan: its layers by formula (:func:`vtprune.flops.tower_linear_flops` +
+:func:`vtprune.flops.tower_attention_flops` over each layer's attention sequences: the crops, the
+image, or Qwen2.5-VL's windows in its window blocks), plus what the meta count finds outside the
+layers (patch embedding, norms, position interpolation), which no plan changes; without a tower
+stage the sum equals the meta count of the whole tower. A tower stage (``flowcut``) gives the
+tokens per tower layer by its schedule (:meth:`vtprune.stages.TowerStage.expected_tower_units`);
+FlowCut's schedule reads an entropy from the image at run time, so the estimate assumes one,
+``tower_entropy`` (default 0: the most the schedule drops before its last pruning layer, hence
+the least tower compute; 1: no drop until then). Qwen2.5-VL's windows shrink in proportion, and
+the projector runs on the kept tokens. ``tower_share`` is the tower's part of the total.
 Beside the count stands the papers' formula (:func:`vtprune.flops.paper_flops`: visual tokens
 only, ``4nd^2 + 2n^2d + 3ndm`` per layer), which reproduces the published tables.
 
@@ -45,9 +56,9 @@ from transformers import AutoConfig, AutoModelForImageTextToText, PretrainedConf
 import vtprune
 from vtprune.config import ModelInfo, config_from_name
 from vtprune.eval.harness.plans import parse_plan
-from vtprune.flops import paper_flops
+from vtprune.flops import paper_flops, tower_attention_flops, tower_linear_flops
 from vtprune.integrations import adapter_for
-from vtprune.stages import expected_tokens_per_layer
+from vtprune.stages import TowerStage, expected_tokens_per_layer
 
 CONFIG_DIR = Path(vtprune.__file__).parent / "assets" / "configs"
 #: shipped name -> the hub repository whose published config.json it reproduces
@@ -215,6 +226,66 @@ def count_vision(adapter, call: dict) -> tuple[int, int]:
     return tower, proj
 
 
+def tower_sequences(adapter, call: dict) -> tuple[list[list[int]], int, int, int]:
+    """The unpruned tower's attention sequences per layer, and ``(units, per_unit, extra)``:
+    a sequence holds ``units * per_unit + extra`` tokens (CLIP: 576 patches + CLS per crop;
+    Qwen: merge groups of 4 patches per image; SigLIP: 729 patches per crop).
+
+    Example:
+        >>> ad = adapter_for(build_meta_model(load_config("llava-1.5-7b")))
+        >>> seqs, units, per_unit, extra = tower_sequences(ad, _image_call(ad, None)[0])
+        >>> len(seqs), seqs[0], units, per_unit, extra
+        (24, [577], 576, 1, 1)
+    """
+    vc, depth = adapter.config.vision_config, adapter.vision_layers_count
+    if adapter.family in QWEN:
+        grid = call["image_grid_thw"]
+        group = adapter.patches_per_token
+        images = [int(g.prod()) for g in grid]
+        seqs = [list(images) for _ in range(depth)]
+        if adapter.family == "qwen2_5_vl":
+            from transformers import vision_utils as vu
+
+            _, cu = vu.get_vision_window_index(grid, vc.spatial_merge_size, vc.window_size, vc.patch_size)
+            windows = [w for w in torch.as_tensor(cu).diff().tolist() if w > 0]
+            full = set(vc.fullatt_block_indexes)
+            seqs = [list(images) if i in full else list(windows) for i in range(depth)]
+        return seqs, images[0] // group, group, 0
+    crops = 1
+    if adapter.family in ANYRES:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        size = call["image_sizes"][0].tolist()
+        crops = image_size_to_num_patches(size, adapter.config.image_grid_pinpoints, vc.image_size)
+    side = vc.image_size // vc.patch_size
+    cls = int(adapter.has_cls)
+    return [[side * side + cls] * crops for _ in range(depth)], side * side, 1, cls
+
+
+def tower_plan_flops(adapter, seqs, units, per_unit, extra, stage=None, entropy: float = 0.0):
+    """``(layer FLOPs, tokens per layer per sequence, kept fraction at the projector)`` of the
+    tower's layers under ``stage`` (a tower stage, or ``None`` for the unpruned tower)."""
+    vc, depth = adapter.config.vision_config, adapter.vision_layers_count
+    counts = [units] * depth
+    final = units
+    if stage is not None:
+        # packed towers without CLS (Qwen) may drop after the last block, before the merger
+        feature = adapter.vision_feature_layer() if adapter.tower_tokens_per_crop is not None else depth
+        counts = stage.expected_tower_units(units, feature, depth, entropy)
+        final = stage.expected_count(units)
+    scaled = [[n * c / units for n in layer] for layer, c in zip(seqs, counts)]
+    if per_unit == 1:  # whole tokens per sequence: CLS stays whole, patches scale
+        scaled = [[c * per_unit + extra for _ in layer] for layer, c in zip(seqs, counts)]
+    tokens = [sum(layer) for layer in scaled]
+    flops = tower_linear_flops(vc, tokens) + tower_attention_flops(vc, scaled)
+    return flops, [c * per_unit + extra for c in counts], final / units
+
+
+def _tower_stage(stages: list):
+    found = [s for s in stages if isinstance(s, TowerStage)]
+    return found[0] if found else None
+
+
 def plan_stages(plan: str, info: ModelInfo) -> list:
     """Stages of a plan string (``"baseline"`` -> none), parsed by :func:`vtprune.eval.harness.plans.parse_plan`.
 
@@ -228,7 +299,14 @@ def plan_stages(plan: str, info: ModelInfo) -> list:
     return config_from_name(name, **opts).stages(info)
 
 
-def flops_report(model, plans: list[str], visual_tokens=None, text_tokens: int = 64, image_size=None) -> dict:
+def flops_report(
+    model,
+    plans: list[str],
+    visual_tokens=None,
+    text_tokens: int = 64,
+    image_size=None,
+    tower_entropy: float = 0.0,
+) -> dict:
     """FLOPs of one prompt (one image + ``text_tokens``) under each plan, counted on the meta device.
 
     ``model`` is a shipped name (see ``SHIPPED``), a folder with a ``config.json``, a hub id or a
@@ -237,6 +315,9 @@ def flops_report(model, plans: list[str], visual_tokens=None, text_tokens: int =
     (counted, visual + text tokens, all decoder layers, two FLOPs per multiply-add),
     ``vision_tower_tflops`` and ``projector_tflops`` (counted once for the image; ``None`` with
     ``vision_error`` saying why when they cannot be run on meta), ``total_tflops`` (their sum).
+    Per plan the tower is counted again under its tower stage, if any (``vision_tower_tflops``,
+    ``projector_tflops``, ``tower_tokens_per_layer`` per crop / image, ``tower_share`` of the
+    total; ``tower_entropy`` is the schedule's assumed entropy, see the module docstring).
 
     Example:
         >>> rep = flops_report("llava-1.5-7b", ["baseline", "pdrop:layers=8+16+24,ratio=0.5"])
@@ -248,9 +329,11 @@ def flops_report(model, plans: list[str], visual_tokens=None, text_tokens: int =
     adapter = adapter_for(meta)
     call, size = _image_call(adapter, image_size)
     n_visual = int(visual_tokens) if visual_tokens is not None else adapter.image_specs(call)[0].num_tokens
-    tower = proj = vision_error = None
+    tower = proj = vision_error = layout = None
     try:
         tower, proj = count_vision(adapter, call)
+        layout = tower_sequences(adapter, call)
+        outside = tower - tower_plan_flops(adapter, *layout)[0]  # patch embedding, norms: every plan's
     except Exception as err:  # an unfamiliar vision tower only loses the vision columns
         vision_error = f"{type(err).__name__}: {err}"
     info = ModelInfo(num_layers=adapter.num_layers, family=adapter.family)
@@ -258,13 +341,20 @@ def flops_report(model, plans: list[str], visual_tokens=None, text_tokens: int =
     cache: dict[int, int] = {}
     rows = []
     for plan in plans:
-        per_layer = expected_tokens_per_layer(plan_stages(plan, info), n_visual, info.num_layers)
+        stages = plan_stages(plan, info)
+        per_layer = expected_tokens_per_layer(stages, n_visual, info.num_layers)
         decoder = 0
         for i, n in enumerate(per_layer):
             if n + text_tokens not in cache:  # decoder layers of one model share their shapes
                 cache[n + text_tokens] = count_decoder_layer(adapter, n + text_tokens, i)
             decoder += cache[n + text_tokens]
-        vision = (tower or 0) + (proj or 0)
+        plan_tower, plan_proj, tower_tokens = tower, proj, None
+        if layout is not None:
+            layers, tower_tokens, kept = tower_plan_flops(
+                adapter, *layout, stage=_tower_stage(stages), entropy=tower_entropy
+            )
+            plan_tower, plan_proj = outside + layers, proj * kept
+        vision = (plan_tower or 0) + (plan_proj or 0)
         rows.append(
             {
                 "plan": plan,
@@ -275,6 +365,10 @@ def flops_report(model, plans: list[str], visual_tokens=None, text_tokens: int =
                 "decoder_flops": decoder,
                 "decoder_tflops": decoder / 1e12,
                 "total_tflops": (decoder + vision) / 1e12,
+                "vision_tower_tflops": None if plan_tower is None else plan_tower / 1e12,
+                "projector_tflops": None if plan_proj is None else plan_proj / 1e12,
+                "tower_tokens_per_layer": tower_tokens,
+                "tower_share": None if plan_tower is None else plan_tower / (decoder + vision),
             }
         )
     return {
@@ -290,6 +384,7 @@ def flops_report(model, plans: list[str], visual_tokens=None, text_tokens: int =
         "vision_tower_tflops": None if tower is None else tower / 1e12,
         "projector_tflops": None if proj is None else proj / 1e12,
         "vision_error": vision_error,
+        "tower_entropy": tower_entropy,
         "plans": rows,
     }
 
@@ -299,11 +394,14 @@ def format_flops_table(report: dict) -> str:
 
     Example:
         >>> print(format_flops_table(flops_report("llava-1.5-7b", ["baseline"])).splitlines()[-1])
-        | baseline | 576 | 576.0 | 3.82 | 8.50 | 0.38 | 0.02 | 8.91 |
+        | baseline | 576 | 576.0 | 3.82 | 8.50 | 0.38 | 0.02 | 8.91 | 4.3% |
     """
 
     def tf(x):
         return "n/a" if x is None else f"{x:.2f}"
+
+    def share(x):
+        return "n/a" if x is None else f"{100 * x:.1f}%"
 
     image = "x".join(map(str, report["image_size"])) + " image, " if report["image_size"] else ""
     lines = [
@@ -311,17 +409,18 @@ def format_flops_table(report: dict) -> str:
         f"d={report['hidden_size']}, m={report['intermediate_size']}): {image}{report['visual_tokens']} visual + "
         f"{report['text_tokens']} text tokens. TFLOPs; paper = the papers' formula on visual tokens only "
         "(one per multiply-add); counted = FlopCounterMode on meta, visual + text tokens (two per multiply-add, "
-        "attention dense)",
+        "attention dense); vision tower = its layers by formula + the rest counted, per plan (a tower stage's "
+        f"schedule at entropy {report.get('tower_entropy', 0.0):g}); tower share = tower / total",
         "",
         "| plan | LLM input visual | equiv. visual tokens | paper | counted decoder | vision tower | projector "
-        "| counted total |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| counted total | tower share |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in report["plans"]:
         lines.append(
             f"| {p['plan']} | {p['llm_input_visual_tokens']} | {p['equivalent_tokens']:.1f} | {tf(p['paper_tflops'])} "
-            f"| {tf(p['decoder_tflops'])} | {tf(report['vision_tower_tflops'])} | {tf(report['projector_tflops'])} "
-            f"| {tf(p['total_tflops'])} |"
+            f"| {tf(p['decoder_tflops'])} | {tf(p['vision_tower_tflops'])} | {tf(p['projector_tflops'])} "
+            f"| {tf(p['total_tflops'])} | {share(p['tower_share'])} |"
         )
     return "\n".join(lines)
 
@@ -332,8 +431,12 @@ def main(argv=None) -> None:
     ap.add_argument("--plans", nargs="+", default=["baseline"])
     ap.add_argument("--visual-tokens", type=int, default=None)
     ap.add_argument("--text-tokens", type=int, default=64)
+    ap.add_argument("--tower-entropy", type=float, default=0.0, help="tower stage schedule's assumed entropy")
     args = ap.parse_args(argv)
-    print(format_flops_table(flops_report(args.model, args.plans, args.visual_tokens, args.text_tokens)))
+    rep = flops_report(
+        args.model, args.plans, args.visual_tokens, args.text_tokens, tower_entropy=args.tower_entropy
+    )
+    print(format_flops_table(rep))
 
 
 if __name__ == "__main__":

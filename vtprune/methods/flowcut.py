@@ -205,6 +205,11 @@ class FlowCutStage(TowerStage):
     def tower_layers(self, feature_layer: int, depth: int) -> list[int]:
         return list(range(feature_layer))  # every layer before the feature layer (rpl >= 0)
 
+    def expected_tower_units(
+        self, units: int, feature_layer: int, depth: int, entropy: float = 0.0
+    ) -> list[int]:
+        return flowcut_schedule(units, self.target_tokens(units), feature_layer, depth, entropy)
+
     def after_layer(self, ctx: TowerContext) -> torch.Tensor | None:
         if not ctx.has_cls:
             return self._after_layer_units(ctx)
@@ -353,3 +358,27 @@ def _top(score: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) ->
     steps = torch.arange(ranked.shape[1], device=ranked.device).expand_as(ranked)
     rank = torch.empty_like(ranked).scatter_(1, ranked, steps)
     return candidates & (rank < counts[:, None])
+
+
+def flowcut_schedule(
+    units: int, target: int, feature_layer: int, depth: int, entropy: float = 0.0
+) -> list[int]:
+    """Units (patches, or Qwen2-VL merge groups) each of ``depth`` tower layers runs on when every
+    pruning layer's normalised entropy is ``entropy`` (for FLOPs estimates without weights: the
+    real ``H`` is read from the image at run time). ``entropy=0`` is the most the schedule drops
+    before the last pruning layer (the least tower compute), ``1`` drops nothing until then.
+
+    Example:
+        >>> flowcut_schedule(576, 64, 6, 8)  # drops after layers 1, 3, 5 (rpl 4, 2, 0)
+        [576, 576, 320, 320, 139, 139, 64, 64]
+    """
+    n, counts = units, [units]
+    for layer in range(depth - 1):
+        rpl = feature_layer - layer - 1
+        if 0 <= rpl and rpl % 2 == 0:
+            if rpl == 0:
+                n = min(n, target)
+            else:
+                n = max(n - round((n - target) / math.sqrt(rpl) * (1 - entropy**2)), min(n, target))
+        counts.append(n)
+    return counts

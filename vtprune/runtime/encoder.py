@@ -65,7 +65,10 @@ class EncoderTap:
                 if len(specs) == len(feats):
                     vision = [{} for _ in specs]
                     if raw:
-                        vision = split_per_image(self.probe.finish(raw), specs, self.adapter)
+                        finished = self.probe.finish(raw)
+                        if call is not None and call.index is not None:
+                            finished = call.expand(finished)  # the tower's survivors at their own slots
+                        vision = split_per_image(finished, specs, self.adapter)
                     if call is not None and call.index is not None:
                         feats, kept = call.finish(list(feats), specs)
                         out.pooler_output = feats

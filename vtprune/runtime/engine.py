@@ -392,19 +392,19 @@ FAMILY_NAMES = {
 }
 
 
+# families whose tower runners put scores and keys read after a drop back at their slots for the
+# vision stages (``TowerCall.expand``): the crop (LLaVA-NeXT) and window (Qwen2.5-VL) layouts do not yet
+COMPOSABLE_TOWERS = ("llava", "qwen2_vl")
+
+
 def check_tower_plan(adapter, tower_stages: list, vision_stages: list) -> TowerRun | None:
-    """The tower hooks of a plan, or a clear error for what tower stages do not support yet."""
+    """The tower hooks of a plan, or a clear error for what tower stages do not support yet.
+    Vision stages in the same plan choose among the tower's survivors (``runtime/survivors.py``)."""
     if not tower_stages:
         return None
     keys = ", ".join(s.key for s in tower_stages)
     if len(tower_stages) > 1:
         raise NotImplementedError(f"vtprune: one tower stage per plan is supported, got {keys}")
-    if vision_stages:
-        raise NotImplementedError(
-            f"vtprune: composing a tower stage ({keys}) with vision stages "
-            f"({', '.join(s.key for s in vision_stages)}) is not supported yet; compose it with "
-            "prefill-stage methods (fastv, pdrop) instead"
-        )
     adapter.check_tower_stage(keys)
     (stage,) = tower_stages
     if stage.families is not None and adapter.family not in stage.families:
@@ -412,6 +412,14 @@ def check_tower_plan(adapter, tower_stages: list, vision_stages: list) -> TowerR
             f"vtprune: {keys} prunes inside the vision tower and is supported on "
             f"{' and '.join(FAMILY_NAMES.get(f, f) for f in stage.families)} so far, not on "
             f"{FAMILY_NAMES.get(adapter.family, adapter.family)}"
+        )
+    if vision_stages and adapter.family not in COMPOSABLE_TOWERS:
+        raise NotImplementedError(
+            f"vtprune: composing a tower stage ({keys}) with vision stages "
+            f"({', '.join(s.key for s in vision_stages)}) is supported on "
+            f"{' and '.join(FAMILY_NAMES[f] for f in COMPOSABLE_TOWERS)} so far, not on "
+            f"{FAMILY_NAMES.get(adapter.family, adapter.family)}; compose it with prefill-stage methods "
+            "(fastv, pdrop) instead"
         )
     run = tower_run_class(adapter)(adapter, tower_stages)
     if not run.after:

@@ -7,15 +7,17 @@ Each new token set gets its own causal mask and rotary tables, built once per re
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 
 from vtprune import compat
-from vtprune.stages import LMInput, PrefillContext, PrefillStage, VisionContext
+from vtprune.stages import LMInput, PrefillContext, PrefillStage, TowerStage, VisionContext
 
 from .plumbing import keep_mask, on_slots, replayed_keep, slots_within
 from .state import REPLAY, RequestState
+from .survivors import survivor_layouts
 from .tokens import TokenSet, compact, gather_many, gather_seq
 
 
@@ -52,12 +54,20 @@ def run_vision_stages(state: RequestState, stages, adapter, base: TokenSet, embe
         valid=base.valid,
     )
     keep_vis = base.visual.clone()
+    # vision stages after a tower stage choose among the tower's survivors (their lists are shared)
+    towered = any(isinstance(s, TowerStage) for s in stages)
+    survivors = (
+        dataclasses.replace(ctx, layouts=survivor_layouts(state.layouts, adapter.patches_per_token))
+        if towered
+        else ctx
+    )
     for stage in stages:
+        here = ctx if isinstance(stage, TowerStage) else survivors
         redo = (
-            functools.partial(replay_recycling, state, stage, ctx, base) if stage.recycle != "none" else None
+            functools.partial(replay_recycling, state, stage, here, base) if stage.recycle != "none" else None
         )
-        keep_vis &= select(state, stage, base, functools.partial(stage.select, ctx), redo)
-        record_centres(state, stage, ctx, base)
+        keep_vis &= select(state, stage, base, functools.partial(stage.select, here), redo)
+        record_centres(state, stage, here, base)
     keep = keep_mask(base, keep_vis)
     if ctx.protected:
         table = torch.zeros_like(base.visual)

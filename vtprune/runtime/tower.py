@@ -43,6 +43,8 @@ class TowerCall:
         self.counts: list[torch.Tensor] = []  # per tower layer: valid slots per row at its input
         self.captured: dict[int, dict] = {}
         self.scratch = {stage.key: {} for stage in run.stages}
+        # per tower layer: (index, valid) at its input, to put a probe's captures back in place
+        self.slots: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def compact(self, hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Gather the kept slots of every row to the front; pad rows to the longest."""
@@ -74,6 +76,27 @@ class TowerCall:
         logits = (q[:, :, :1] @ k.transpose(-1, -2))[:, :, 0] * attn.scale  # [B, H, T]
         logits = logits.masked_fill(~self.valid[:, None, :], float("-inf"))
         return torch.softmax(logits, dim=-1), v, q, k
+
+    def expand(self, finished: dict) -> dict:
+        """A probe's per-layer captures (vision stages composed with this tower stage) back at the
+        original tower slots: zeros where the token had left, CLS probabilities renormalised over
+        the slots really present (padding of shorter rows is masked here, not by the probe)."""
+        for layer, tensors in finished.items():
+            index, valid = self.slots[layer]
+            for name, t in list(tensors.items()):
+                axis = 2 if name == "cls_heads" else 1
+                if t.shape[axis] != index.shape[1]:
+                    continue
+                full = t.new_zeros(*t.shape[:axis], self.slots[0][0].shape[1], *t.shape[axis + 1 :])
+                for b in range(t.shape[0]):
+                    src = t[b].movedim(axis - 1, 0)[valid[b]]
+                    full[b].movedim(axis - 1, 0)[index[b][valid[b]]] = src
+                tensors[name] = full
+            if "cls_heads" in tensors:
+                heads = tensors["cls_heads"]
+                heads = heads / heads.sum(-1, keepdim=True).clamp_min(1e-30)
+                tensors["cls_heads"], tensors["cls"] = heads, heads.sum(1)
+        return finished
 
     def finish(self, feats: list[torch.Tensor], specs: list) -> tuple[list[torch.Tensor], list[dict]]:
         """Each image's features at its original placeholder slots, and what the tower kept."""
@@ -150,6 +173,7 @@ class TowerRun:
             elif i - 1 in self.after:
                 hidden = self._run_stages(call, i - 1, hidden)
             call.counts.append(call.valid.sum(1))
+            call.slots.append((call.index, call.valid))
             if rest:
                 rest = (call.mask,) + rest[1:]
             else:

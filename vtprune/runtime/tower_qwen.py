@@ -40,6 +40,7 @@ class QwenTowerCall:
         self.captured: dict[int, torch.Tensor] = {}
         self.kept_units: torch.Tensor | None = None
         self.scratch = {stage.key: {} for stage in run.stages}
+        self.slots: list[torch.Tensor] = []  # per block: the original patch of each present patch
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(slot [B, P], valid [B, P])``: the flat position of each sequence's patches, padded."""
@@ -49,6 +50,18 @@ class QwenTowerCall:
         steps = torch.arange(max(self.lens), device=dev)
         valid = steps < lens[:, None]
         return (starts[:, None] + steps).clamp_max(self.index.numel() - 1), valid
+
+    def expand(self, finished: dict) -> dict:
+        """A probe's per-block captures (one row per present patch) back at the original patch
+        rows, zeros where the patch had left (vision stages composed with this tower stage)."""
+        for layer, tensors in finished.items():
+            index = self.slots[layer]
+            for name, t in list(tensors.items()):
+                if t.shape[0] == index.numel():
+                    full = t.new_zeros(self.slots[0].numel(), *t.shape[1:])
+                    full[index.to(t.device)] = t
+                    tensors[name] = full
+        return finished
 
     def finish(self, feats: list[torch.Tensor], specs: list) -> tuple[list[torch.Tensor], list[dict]]:
         """What each image (or video) kept: its local token indices, and its tokens per block."""
@@ -117,6 +130,7 @@ class QwenTowerRun:
                 hidden = self._run_stage(call, i - 1, hidden)
             if i < self.depth:
                 call.counts.append(list(call.lens))
+                call.slots.append(call.index)
                 kwargs["cu_seqlens"], kwargs["position_embeddings"] = call.cu, call.rotary
                 if "max_seqlen" in kwargs:
                     m = max(call.lens)
