@@ -58,7 +58,7 @@ def _top(scores: torch.Tensor, k: int) -> set[int]:
 # tokens (official: pkunlp-icler/FastV)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl"])  # Qwen3: q_norm / k_norm
 def test_fastv_keeps_the_official_set(family):
     model = tiny.BUILDERS[family](attn="eager")
     kw = tiny.inputs(family, model, [1], seed=40)

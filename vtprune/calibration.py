@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vtprune.scoring import apply_rope
+from vtprune.scoring import apply_rope, head_norms
 
 
 @dataclass
@@ -112,8 +112,10 @@ def _share_hook(i: int, current: dict):
         visual = current["visual"][0].to(hidden.device)
         b, n, _ = hidden.shape
         hd = module.head_dim
-        q = apply_rope(module.q_proj(hidden).view(b, n, -1, hd).transpose(1, 2), cos, sin)[0]
-        k = apply_rope(module.k_proj(hidden).view(b, n, -1, hd).transpose(1, 2), cos, sin)[0]
+        q = module.q_proj(hidden).view(b, n, -1, hd).transpose(1, 2)
+        k = module.k_proj(hidden).view(b, n, -1, hd).transpose(1, 2)
+        q, k = head_norms(module, q, k)
+        q, k = apply_rope(q, cos, sin)[0], apply_rope(k, cos, sin)[0]
         k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0)
         after = visual.long().cummax(0).values.bool() & ~visual
         queries = torch.nonzero(after).flatten()

@@ -30,6 +30,22 @@ def _gather_rows(x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def head_norms(
+    attn: nn.Module, q: torch.Tensor | None, k: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Queries and keys ``[B, H, L, head_dim]`` through the attention's per-head norms where it has
+    them (Qwen3 decoders: ``q_norm`` / ``k_norm``, RMSNorm over ``head_dim`` before RoPE), as the
+    layer's own forward does; unchanged otherwise (LLaMA, Qwen2). ``q`` may be ``None`` (keys only).
+
+    Example:
+        >>> q, k = torch.ones(1, 2, 3, 4), torch.ones(1, 1, 3, 4)
+        >>> head_norms(torch.nn.Module(), q, k)[0] is q
+        True
+    """
+    q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+    return (q if q_norm is None or q is None else q_norm(q)), (k if k_norm is None else k_norm(k))
+
+
 def layer_query_probs(
     layer: nn.Module,
     hidden: torch.Tensor,
@@ -61,6 +77,7 @@ def layer_query_probs(
     normed = layer.input_layernorm(hidden)
     q = attn.q_proj(_gather_rows(normed, qs)).view(b, qs.shape[1], -1, hd).transpose(1, 2)
     k = attn.k_proj(normed).view(b, n, -1, hd).transpose(1, 2)
+    q, k = head_norms(attn, q, k)
     q = apply_rope(q, _gather_rows(cos, qs), _gather_rows(sin, qs))
     k = apply_rope(k, cos, sin)
     query_pos = query_slots.masked_fill(query_slots < 0, -1)
@@ -88,6 +105,7 @@ def projected_query_probs(
     qs = query_slots.clamp(min=0)
     q = _gather_rows(q_out, qs).view(b, qs.shape[1], -1, hd).transpose(1, 2)
     k = k_out.view(b, n, -1, hd).transpose(1, 2)
+    q, k = head_norms(attn, q, k)
     q = apply_rope(q, _gather_rows(cos, qs), _gather_rows(sin, qs))
     k = apply_rope(k, cos, sin)
     return kernels.query_key_probs(q, k, valid, query_slots, attn.scaling)

@@ -46,7 +46,7 @@ import torch
 from vtprune.config import MethodConfig, ModelInfo, check_choice, check_int, register_method
 from vtprune.diversity import pivot_deduplication
 from vtprune.methods.fastv import resolve_layer_ratio, validate_layer_ratio
-from vtprune.scoring import apply_rope
+from vtprune.scoring import apply_rope, head_norms
 from vtprune.search import layer_candidates
 from vtprune.selection import count_for_fraction
 from vtprune.stages import PrefillContext, PrefillStage
@@ -149,7 +149,7 @@ class DARTStage(PrefillStage):
         attn = ctx.layers[self.layer - 1].self_attn
         k_out = ctx.previous_qk[1]
         b, n, _ = k_out.shape
-        k = k_out.view(b, n, -1, attn.head_dim).transpose(1, 2)
+        k = head_norms(attn, None, k_out.view(b, n, -1, attn.head_dim).transpose(1, 2))[1]  # Qwen3: k_norm
         k = apply_rope(k, ctx.cos.expand(b, -1, -1), ctx.sin.expand(b, -1, -1))
         # L1 norm over all key heads (the official code repeats them for GQA: that only scales it)
         return k.float().abs().sum((1, 3))
