@@ -17,6 +17,7 @@ from helpers import BANNED, count_hooks, greedy, row_alone
 from transformers import DynamicCache
 
 import vtprune
+from vtprune.compat import cache_kwargs
 from vtprune.kv_budget import forget_counts
 
 FAMILIES = ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]
@@ -143,7 +144,7 @@ def _decode_over_edited_cache(model, kw, positions: list[torch.Tensor], steps: i
     cache = DynamicCache(config=model.config.get_text_config())
     n = kw["input_ids"].shape[1]
     with torch.no_grad():
-        out = model(**kw, past_key_values=cache, use_cache=True)
+        out = model(**kw, **cache_kwargs(cache), use_cache=True)
         for layer, pos in zip(cache.layers, positions):
             layer.keys, layer.values = layer.keys[:, :, pos], layer.values[:, :, pos]
         logits, tokens, first = out.logits[:, -1], [], out.logits[:, -1].clone()
@@ -156,7 +157,7 @@ def _decode_over_edited_cache(model, kw, positions: list[torch.Tensor], steps: i
             if rope_deltas is not None:  # Qwen: the text position continues after the M-RoPE offset
                 pos_ids = (pos_ids + rope_deltas).unsqueeze(0).expand(3, -1, -1)
             out = model(
-                input_ids=nxt, past_key_values=cache, use_cache=True, position_ids=pos_ids,
+                input_ids=nxt, **cache_kwargs(cache), use_cache=True, position_ids=pos_ids,
                 cache_position=torch.tensor([n + t]),
             )  # fmt: skip
             logits = out.logits[:, -1]
