@@ -207,8 +207,13 @@ def run(out: str, limit: int = 400, models=tuple(MODELS), keeps=KEEPS, batch_siz
         "(its unpruned accuracy is in its table), so its accuracy-kept ratios sit on a smaller margin above\n"
         "chance. The first table puts the two side by side with each method's rank. `temporal` is a video\n"
         "method: on these still images it keeps the `uniform` lattice by design, so its rows equal\n"
-        "`uniform`'s. `flowcut` prunes inside the vision tower, so its token counts are those reaching the\n"
-        "language model and its tower runs on fewer tokens too.\n\n" + "\n\n".join(sections)
+        "`uniform`'s. `flowcut` and `zerotprune` prune inside the vision tower, so their token counts are\n"
+        "those reaching the language model and their towers run on fewer tokens too. `prefixkv` prunes the\n"
+        "KV cache (all tokens, per layer) after an unpruned prefill: its equivalent tokens are the unpruned\n"
+        "count, the first answer token is the unpruned model's, and only later answer tokens read the\n"
+        "shortened caches. `vflowopt` ranks by the attention tower hub tokens pay, which on the tiny LLaVA\n"
+        "(CLS attention never trained as saliency) lands on background, as its evidence row shows.\n\n"
+        + "\n\n".join(sections)
     )
     path = Path(out) / "README.md"
     path.write_text(text)
