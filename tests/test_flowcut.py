@@ -6,7 +6,7 @@ import pytest
 import test_equivalence as eq
 import tiny
 import torch
-from helpers import image_runs
+from helpers import image_runs, shared_tables
 from transformers import LlavaForConditionalGeneration
 
 import vtprune
@@ -88,27 +88,12 @@ def test_tower_runs_on_fewer_tokens_layer_by_layer(llava):
 
 
 # -- the shared equivalence tables, on the family flowcut supports ------------------------------
-@pytest.fixture
-def tables(monkeypatch, llava):
-    monkeypatch.setitem(eq.PLANS, "flowcut", dict(keep=0.3))
-    monkeypatch.setitem(eq.KEEP_ALL, "flowcut", dict(keep=1.0))
-    return "llava", llava
-
-
-def test_nothing_to_drop_equals_unpruned(tables):
-    eq.test_keep_everything_equals_unpruned(tables, "flowcut")
-
-
-def test_remove_restores_the_model(tables):
-    eq.test_remove_restores_exact_outputs_and_module_tree(tables, "flowcut")
-
-
-def test_cached_generate_equals_uncached(tables):
-    eq.test_cached_generate_equals_uncached_pruned_steps(tables, "flowcut")
-
-
-def test_padded_batch_equals_rows_alone(tables):
-    eq.test_left_padded_batch_equals_rows_alone(tables, "flowcut")
+(
+    test_nothing_to_drop_equals_unpruned,
+    test_remove_restores_the_model,
+    test_cached_generate_equals_uncached,
+    test_padded_batch_equals_rows_alone,
+) = shared_tables("flowcut", "llava", "llava", plan=dict(keep=0.3))
 
 
 def test_images_of_one_batch_keep_their_own_counts(llava):

@@ -4,9 +4,9 @@ within its own windows (or its image, at the full-attention blocks) of the survi
 from __future__ import annotations
 
 import pytest
-import test_equivalence as eq
 import tiny
 import torch
+from helpers import shared_tables
 from transformers.vision_utils import get_vision_window_index
 
 import vtprune
@@ -95,27 +95,12 @@ def test_keep_target_within_two_percent(keep):
 
 
 # -- the shared equivalence tables ---------------------------------------------------------------
-@pytest.fixture
-def tables(monkeypatch, qwen25):
-    monkeypatch.setitem(eq.PLANS, "flowcut", dict(keep=0.3))
-    monkeypatch.setitem(eq.KEEP_ALL, "flowcut", dict(keep=1.0))
-    return "qwen2_5_vl", qwen25
-
-
-def test_nothing_to_drop_equals_unpruned(tables):
-    eq.test_keep_everything_equals_unpruned(tables, "flowcut")
-
-
-def test_remove_restores_the_model(tables):
-    eq.test_remove_restores_exact_outputs_and_module_tree(tables, "flowcut")
-
-
-def test_cached_generate_equals_uncached(tables):
-    eq.test_cached_generate_equals_uncached_pruned_steps(tables, "flowcut")
-
-
-def test_padded_batch_equals_rows_alone(tables):
-    eq.test_left_padded_batch_equals_rows_alone(tables, "flowcut")
+(
+    test_nothing_to_drop_equals_unpruned,
+    test_remove_restores_the_model,
+    test_cached_generate_equals_uncached,
+    test_padded_batch_equals_rows_alone,
+) = shared_tables("flowcut", "qwen2_5_vl", "qwen25", plan=dict(keep=0.3))
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.3])

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-import test_equivalence as eq
 import tiny
 import torch
+from helpers import shared_tables
 
 import vtprune
 from vtprune.runtime.tower import TOWER
@@ -86,27 +86,12 @@ def test_keep_target_within_two_percent(keep):
 
 
 # -- the shared equivalence tables ---------------------------------------------------------------
-@pytest.fixture
-def tables(monkeypatch, qwen3):
-    monkeypatch.setitem(eq.PLANS, "flowcut", dict(keep=0.3))
-    monkeypatch.setitem(eq.KEEP_ALL, "flowcut", dict(keep=1.0))
-    return "qwen3_vl", qwen3
-
-
-def test_nothing_to_drop_equals_unpruned(tables):
-    eq.test_keep_everything_equals_unpruned(tables, "flowcut")
-
-
-def test_remove_restores_the_model(tables):
-    eq.test_remove_restores_exact_outputs_and_module_tree(tables, "flowcut")
-
-
-def test_cached_generate_equals_uncached(tables):
-    eq.test_cached_generate_equals_uncached_pruned_steps(tables, "flowcut")
-
-
-def test_padded_batch_equals_rows_alone(tables):
-    eq.test_left_padded_batch_equals_rows_alone(tables, "flowcut")
+(
+    test_nothing_to_drop_equals_unpruned,
+    test_remove_restores_the_model,
+    test_cached_generate_equals_uncached,
+    test_padded_batch_equals_rows_alone,
+) = shared_tables("flowcut", "qwen3_vl", "qwen3", plan=dict(keep=0.3))
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.3])
