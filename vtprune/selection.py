@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from vtprune.config import check_layer
+
 
 def topk_mask(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Per row, mark the ``k[b]`` highest-scoring candidate slots.
@@ -93,6 +95,21 @@ def two_stage_fractions(keep: float, layer: int, split: float, num_layers: int) 
     return 1.0, (keep * num_layers - layer) / (num_layers - layer)
 
 
+def two_stage_plan(
+    method: str, keep: float, layer: int | None, split: float, num_layers: int
+) -> tuple[int, float, float]:
+    """``(layer, vision fraction, split)`` of a vision stage + prefill stage pair (ToDRE, VScan):
+    the prefill layer (default half the depth, checked), then :func:`two_stage_fractions`.
+
+    Example:
+        >>> two_stage_plan("todre", 0.25, None, 0.5, 32)
+        (16, 0.3333333333333333, 0.5)
+    """
+    layer = max(1, num_layers // 2) if layer is None else layer
+    check_layer(method, "layer", layer, num_layers)
+    return (layer, *two_stage_fractions(keep, layer, split, num_layers))
+
+
 def two_stage_count(
     keep: float, n_prompt: torch.Tensor, n_in: torch.Tensor, layer: int, num_layers: int
 ) -> torch.Tensor:
@@ -107,6 +124,38 @@ def two_stage_count(
     """
     target = (keep * n_prompt.double() * num_layers - layer * n_in.double()) / (num_layers - layer)
     return torch.floor(target + 0.5).long().clamp(min=0).minimum(n_in)
+
+
+def schedule_average(bounds: list[int], fractions: list[float], num_layers: int) -> float:
+    """Layer-average kept fraction when boundary ``bounds[s]`` leaves ``fractions[s]`` of N (every
+    layer before the first boundary keeps everything).
+
+    Example:
+        >>> schedule_average([7, 9, 12], [0.875, 0.625, 0.125], 32)  # 13.125 / 32
+        0.41015625
+    """
+    edges = [0, *bounds, num_layers]
+    held = [1.0, *fractions]
+    return sum((edges[i + 1] - edges[i]) * held[i] for i in range(len(held))) / num_layers
+
+
+def fit_schedule(bounds: list[int], shape: list[float], keep: float, num_layers: int) -> list[float]:
+    """``shape`` (the fraction each boundary leaves) scaled by one factor, each clipped at 1, so that
+    the layer average (:func:`schedule_average`) is ``keep``: bisection on the factor (SparseVLM's
+    and TransPrune's official schedules under a ``keep`` they were not tabulated for).
+
+    Example:
+        >>> [round(f, 4) for f in fit_schedule([8, 16], [0.5, 0.25], 0.375, 32)]  # (8 + 8a + 16b) / 32
+        [0.25, 0.125]
+    """
+    lo, hi = 0.0, 1.0 / min(shape)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if schedule_average(bounds, [min(1.0, f * mid) for f in shape], num_layers) < keep:
+            lo = mid
+        else:
+            hi = mid
+    return [min(1.0, f * hi) for f in shape]
 
 
 def scale_layers(layers: list[int], num_layers: int, reference_layers: int = 32) -> list[int]:

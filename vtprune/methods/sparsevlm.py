@@ -57,7 +57,14 @@ from vtprune.config import (
 )
 from vtprune.scoring import projected_query_probs
 from vtprune.search import increasing_lists, layer_candidates
-from vtprune.selection import count_for_fraction, scale_layers, slots_of, topk_mask
+from vtprune.selection import (
+    count_for_fraction,
+    fit_schedule,
+    scale_layers,
+    schedule_average,
+    slots_of,
+    topk_mask,
+)
 from vtprune.stages import LMInput, PrefillContext, PrefillStage
 
 REFERENCE_TOKENS = 576
@@ -148,30 +155,14 @@ class SparseVLM(MethodConfig):
                 f"to the first rating layer keep everything: keep must exceed {bounds[0] / n:.4f}); "
                 "use earlier 'layers'"
             )
-        shape = min(SCHEDULES.values(), key=lambda c: abs(_average(bounds, _scaled(c, 1.0), n) - self.keep))
-        lo, hi = 0.0, REFERENCE_TOKENS / min(shape)
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            if _average(bounds, _scaled(shape, mid), n) < self.keep:
-                lo = mid
-            else:
-                hi = mid
-        return layers, _scaled(shape, hi)
+        shapes = [[min(1.0, c / REFERENCE_TOKENS) for c in counts] for counts in SCHEDULES.values()]
+        shape = min(shapes, key=lambda f: abs(schedule_average(bounds, f, n) - self.keep))
+        return layers, fit_schedule(bounds, shape, self.keep, n)
 
     def stages(self, info: ModelInfo) -> list:
         layers, fractions = self.resolve(info)
         counted = self.keep is not None  # under keep, clusters count towards each stage's share
         return [SparseVLMStage(layer + 1, f, self.recycle, counted) for layer, f in zip(layers, fractions)]
-
-
-def _scaled(counts, factor: float) -> list[float]:
-    return [min(1.0, c * factor / REFERENCE_TOKENS) for c in counts]
-
-
-def _average(bounds: list[int], fractions: list[float], num_layers: int) -> float:
-    edges = [0, *bounds, num_layers]
-    held = [1.0, *fractions]
-    return sum((edges[i + 1] - edges[i]) * held[i] for i in range(len(held))) / num_layers
 
 
 def recycled_clusters(pruned: int) -> int:

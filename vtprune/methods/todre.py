@@ -52,14 +52,13 @@ from vtprune.config import (
     check_choice,
     check_fraction,
     check_int,
-    check_layer,
     register_method,
 )
 from vtprune.diversity import max_min_diversity
 from vtprune.images import ImageView
 from vtprune.methods.fastv import text_query_slots
 from vtprune.scoring import projected_query_probs
-from vtprune.selection import topk_mask, two_stage_count, two_stage_fractions
+from vtprune.selection import topk_mask, two_stage_count, two_stage_plan
 from vtprune.stages import PrefillContext, PrefillStage, VisionStage
 
 DEFAULT_KEEP = 0.111  # 64 of LLaVA-1.5's 576 tokens, the paper's headline budget
@@ -102,11 +101,8 @@ class ToDRE(VideoBudget):
     def resolve(self, info: ModelInfo) -> tuple[int, float, float]:
         """``(layer, vision fraction, split)``: where stage 2 acts, what stage 1 keeps, and the share
         of it stage 2 keeps (``split`` unless stage 1 would need more than every token)."""
-        n = info.num_layers
-        layer = max(1, n // 2) if self.layer is None else self.layer
-        check_layer(self.name, "layer", layer, n)
         keep = DEFAULT_KEEP if self.keep is None else self.keep
-        return (layer, *two_stage_fractions(keep, layer, self.split, n))
+        return two_stage_plan(self.name, keep, self.layer, self.split, info.num_layers)
 
     def stages(self, info: ModelInfo) -> list:
         layer, vision, split = self.resolve(info)

@@ -53,7 +53,7 @@ from vtprune.config import (
     register_method,
 )
 from vtprune.scoring import layer_query_probs
-from vtprune.selection import count_for_fraction, scale_layers, topk_mask
+from vtprune.selection import count_for_fraction, fit_schedule, scale_layers, schedule_average, topk_mask
 from vtprune.stages import PrefillContext, PrefillStage, SublayerTap
 
 from .fastv import text_query_slots
@@ -139,7 +139,9 @@ class TransPrune(MethodConfig):
         if self.keep is None:
             return options[0]
         reachable = [b for b in options if self.keep > b[0] / n] or options
-        return min(reachable, key=lambda b: abs(schedule_average(b, _scaled(shape, 1.0), n) - self.keep))
+        return min(
+            reachable, key=lambda b: abs(schedule_average(b, [min(1.0, r) for r in shape], n) - self.keep)
+        )
 
     def resolve(self, info: ModelInfo) -> tuple[list[int], list[int], list[float]]:
         """``(boundaries, window, fractions)``: the fraction of N each boundary leaves."""
@@ -165,35 +167,12 @@ class TransPrune(MethodConfig):
                 f"{self.name}: keep={self.keep} is unreachable with layers={bounds} on {n} layers (layers before the "
                 f"first boundary keep everything: keep must exceed {bounds[0] / n:.4f}); use earlier 'layers'"
             )
-        lo, hi = 0.0, 1.0 / min(shape)
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            if schedule_average(bounds, _scaled(shape, mid), n) < self.keep:
-                lo = mid
-            else:
-                hi = mid
-        return bounds, window, _scaled(shape, hi)
+        return bounds, window, fit_schedule(bounds, shape, self.keep, n)
 
     def stages(self, info: ModelInfo) -> list:
         bounds, window, fractions = self.resolve(info)
         tap = TransitionTap(window) if self.score != "iga" else None
         return [TransPruneStage(b, f, self.score, tap) for b, f in zip(bounds, fractions)]
-
-
-def _scaled(shape, factor: float) -> list[float]:
-    return [min(1.0, r * factor) for r in shape]
-
-
-def schedule_average(bounds: list[int], fractions: list[float], num_layers: int) -> float:
-    """Layer-average kept fraction when boundary ``bounds[s]`` leaves ``fractions[s]`` of N.
-
-    Example:
-        >>> schedule_average([7, 9, 12], [0.875, 0.625, 0.125], 32)  # 13.125 / 32
-        0.41015625
-    """
-    edges = [0, *bounds, num_layers]
-    held = [1.0, *fractions]
-    return sum((edges[i + 1] - edges[i]) * held[i] for i in range(len(held))) / num_layers
 
 
 @torch.no_grad()

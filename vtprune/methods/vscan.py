@@ -91,14 +91,13 @@ from vtprune.config import (
     check_bool,
     check_fraction,
     check_int,
-    check_layer,
     check_vision_layer,
     register_method,
 )
 from vtprune.images import ImageView
 from vtprune.methods.pdrop import PyramidDropStage
 from vtprune.recycling import recycle_nearest
-from vtprune.selection import split_budget, two_stage_count, two_stage_fractions
+from vtprune.selection import split_budget, two_stage_count, two_stage_plan
 from vtprune.stages import Pick, PrefillContext, VisionStage
 
 DEFAULT_KEEP = 0.111  # 64 of LLaVA-1.5's 576 tokens on average, the paper's headline budget
@@ -151,11 +150,8 @@ class VScan(VideoBudget):
     def resolve(self, info: ModelInfo) -> tuple[int, float, float]:
         """``(layer, vision fraction, split)``: where the prefill stage acts, what the vision stage
         keeps of each image, and the share of it the prefill stage keeps."""
-        n = info.num_layers
-        layer = max(1, n // 2) if self.layer is None else self.layer
-        check_layer(self.name, "layer", layer, n)
         keep = DEFAULT_KEEP if self.keep is None else self.keep
-        return (layer, *two_stage_fractions(keep, layer, self.split, n))
+        return two_stage_plan(self.name, keep, self.layer, self.split, info.num_layers)
 
     def stages(self, info: ModelInfo) -> list:
         check_vision_layer(self.name, "local_layer", self.local_layer, info)
