@@ -42,7 +42,11 @@ that differ from it, all ours:
   most informed; earlier ``layers`` save more tower compute. The default ``keep`` is 64/576,
   the common 64-token setting.
 
-Supported where tower stages run (LLaVA-1.5, Qwen2-VL); other families are refused clearly.
+Qwen3-VL: as Qwen2-VL (its blocks attend per image in token order too); each DeepStack block's
+features come from the groups present at that block and follow the final survivors
+(``vtprune.runtime.tower_qwen3``).
+
+Supported on LLaVA-1.5, Qwen2-VL and Qwen3-VL; other families are refused clearly.
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ class ZeroTPruneStage(TowerStage):
     key = "zerotprune"
     needs_queries = True
     # the NeXT crop budgets and Qwen2.5-VL's window blocks are not wired into the map / PageRank yet
-    families = ("llava", "qwen2_vl")
+    families = ("llava", "qwen2_vl", "qwen3_vl")
 
     def __init__(self, keep: float, layers: list[int] | None, iterations: int, similarity: float):
         self.keep, self.layers, self.iterations, self.similarity = keep, layers, iterations, similarity
