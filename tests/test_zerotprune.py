@@ -335,7 +335,6 @@ def test_composes_with_a_prefill_stage(llava):
 @pytest.mark.parametrize(
     "family,match",
     [
-        ("qwen2_5_vl", "LLaVA-1.5 and LLaVA-NeXT and Qwen2-VL and Qwen3-VL so far, not on Qwen2.5-VL"),
         ("llava_onevision", "zerotprune prunes inside the vision tower.*not on llava_onevision"),
     ],
 )

@@ -146,3 +146,11 @@ def test_cached_generate_equals_uncached(tables):
 
 def test_padded_batch_equals_rows_alone(tables):
     eq.test_left_padded_batch_equals_rows_alone(tables, "zerotprune")
+
+
+def test_full_strategy_is_refused():
+    model = tiny.llava_next()
+    model.config.vision_feature_select_strategy = "full"
+    with pytest.raises(NotImplementedError, match="vision_feature_select_strategy='default', not 'full'"):
+        vtprune.apply(model, "zerotprune")
+    assert vtprune.api.handle_of(model) is None

@@ -56,7 +56,17 @@ their count to its share. Patches unpadding cuts stay while the crop drops none 
 multi-crop images: this split is ours (FlowCut's NeXT split, without its ``2k`` tower budget and
 LLM-layer prune).
 
-Supported on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL and Qwen3-VL; other families are refused clearly.
+Qwen2.5-VL: as Qwen2-VL, on the tower's window-permuted patch list
+(``vtprune.runtime.tower_qwen25``). Most of its blocks attend within windows only; the map is
+always the whole image's, rebuilt beside the block from its own q/k (rotary applied) over every
+patch of the image, whatever the block's kind: PageRank on the windowed attention itself would rank
+each window on its own (a block-diagonal graph has no path between windows). On the released
+models the default layer (the last block) is a full-attention block, where this map is the
+block's real one. The order of the patches does not change PageRank or the two stages (ties
+aside), so the kept set is the one token order gives.
+
+Supported on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Qwen3-VL; LLaVA-OneVision is refused
+clearly.
 """
 
 from __future__ import annotations
@@ -131,8 +141,7 @@ def step_count(n: int, target: int, step: int, steps: int) -> int:
 class ZeroTPruneStage(TowerStage):
     key = "zerotprune"
     needs_queries = True
-    # Qwen2.5-VL's window order is not wired into the map / PageRank yet
-    families = ("llava", "llava_next", "qwen2_vl", "qwen3_vl")
+    families = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
     def __init__(self, keep: float, layers: list[int] | None, iterations: int, similarity: float):
         self.keep, self.layers, self.iterations, self.similarity = keep, layers, iterations, similarity
