@@ -42,7 +42,31 @@ that differ from it, all ours:
   most informed; earlier ``layers`` save more tower compute. The default ``keep`` is 64/576,
   the common 64-token setting.
 
-Supported where tower stages run (LLaVA-1.5, Qwen2-VL); other families are refused clearly.
+Qwen3-VL: as Qwen2-VL (its blocks attend per image in token order too); each DeepStack block's
+features come from the groups present at that block and follow the final survivors
+(``vtprune.runtime.tower_qwen3``).
+
+LLaVA-NeXT: each crop (base image and grid crops) is a row of the tower batch
+(``vtprune.runtime.tower_next``). The image keeps ``k = round(keep * N)`` patches (``N`` its
+language-model tokens, newlines included: they leave once the image drops anything), split over
+its crops by the patches each shows after unpadding; a crop's map and PageRank span all its
+present tokens, but only the shown patches are candidates and its geometric schedule runs from
+their count to its share. Patches unpadding cuts stay while the crop drops none of its shown ones
+(so ``keep=1.0`` is the unpruned model) and leave with its first drop otherwise. The paper has no
+multi-crop images: this split is ours (FlowCut's NeXT split, without its ``2k`` tower budget and
+LLM-layer prune).
+
+Qwen2.5-VL: as Qwen2-VL, on the tower's window-permuted patch list
+(``vtprune.runtime.tower_qwen25``). Most of its blocks attend within windows only; the map is
+always the whole image's, rebuilt beside the block from its own q/k (rotary applied) over every
+patch of the image, whatever the block's kind: PageRank on the windowed attention itself would rank
+each window on its own (a block-diagonal graph has no path between windows). On the released
+models the default layer (the last block) is a full-attention block, where this map is the
+block's real one. The order of the patches does not change PageRank or the two stages (ties
+aside), so the kept set is the one token order gives.
+
+Supported on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Qwen3-VL; LLaVA-OneVision is refused
+clearly.
 """
 
 from __future__ import annotations
@@ -117,8 +141,7 @@ def step_count(n: int, target: int, step: int, steps: int) -> int:
 class ZeroTPruneStage(TowerStage):
     key = "zerotprune"
     needs_queries = True
-    # the NeXT crop budgets and Qwen2.5-VL's window blocks are not wired into the map / PageRank yet
-    families = ("llava", "qwen2_vl")
+    families = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
     def __init__(self, keep: float, layers: list[int] | None, iterations: int, similarity: float):
         self.keep, self.layers, self.iterations, self.similarity = keep, layers, iterations, similarity
@@ -126,6 +149,11 @@ class ZeroTPruneStage(TowerStage):
 
     def expected_count(self, n_image: int) -> int:
         return max(1, int(self.keep * n_image + 0.5))
+
+    def crop_budget(self, n_image: int, n_patches: int) -> int:
+        """Patches an image of ``n_image`` language-model tokens (``n_patches`` of them patches,
+        the rest LLaVA-NeXT's newlines) keeps, split by the runner over its crops."""
+        return min(n_patches, self.expected_count(n_image))
 
     def tower_layers(self, feature_layer: int, depth: int) -> list[int]:
         if self.layers is None:
@@ -149,7 +177,16 @@ class ZeroTPruneStage(TowerStage):
             attn = head_mean_attention(ctx.queries[b][:, slots], ctx.keys[b][:, slots], ctx.scale)
             scores = weighted_pagerank(attn, self.iterations)
             keys = ctx.keys[b][:, slots].mean(0)  # [n, d], mean over heads
-            if ctx.has_cls:  # slot 0 is CLS: it stays and is no candidate
+            hidden = None  # patches no language-model token shows (LLaVA-NeXT unpadding)
+            if ctx.has_cls and ctx.row_target is not None:  # a crop: the runner split the budget
+                keep[b, 0] = True
+                shown = ctx.candidates[b][slots[1:]]
+                if "shown" not in ctx.scratch:  # the crops' candidates at the tower input
+                    ctx.scratch["shown"] = (ctx.candidates & ctx.valid).sum(1).tolist()
+                n0, target = ctx.scratch["shown"][b], int(ctx.row_target[b])
+                cand, hidden = slots[1:][shown], slots[1:][~shown]
+                scores, keys = scores[1:][shown], keys[1:][shown]
+            elif ctx.has_cls:  # slot 0 is CLS: it stays and is no candidate
                 lm = ctx.patches + int(ctx.cls_in_lm)
                 target = self.expected_count(lm) - int(ctx.cls_in_lm)
                 n0, cand = ctx.patches, slots[1:]
@@ -165,4 +202,8 @@ class ZeroTPruneStage(TowerStage):
             chosen = importance_then_similarity(scores, keys, count, self.similarity)
             for j in range(g):
                 keep[b, cand[chosen] + j] = True
+            if hidden is not None and count >= cand.numel():
+                # the crop drops nothing it shows: the cut patches stay too (keep=1.0 is the
+                # unpruned tower); otherwise they leave with its first drop
+                keep[b, hidden] = True
         return keep
