@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import vtprune
@@ -96,29 +97,35 @@ def row_alone(family: str, kw: dict, b: int, images_per_row: list) -> dict:
     return one
 
 
-def shared_tables(method: str, family: str, fixture: str, plan: dict, keep_all: dict | None = None):
-    """The four shared equivalence tests of ``tests/test_equivalence.py`` for one method on one
-    family's model (the module fixture named ``fixture``), for methods that run on only some
-    families or need a model built their own way (tower stages). Assign the returned tuple to
-    module-level ``test_*`` names so pytest collects them there."""
+def shared_tables(method: str, fixtures: dict[str, str], plan: dict, keep_all: dict | None = None):
+    """The four shared equivalence tests of ``tests/test_equivalence.py`` for one method, on each
+    family of ``fixtures`` (family -> name of the module fixture holding its model), for methods
+    that run on only some families or need models built their own way (tower stages). Assign the
+    returned tuple to module-level ``test_*`` names so pytest collects them there."""
     import test_equivalence as eq  # here: test_equivalence imports this module
 
-    def setup(request, monkeypatch):
+    families = pytest.mark.parametrize("family", sorted(fixtures))
+
+    def setup(request, monkeypatch, family):
         monkeypatch.setitem(eq.PLANS, method, plan)
-        monkeypatch.setitem(eq.KEEP_ALL, method, keep_all or dict(keep=1.0))
-        return family, request.getfixturevalue(fixture)
+        monkeypatch.setitem(eq.KEEP_ALL, method, keep_all or dict(plan, keep=1.0))
+        return family, request.getfixturevalue(fixtures[family])
 
-    def test_nothing_to_drop_equals_unpruned(request, monkeypatch):
-        eq.test_keep_everything_equals_unpruned(setup(request, monkeypatch), method)
+    @families
+    def test_nothing_to_drop_equals_unpruned(request, monkeypatch, family):
+        eq.test_keep_everything_equals_unpruned(setup(request, monkeypatch, family), method)
 
-    def test_remove_restores_the_model(request, monkeypatch):
-        eq.test_remove_restores_exact_outputs_and_module_tree(setup(request, monkeypatch), method)
+    @families
+    def test_remove_restores_the_model(request, monkeypatch, family):
+        eq.test_remove_restores_exact_outputs_and_module_tree(setup(request, monkeypatch, family), method)
 
-    def test_cached_generate_equals_uncached(request, monkeypatch):
-        eq.test_cached_generate_equals_uncached_pruned_steps(setup(request, monkeypatch), method)
+    @families
+    def test_cached_generate_equals_uncached(request, monkeypatch, family):
+        eq.test_cached_generate_equals_uncached_pruned_steps(setup(request, monkeypatch, family), method)
 
-    def test_padded_batch_equals_rows_alone(request, monkeypatch):
-        eq.test_left_padded_batch_equals_rows_alone(setup(request, monkeypatch), method)
+    @families
+    def test_padded_batch_equals_rows_alone(request, monkeypatch, family):
+        eq.test_left_padded_batch_equals_rows_alone(setup(request, monkeypatch, family), method)
 
     return (
         test_nothing_to_drop_equals_unpruned,

@@ -93,7 +93,7 @@ def test_tower_runs_on_fewer_tokens_layer_by_layer(llava):
     test_remove_restores_the_model,
     test_cached_generate_equals_uncached,
     test_padded_batch_equals_rows_alone,
-) = shared_tables("flowcut", "llava", "llava", plan=dict(keep=0.3))
+) = shared_tables("flowcut", {"llava": "llava"}, plan=dict(keep=0.3))
 
 
 def test_images_of_one_batch_keep_their_own_counts(llava):

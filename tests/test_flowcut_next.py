@@ -216,7 +216,7 @@ def test_keep_target_within_two_percent(next_model, keep, sizes):
     test_remove_restores_the_model,
     test_cached_generate_equals_uncached,
     test_padded_batch_equals_rows_alone,
-) = shared_tables("flowcut", "llava_next", "next_model", plan=dict(keep=0.3))
+) = shared_tables("flowcut", {"llava_next": "next_model"}, plan=dict(keep=0.3))
 
 
 def test_full_strategy_is_refused():

@@ -100,7 +100,7 @@ def test_keep_target_within_two_percent(keep):
     test_remove_restores_the_model,
     test_cached_generate_equals_uncached,
     test_padded_batch_equals_rows_alone,
-) = shared_tables("flowcut", "qwen2_5_vl", "qwen25", plan=dict(keep=0.3))
+) = shared_tables("flowcut", {"qwen2_5_vl": "qwen25"}, plan=dict(keep=0.3))
 
 
 @pytest.mark.parametrize("keep", [1.0, 0.3])

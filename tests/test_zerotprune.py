@@ -7,10 +7,9 @@ import math
 import sys
 
 import pytest
-import test_equivalence as eq
 import tiny
 import torch
-from helpers import image_runs
+from helpers import image_runs, shared_tables
 
 import vtprune
 from vtprune.flops import count_flops, tower_linear_flops
@@ -150,27 +149,12 @@ def qwen():
     return tiny.qwen2_vl(tower_depth=5)
 
 
-@pytest.fixture(params=["llava", "qwen2_vl"])
-def tables(request, monkeypatch, llava, qwen):
-    monkeypatch.setitem(eq.PLANS, "zerotprune", dict(keep=0.3, layers=[1, 3]))
-    monkeypatch.setitem(eq.KEEP_ALL, "zerotprune", dict(keep=1.0, layers=[1, 3]))
-    return request.param, llava if request.param == "llava" else qwen
-
-
-def test_nothing_to_drop_equals_unpruned(tables):
-    eq.test_keep_everything_equals_unpruned(tables, "zerotprune")
-
-
-def test_remove_restores_the_model(tables):
-    eq.test_remove_restores_exact_outputs_and_module_tree(tables, "zerotprune")
-
-
-def test_cached_generate_equals_uncached(tables):
-    eq.test_cached_generate_equals_uncached_pruned_steps(tables, "zerotprune")
-
-
-def test_padded_batch_equals_rows_alone(tables):
-    eq.test_left_padded_batch_equals_rows_alone(tables, "zerotprune")
+(
+    test_nothing_to_drop_equals_unpruned,
+    test_remove_restores_the_model,
+    test_cached_generate_equals_uncached,
+    test_padded_batch_equals_rows_alone,
+) = shared_tables("zerotprune", {"llava": "llava", "qwen2_vl": "qwen"}, plan=dict(keep=0.3, layers=[1, 3]))
 
 
 # -- LLaVA-1.5 geometry: keep target and tower FLOPs ----------------------------------------------

@@ -7,10 +7,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import test_equivalence as eq
 import tiny
 import torch
-from helpers import image_runs
+from helpers import image_runs, shared_tables
 from test_zerotprune import loop_pagerank, loop_two_stages, step_target
 
 import vtprune
@@ -125,27 +124,12 @@ def test_keep_target_within_two_percent(next_model, keep, sizes):
 
 
 # -- the shared equivalence tables ---------------------------------------------------------------
-@pytest.fixture
-def tables(monkeypatch, next_model):
-    monkeypatch.setitem(eq.PLANS, "zerotprune", dict(keep=0.3, layers=[1, 3]))
-    monkeypatch.setitem(eq.KEEP_ALL, "zerotprune", dict(keep=1.0, layers=[1, 3]))
-    return "llava_next", next_model
-
-
-def test_nothing_to_drop_equals_unpruned(tables):
-    eq.test_keep_everything_equals_unpruned(tables, "zerotprune")
-
-
-def test_remove_restores_the_model(tables):
-    eq.test_remove_restores_exact_outputs_and_module_tree(tables, "zerotprune")
-
-
-def test_cached_generate_equals_uncached(tables):
-    eq.test_cached_generate_equals_uncached_pruned_steps(tables, "zerotprune")
-
-
-def test_padded_batch_equals_rows_alone(tables):
-    eq.test_left_padded_batch_equals_rows_alone(tables, "zerotprune")
+(
+    test_nothing_to_drop_equals_unpruned,
+    test_remove_restores_the_model,
+    test_cached_generate_equals_uncached,
+    test_padded_batch_equals_rows_alone,
+) = shared_tables("zerotprune", {"llava_next": "next_model"}, plan=dict(keep=0.3, layers=[1, 3]))
 
 
 def test_full_strategy_is_refused():

@@ -8,9 +8,9 @@ import math
 import sys
 
 import pytest
-import test_equivalence as eq
 import tiny
 import torch
+from helpers import shared_tables
 from test_zerotprune import loop_pagerank, loop_two_stages, picks
 
 import vtprune
@@ -129,24 +129,9 @@ def test_keep_target_within_two_percent(qwen25, keep):
 
 
 # -- the shared equivalence tables ---------------------------------------------------------------
-@pytest.fixture
-def tables(monkeypatch, qwen25):
-    monkeypatch.setitem(eq.PLANS, "zerotprune", dict(keep=0.3, layers=[0, 2]))
-    monkeypatch.setitem(eq.KEEP_ALL, "zerotprune", dict(keep=1.0, layers=[0, 2]))
-    return "qwen2_5_vl", qwen25
-
-
-def test_nothing_to_drop_equals_unpruned(tables):
-    eq.test_keep_everything_equals_unpruned(tables, "zerotprune")
-
-
-def test_remove_restores_the_model(tables):
-    eq.test_remove_restores_exact_outputs_and_module_tree(tables, "zerotprune")
-
-
-def test_cached_generate_equals_uncached(tables):
-    eq.test_cached_generate_equals_uncached_pruned_steps(tables, "zerotprune")
-
-
-def test_padded_batch_equals_rows_alone(tables):
-    eq.test_left_padded_batch_equals_rows_alone(tables, "zerotprune")
+(
+    test_nothing_to_drop_equals_unpruned,
+    test_remove_restores_the_model,
+    test_cached_generate_equals_uncached,
+    test_padded_batch_equals_rows_alone,
+) = shared_tables("zerotprune", {"qwen2_5_vl": "qwen25"}, plan=dict(keep=0.3, layers=[0, 2]))

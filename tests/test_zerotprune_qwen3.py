@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 
 import pytest
-import test_equivalence as eq
 import test_zerotprune as zt
 import tiny
 import torch
+from helpers import shared_tables
 
 import vtprune
 from vtprune.runtime.tower import TOWER
@@ -89,24 +89,9 @@ def test_keep_target_within_two_percent(qwen3, keep):
 
 
 # -- the shared equivalence tables ---------------------------------------------------------------
-@pytest.fixture
-def tables(monkeypatch, qwen3):
-    monkeypatch.setitem(eq.PLANS, "zerotprune", dict(keep=0.3, layers=[0, 1]))
-    monkeypatch.setitem(eq.KEEP_ALL, "zerotprune", dict(keep=1.0, layers=[0, 1]))
-    return "qwen3_vl", qwen3
-
-
-def test_nothing_to_drop_equals_unpruned(tables):
-    eq.test_keep_everything_equals_unpruned(tables, "zerotprune")
-
-
-def test_remove_restores_the_model(tables):
-    eq.test_remove_restores_exact_outputs_and_module_tree(tables, "zerotprune")
-
-
-def test_cached_generate_equals_uncached(tables):
-    eq.test_cached_generate_equals_uncached_pruned_steps(tables, "zerotprune")
-
-
-def test_padded_batch_equals_rows_alone(tables):
-    eq.test_left_padded_batch_equals_rows_alone(tables, "zerotprune")
+(
+    test_nothing_to_drop_equals_unpruned,
+    test_remove_restores_the_model,
+    test_cached_generate_equals_uncached,
+    test_padded_batch_equals_rows_alone,
+) = shared_tables("zerotprune", {"qwen3_vl": "qwen3"}, plan=dict(keep=0.3, layers=[0, 1]))
