@@ -211,16 +211,21 @@ class FlowCutStage(TowerStage):
         return flowcut_schedule(units, self.target_tokens(units), feature_layer, depth, entropy)
 
     def after_layer(self, ctx: TowerContext) -> torch.Tensor | None:
-        if not ctx.has_cls:
+        if not ctx.has_cls and ctx.row_target is None:
             return self._after_layer_units(ctx)
         if ctx.row_target is not None:  # crops of larger images: the runner split the budget
             target = ctx.row_target
         else:
             target = self.target_tokens(ctx.patches + int(ctx.cls_in_lm)) - int(ctx.cls_in_lm)
-        relation, score = flowcut_scores(ctx.cls_probs, ctx.values, ctx.valid)
+        if ctx.has_cls:
+            relation, score = flowcut_scores(ctx.cls_probs, ctx.values, ctx.valid)
+        else:  # SigLIP crops (LLaVA-OneVision): the global row and the density, as on Qwen2-VL
+            relation = ctx.cls_probs.mean(1) * ctx.valid
+            score = relation * ctx.values.mean(1).abs().sum(-1)
         past = ctx.scratch.get("cumulative")
         if past is None:
-            past = ctx.scratch["cumulative"] = score.new_zeros(score.shape[0], ctx.patches + 1)
+            size = ctx.patches + int(ctx.has_cls)
+            past = ctx.scratch["cumulative"] = score.new_zeros(score.shape[0], size)
             current = score
         else:
             current = self.smoothing * past.gather(1, ctx.index) + (1 - self.smoothing) * score
@@ -229,7 +234,8 @@ class FlowCutStage(TowerStage):
         if rpl % 2:
             return None
         patches = ctx.valid.clone()
-        patches[:, 0] = False
+        if ctx.has_cls:
+            patches[:, 0] = False
         if ctx.candidates is None:
             keep_n = drop_counts(relation, patches.sum(1), target, rpl)
             return _top(current, patches, keep_n) | ~patches & ctx.valid
