@@ -65,8 +65,24 @@ prune at LLM layer 1). Each crop (base image and grid crops) is a row of the tow
   the tower), so the layer average is ``keep``; the code keeps ``target_num``.
 
 Qwen3-VL: as Qwen2-VL; each DeepStack block's features come from the patches present at that
-block and follow the final survivors (``vtprune.runtime.tower_qwen3``). LLaVA-OneVision is
-refused with a clear error.
+block and follow the final survivors (``vtprune.runtime.tower_qwen3``).
+
+LLaVA-OneVision (no official port): each SigLIP crop (base image, tiles) and video frame is a row
+of the tower batch, as on LLaVA-NeXT (``vtprune.runtime.tower_onevision``). With no CLS the row is
+Qwen2-VL's global one (mean query of the crop's patches, times the value density, no semantic
+term), over single patches (no merge groups); the schedule runs up to the feature layer. The
+image's (video's) budget is ``round(keep * N)`` patches (``N`` its language-model tokens, newlines
+included; no second prune in the LLM), split over its crops (frames) by the tokens each holds;
+newlines follow LLaVA-NeXT's rule. ``anyres_max`` downscaling and the video's 2x2 bilinear pooling
+make a token a mix of up to four tower patches (its taps); the rule chosen:
+
+* a resampled token is kept iff its heaviest tap survives (each token has its own heaviest tap,
+  so the kept count is the survivors' count and ``keep`` holds); only heaviest taps are
+  candidates, the other taps leave with their crop's first drop (as patches cut by unpadding);
+* its feature is the bilinear mix over its surviving taps, weights renormalised to sum to 1, so a
+  dropped patch is neither mixed in as zeros nor shrinks the feature (a pooled video token of a
+  pruned clip is then mostly its heaviest patch). Without resampling every token is one patch and
+  its feature is that survivor's.
 """
 
 from __future__ import annotations
