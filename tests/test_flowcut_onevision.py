@@ -156,10 +156,15 @@ def test_tower_tokens_fall_as_planned(ov_model):
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.25, 0.11])
-@pytest.mark.parametrize("media", ["plain", "downscaled", "video"])
+@pytest.mark.parametrize("media", ["plain", "downscaled", "video", "mixed"])
 def test_keep_target_within_two_percent(ov_model, keep, media):
     if media == "video":
         kw = tiny.media_inputs("llava_onevision", ["v"], frames=4, seed=1, cfg=ov_model.config)
+    elif media == "mixed":  # an image and a clip in one row (two tower calls), an image in the other
+        sizes = [(40, 80), (80, 80)]
+        kw = tiny.media_inputs(
+            "llava_onevision", ["iv", "i"], sizes=sizes, frames=4, seed=1, cfg=ov_model.config
+        )
     else:
         sizes = [(40, 80), (80, 40)] if media == "plain" else [(80, 80), (120, 120)]
         kw = tiny.inputs("llava_onevision", ov_model, [len(sizes)], seed=1, sizes=sizes)
@@ -178,6 +183,17 @@ def test_video_frames_are_rows_with_their_own_budgets(ov_model):
         st = vtprune.stats(ov_model)
     assert st.tower_tokens_per_layer[0] == 4 * per_crop
     assert st.tower_tokens_per_layer[-1] == sum(plan_targets(spec, per_crop, 0.25)) == 25
+
+
+def test_composes_with_a_prefill_method():
+    model = tiny.llava_onevision()  # 1 x 2 tiles: 25 + 50 patches and 5 newlines, 80 tokens
+    kw = tiny.inputs("llava_onevision", model, [1], seed=1, sizes=[(20, 40)])
+    plan = vtprune.Compose(vtprune.FlowCut(keep=0.5), vtprune.FastV(layer=2, ratio=0.5))
+    with torch.no_grad(), vtprune.pruned(model, plan):
+        model(**kw)
+        st = vtprune.stats(model)
+    assert st.visual_tokens_per_layer == [40, 40] + [20] * (tiny.LAYERS - 2)
+    assert st.tower_tokens_per_layer[-1] == 40
 
 
 # -- the shared equivalence tables ---------------------------------------------------------------
