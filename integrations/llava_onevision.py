@@ -148,6 +148,13 @@ class LlavaOnevisionAdapter(Adapter):
     vision_layers_count = LlavaAdapter.vision_layers_count
     vision_feature_layer = LlavaAdapter.vision_feature_layer
 
+    def check_tower_stage(self, method: str) -> None:
+        """Tower stages: FlowCut only (its rule is written for these crops and resampled tokens;
+        the other tower methods read CLS or Qwen merge units), and one feature layer."""
+        if method != "flowcut":
+            Adapter.check_tower_stage(self, method)
+        LlavaAdapter.check_tower_stage(self, method)
+
     @property
     def tower_tokens_per_crop(self) -> int:
         vc = self.config.vision_config

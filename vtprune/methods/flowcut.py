@@ -65,8 +65,24 @@ prune at LLM layer 1). Each crop (base image and grid crops) is a row of the tow
   the tower), so the layer average is ``keep``; the code keeps ``target_num``.
 
 Qwen3-VL: as Qwen2-VL; each DeepStack block's features come from the patches present at that
-block and follow the final survivors (``vtprune.runtime.tower_qwen3``). LLaVA-OneVision is
-refused with a clear error.
+block and follow the final survivors (``vtprune.runtime.tower_qwen3``).
+
+LLaVA-OneVision (no official port): each SigLIP crop (base image, tiles) and video frame is a row
+of the tower batch, as on LLaVA-NeXT (``vtprune.runtime.tower_onevision``). With no CLS the row is
+Qwen2-VL's global one (mean query of the crop's patches, times the value density, no semantic
+term), over single patches (no merge groups); the schedule runs up to the feature layer. The
+image's (video's) budget is ``round(keep * N)`` patches (``N`` its language-model tokens, newlines
+included; no second prune in the LLM), split over its crops (frames) by the tokens each holds;
+newlines follow LLaVA-NeXT's rule. ``anyres_max`` downscaling and the video's 2x2 bilinear pooling
+make a token a mix of up to four tower patches (its taps); the rule chosen:
+
+* a resampled token is kept iff its heaviest tap survives (each token has its own heaviest tap,
+  so the kept count is the survivors' count and ``keep`` holds); only heaviest taps are
+  candidates, the other taps leave with their crop's first drop (as patches cut by unpadding);
+* its feature is the bilinear mix over its surviving taps, weights renormalised to sum to 1, so a
+  dropped patch is neither mixed in as zeros nor shrinks the feature (a pooled video token of a
+  pruned clip is then mostly its heaviest patch). Without resampling every token is one patch and
+  its feature is that survivor's.
 """
 
 from __future__ import annotations
@@ -211,16 +227,21 @@ class FlowCutStage(TowerStage):
         return flowcut_schedule(units, self.target_tokens(units), feature_layer, depth, entropy)
 
     def after_layer(self, ctx: TowerContext) -> torch.Tensor | None:
-        if not ctx.has_cls:
+        if not ctx.has_cls and ctx.row_target is None:
             return self._after_layer_units(ctx)
         if ctx.row_target is not None:  # crops of larger images: the runner split the budget
             target = ctx.row_target
         else:
             target = self.target_tokens(ctx.patches + int(ctx.cls_in_lm)) - int(ctx.cls_in_lm)
-        relation, score = flowcut_scores(ctx.cls_probs, ctx.values, ctx.valid)
+        if ctx.has_cls:
+            relation, score = flowcut_scores(ctx.cls_probs, ctx.values, ctx.valid)
+        else:  # SigLIP crops (LLaVA-OneVision): the global row and the density, as on Qwen2-VL
+            relation = ctx.cls_probs.mean(1) * ctx.valid
+            score = relation * ctx.values.mean(1).abs().sum(-1)
         past = ctx.scratch.get("cumulative")
         if past is None:
-            past = ctx.scratch["cumulative"] = score.new_zeros(score.shape[0], ctx.patches + 1)
+            size = ctx.patches + int(ctx.has_cls)
+            past = ctx.scratch["cumulative"] = score.new_zeros(score.shape[0], size)
             current = score
         else:
             current = self.smoothing * past.gather(1, ctx.index) + (1 - self.smoothing) * score
@@ -229,7 +250,8 @@ class FlowCutStage(TowerStage):
         if rpl % 2:
             return None
         patches = ctx.valid.clone()
-        patches[:, 0] = False
+        if ctx.has_cls:
+            patches[:, 0] = False
         if ctx.candidates is None:
             keep_n = drop_counts(relation, patches.sum(1), target, rpl)
             return _top(current, patches, keep_n) | ~patches & ctx.valid

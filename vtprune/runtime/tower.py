@@ -73,7 +73,12 @@ class TowerCall:
         q = slot["q"].float().view(b, -1, h, attn.head_dim).transpose(1, 2)
         k = slot["k"].float().view(b, t, h, -1).transpose(1, 2)
         v = slot["v"].float().view(b, t, h, -1).transpose(1, 2)
-        logits = (q[:, :, :1] @ k.transpose(-1, -2))[:, :, 0] * attn.scale  # [B, H, T]
+        if self.run.has_cls:
+            row = q[:, :, :1]
+        else:  # no CLS (SigLIP): the mean query of the row's patches, FlowCut's "global" row
+            w = self.valid[:, None, :, None].to(q.dtype)
+            row = (q * w).sum(2, keepdim=True) / w.sum(2, keepdim=True)
+        logits = (row @ k.transpose(-1, -2))[:, :, 0] * attn.scale  # [B, H, T]
         logits = logits.masked_fill(~self.valid[:, None, :], float("-inf"))
         return torch.softmax(logits, dim=-1), v, q, k
 
@@ -126,10 +131,12 @@ class TowerRun:
         for stage in stages:
             for layer in stage.tower_layers(self.feature_layer, self.depth):
                 self.after.setdefault(layer, []).append(stage)
-        self.patches = adapter.tower_tokens_per_crop - 1
-        # only a stage that reads whole attention maps keeps every query row (else the CLS row)
-        self.all_queries = any(s.needs_queries for s in stages)
-        self.cls_in_lm = adapter.config.vision_feature_select_strategy != "default"
+        self.has_cls = adapter.has_cls
+        self.patches = adapter.tower_tokens_per_crop - int(self.has_cls)
+        # only a stage that reads whole attention maps, or a tower without CLS (the mean query
+        # of every row), keeps every query row (else the CLS row)
+        self.all_queries = any(s.needs_queries for s in stages) or not self.has_cls
+        self.cls_in_lm = self.has_cls and adapter.config.vision_feature_select_strategy != "default"
 
     def new_call(self) -> TowerCall:
         return TowerCall(self)
@@ -202,6 +209,7 @@ class TowerRun:
             patches=self.patches,
             cls_in_lm=self.cls_in_lm,
             scratch=call.scratch[stage.key],
+            has_cls=self.has_cls,
             queries=queries if wants else None,
             keys=keys if wants else None,
             scale=float(self.adapter.vision_attention(layer).scale),
@@ -211,7 +219,8 @@ class TowerRun:
         if keep is None:
             return hidden
         keep = keep & call.valid
-        keep[:, 0] = True  # CLS stays: later layers and the projector read it
+        if self.has_cls:
+            keep[:, 0] = True  # CLS stays: later layers and the projector read it
         if bool((keep == call.valid).all()):
             return hidden
         return call.compact(hidden, keep)
