@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 
 import pytest
-import test_equivalence as eq
 import tiny
 import torch
+from helpers import shared_tables
 from transformers import LlavaOnevisionForConditionalGeneration
 
 import vtprune
@@ -198,17 +198,19 @@ def test_composes_with_a_prefill_method():
 
 # -- the shared equivalence tables ---------------------------------------------------------------
 @pytest.fixture
-def tables(monkeypatch):
-    monkeypatch.setitem(eq.PLANS, "flowcut", dict(keep=0.3))
-    monkeypatch.setitem(eq.KEEP_ALL, "flowcut", dict(keep=1.0))
+def warm_model():
     model = tiny.llava_onevision()
     with torch.no_grad():  # HF adds its output-capturing hooks at the first call: not ours to count
         model(**tiny.inputs("llava_onevision", model, [1]))
-    return "llava_onevision", model
+    return model
 
 
-def test_nothing_to_drop_equals_unpruned(tables):
-    eq.test_keep_everything_equals_unpruned(tables, "flowcut")
+(
+    test_nothing_to_drop_equals_unpruned,
+    test_remove_restores_the_model,
+    test_cached_generate_equals_uncached,
+    test_padded_batch_equals_rows_alone,
+) = shared_tables("flowcut", {"llava_onevision": "warm_model"}, plan=dict(keep=0.3))
 
 
 def test_nothing_to_drop_equals_unpruned_on_video(ov_model):
@@ -218,18 +220,6 @@ def test_nothing_to_drop_equals_unpruned_on_video(ov_model):
         with vtprune.pruned(ov_model, "flowcut", keep=1.0):
             out = ov_model(**kw).logits
     assert torch.equal(out, ref)
-
-
-def test_remove_restores_the_model(tables):
-    eq.test_remove_restores_exact_outputs_and_module_tree(tables, "flowcut")
-
-
-def test_cached_generate_equals_uncached(tables):
-    eq.test_cached_generate_equals_uncached_pruned_steps(tables, "flowcut")
-
-
-def test_padded_batch_equals_rows_alone(tables):
-    eq.test_left_padded_batch_equals_rows_alone(tables, "flowcut")
 
 
 def test_other_tower_methods_are_refused():
