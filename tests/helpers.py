@@ -133,3 +133,18 @@ def shared_tables(method: str, fixtures: dict[str, str], plan: dict, keep_all: d
         test_cached_generate_equals_uncached,
         test_padded_batch_equals_rows_alone,
     )
+
+
+def eager_clip_layer(layer, h: torch.Tensor):
+    """One CLIP / SigLIP encoder layer on ``h [1, T, D]`` written plainly, with the full softmax
+    attention matrix (the reference side of the tower-stage tests): returns the layer's output and
+    its per-head ``q``, ``k``, ``v`` ``[1, H, T, d]`` and attention probabilities ``[1, H, T, T]``."""
+    attn = layer.self_attn
+    x = layer.layer_norm1(h)
+    shape = (1, -1, attn.num_heads, attn.head_dim)
+    q, k, v = (p(x).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    weights = torch.softmax((q * attn.scale) @ k.transpose(-1, -2), dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(1, -1, attn.embed_dim)
+    h = h + attn.out_proj(out)
+    h = h + layer.mlp(layer.layer_norm2(h))
+    return h, q, k, v, weights

@@ -6,7 +6,7 @@ import pytest
 import test_equivalence as eq
 import tiny
 import torch
-from helpers import image_runs, shared_tables
+from helpers import eager_clip_layer, image_runs, shared_tables
 from transformers import LlavaForConditionalGeneration
 
 import vtprune
@@ -26,14 +26,7 @@ def official_rule(model, pixels: torch.Tensor, target: int) -> list[int]:
     kept = torch.arange(h.shape[1] - 1)
     cumulative = None
     for idx, layer in enumerate(layers[:select_layer]):
-        attn = layer.self_attn
-        x = layer.layer_norm1(h)
-        shape = (1, -1, attn.num_heads, attn.head_dim)
-        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        weights = torch.softmax((q * attn.scale) @ k.transpose(-1, -2), dim=-1)
-        out = (weights @ v).transpose(1, 2).reshape(1, -1, attn.embed_dim)
-        h = h + attn.out_proj(out)
-        h = h + layer.mlp(layer.layer_norm2(h))
+        h, q, k, v, weights = eager_clip_layer(layer, h)  # weights: [1, H, T, T]
         if h.shape[1] <= target + 1:
             continue
         cls_att = weights[:, :, 0, 1:].mean(1)[0]

@@ -8,7 +8,7 @@ import math
 import pytest
 import tiny
 import torch
-from helpers import image_runs, shared_tables
+from helpers import eager_clip_layer, image_runs, shared_tables
 
 import vtprune
 from vtprune.integrations.llava_next import LlavaNextAdapter
@@ -47,14 +47,7 @@ def crop_rule(model, pixels: torch.Tensor, target: int, shown: torch.Tensor):
     kept = torch.arange(h.shape[1] - 1)
     cumulative = None
     for idx, layer in enumerate(layers[:select_layer]):
-        attn = layer.self_attn
-        x = layer.layer_norm1(h)
-        shape = (1, -1, attn.num_heads, attn.head_dim)
-        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        weights = torch.softmax((q * attn.scale) @ k.transpose(-1, -2), dim=-1)
-        out = (weights @ v).transpose(1, 2).reshape(1, -1, attn.embed_dim)
-        h = h + attn.out_proj(out)
-        h = h + layer.mlp(layer.layer_norm2(h))
+        h, q, k, v, weights = eager_clip_layer(layer, h)  # weights: [1, H, T, T]
         cls_att = weights[:, :, 0, 1:].mean(1)[0]
         semantic = torch.softmax(v[:, :, :1] @ v.transpose(-1, -2), dim=-1).mean(1)[0, 0, 1:]
         density = v.mean(1)[0, 1:].abs().sum(-1)

@@ -9,7 +9,7 @@ import math
 import pytest
 import tiny
 import torch
-from helpers import shared_tables
+from helpers import eager_clip_layer, shared_tables
 from transformers import LlavaOnevisionForConditionalGeneration
 
 import vtprune
@@ -49,13 +49,7 @@ def crop_rule(model, pixels: torch.Tensor, target: int):
     cumulative = None
     for idx, layer in enumerate(layers[:select_layer]):
         attn = layer.self_attn
-        x = layer.layer_norm1(h)
-        shape = (1, -1, attn.num_heads, attn.head_dim)
-        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        weights = torch.softmax((q * attn.scale) @ k.transpose(-1, -2), dim=-1)
-        out = (weights @ v).transpose(1, 2).reshape(1, -1, attn.embed_dim)
-        h = h + attn.out_proj(out)
-        h = h + layer.mlp(layer.layer_norm2(h))
+        h, q, k, v, weights = eager_clip_layer(layer, h)  # weights: [1, H, T, T]
         rel = torch.softmax(q.mean(2, keepdim=True) @ k.transpose(-1, -2) * attn.scale, -1).mean(1)[0, 0]
         score = rel * v.mean(1)[0].abs().sum(-1)
         cumulative = score if cumulative is None else 0.5 * cumulative + 0.5 * score

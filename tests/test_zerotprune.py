@@ -9,7 +9,7 @@ import sys
 import pytest
 import tiny
 import torch
-from helpers import image_runs, shared_tables
+from helpers import eager_clip_layer, image_runs, shared_tables
 
 import vtprune
 from vtprune.flops import count_flops, tower_linear_flops
@@ -62,14 +62,7 @@ def clip_reference(model, pixels, target, layers, iterations=30, similarity=0.5)
     kept = list(range(h.shape[1] - 1))  # patch ids, CLS excluded
     n0 = len(kept)
     for idx, layer in enumerate(vm.encoder.layers):
-        attn = layer.self_attn
-        x = layer.layer_norm1(h)
-        shape = (1, -1, attn.num_heads, attn.head_dim)
-        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        weights = torch.softmax((q * attn.scale) @ k.transpose(-1, -2), dim=-1)  # [1, H, T, T]
-        out = (weights @ v).transpose(1, 2).reshape(1, -1, attn.embed_dim)
-        h = h + attn.out_proj(out)
-        h = h + layer.mlp(layer.layer_norm2(h))
+        h, q, k, v, weights = eager_clip_layer(layer, h)  # weights: [1, H, T, T]
         if idx not in layers:
             continue
         scores = loop_pagerank(weights[0].mean(0), iterations)[1:]

@@ -9,7 +9,7 @@ import math
 import pytest
 import tiny
 import torch
-from helpers import image_runs, shared_tables
+from helpers import eager_clip_layer, image_runs, shared_tables
 from test_zerotprune import loop_pagerank, loop_two_stages, step_target
 
 import vtprune
@@ -45,14 +45,7 @@ def crop_reference(model, pixels, target: int, shown: torch.Tensor, layers: list
     kept = list(range(h.shape[1] - 1))  # patch ids, CLS excluded
     n0 = int(shown.sum())
     for idx, layer in enumerate(vm.encoder.layers):
-        attn = layer.self_attn
-        x = layer.layer_norm1(h)
-        shape = (1, -1, attn.num_heads, attn.head_dim)
-        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-        weights = torch.softmax((q * attn.scale) @ k.transpose(-1, -2), dim=-1)
-        out = (weights @ v).transpose(1, 2).reshape(1, -1, attn.embed_dim)
-        h = h + attn.out_proj(out)
-        h = h + layer.mlp(layer.layer_norm2(h))
+        h, q, k, v, weights = eager_clip_layer(layer, h)  # weights: [1, H, T, T]
         if idx not in layers:
             continue
         scores = loop_pagerank(weights[0].mean(0), 30)[1:]
