@@ -151,3 +151,25 @@ def test_refuses_a_model_with_a_plan_and_bad_plan_files(shaped, tmp_path):
     path.write_text(json.dumps({"method": "pdrop", "options": {"ratio": 2}}))
     with pytest.raises(ValueError, match="'ratio'=2"):
         vtprune.load_plan(path)
+
+
+@pytest.fixture(scope="module")
+def space_models():
+    """A tiny LLaVA (CLS tower, 8 layers: tower stages have layers to prune after) and Qwen2-VL."""
+    return {"llava": tiny.llava(tower_layers=8), "qwen2_vl": tiny.qwen2_vl(tower_depth=5)}
+
+
+@pytest.mark.parametrize("method", vtprune.method_names())
+def test_every_value_of_a_default_space_runs(space_models, method):
+    """Each method's default search space only proposes values the method accepts with ``keep`` and
+    runs on both families (a space value that raises would make its trials silently infeasible)."""
+    from vtprune.config import REGISTRY
+    from vtprune.tune import _model_info
+
+    for family, model in space_models.items():
+        space = REGISTRY[method].tune_space(_model_info(model), KEEP)
+        kw = tiny.inputs(family, model, [1], seed=3)
+        for option, values in space.items():
+            for value in values:
+                with torch.no_grad(), vtprune.pruned(model, method, keep=KEEP, **{option: value}):
+                    assert model(**kw).logits.isfinite().all(), (family, option, value)

@@ -90,6 +90,16 @@ class CDPruner(VideoBudget):
     relevance: str = "tokens"
     recycle: str = "none"
 
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """The relevance source, its weight (``theta``, paper quality) and its sign for ``vtprune.tune``."""
+        return {
+            "quality": ["code", "paper"],
+            "theta": [0.2, 0.5, 0.8],
+            "relevance": list(SOURCES),
+            "negate": [True, False],
+        }
+
     def validate(self) -> None:
         check_choice(self.name, "quality", self.quality, QUALITIES)
         t = self.theta

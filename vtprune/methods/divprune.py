@@ -55,6 +55,11 @@ class DivPrune(VideoBudget):
     per_crop: bool = False
     recycle: str = "none"
 
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """Per-crop selection and recycling of the dropped tokens for ``vtprune.tune``."""
+        return {"per_crop": [False, True], "recycle": ["none", "nearest", "clusters"]}
+
     def validate(self) -> None:
         check_bool(self.name, "per_crop", self.per_crop)
         check_recycle(self.name, self.recycle)

@@ -82,6 +82,14 @@ class HiRED(VideoBudget):
     recycle: str = "none"
     score: str = "attention"
 
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """The share of the budget spent on the base image (``alpha``) and the scoring layer for
+        ``vtprune.tune``."""
+        depth = info.vision_layers or 1
+        layers = sorted({-1, -2, -(depth // 2 or 1)} & set(range(-depth, 0)))
+        return {"alpha": [0.3, 0.5, 0.7, 1.0], "select_layer": [None, *layers]}
+
     def validate(self) -> None:
         check_fraction(self.name, "alpha", self.alpha, allow_zero=True)
         check_choice(self.name, "score", self.score, TOWER_SCORES)

@@ -91,6 +91,14 @@ class ToDRE(VideoBudget):
     score: str = "last"
     init: str = "importance"
 
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """Stage 2's layer (early enough for ``keep``), its share and the diversity seed for
+        ``vtprune.tune``."""
+        n = info.num_layers
+        layers = sorted({max(1, round(n * f)) for f in (0.125, 0.25, 0.5)})
+        return {"layer": layers, "split": [0.25, 0.5, 0.75], "init": ["importance", "isolated"]}
+
     def validate(self) -> None:
         if self.layer is not None:
             check_int(self.name, "layer", self.layer)  # its range depends on the depth: checked at resolve

@@ -95,6 +95,12 @@ class TransPrune(MethodConfig):
     window: list[int] | None = None
     score: str = "ttv+iga"
 
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """The score (TTV, instruction attention or both) for ``vtprune.tune``; its boundaries
+        follow ``keep``."""
+        return {"score": ["ttv+iga", "ttv", "iga"]}
+
     def validate(self) -> None:
         if self.layers is not None:
             check_layer_list(self.name, "layers", self.layers, minimum=1, increasing=True)

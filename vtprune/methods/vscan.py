@@ -136,6 +136,13 @@ class VScan(VideoBudget):
     local_share: float = 0.5
     merge: bool = True
 
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """The prefill stage's layer and share and the local scan's share for ``vtprune.tune``."""
+        n = info.num_layers
+        layers = sorted({max(1, round(n * f)) for f in (0.25, 0.5, 0.75)})
+        return {"layer": layers, "split": [0.2, 1 / 3, 0.5], "local_share": [0.25, 0.5, 0.75]}
+
     def validate(self) -> None:
         # layers: the type here, the range against the model (decoder depth, tower depth) at resolve
         for name in ("layer", "local_layer", "global_layer"):

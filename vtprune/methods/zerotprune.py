@@ -111,6 +111,11 @@ class ZeroTPrune(MethodConfig):
     iterations: int = DEFAULT_ITERATIONS
     similarity: float = 0.5
 
+    @classmethod
+    def tune_space(cls, info: ModelInfo, keep: float) -> dict[str, list]:
+        """The S-stage's share and the PageRank steps for ``vtprune.tune``."""
+        return {"similarity": [0.0, 0.25, 0.5, 1.0], "iterations": [10, 30]}
+
     def validate(self) -> None:
         if self.layers is not None:
             check_layer_list(self.name, "layers", self.layers, minimum=0, increasing=True)
