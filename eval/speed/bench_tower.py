@@ -189,7 +189,7 @@ SHAPES = {
         lambda: llava_inputs(),
         "LLaVA-NeXT tower work: CLIP-L/336 shape (24 layers, 577 tokens a crop, features from layer -2) "
         "on the five 336 px crops of one 672x672 image, run as a batch of five images with the "
-        "LLaVA-1.5 tower stage (flowcut is not on LLaVA-NeXT yet; its tower runs exactly this batch)",
+        "LLaVA-1.5 tower stage (exactly the batch LLaVA-NeXT's tower runs; FlowCut's NeXT runner adds only the crop budgets)",
     ),
     "qwen2_vl": (
         qwen2_vl_tower_model,
