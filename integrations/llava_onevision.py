@@ -149,9 +149,9 @@ class LlavaOnevisionAdapter(Adapter):
     vision_feature_layer = LlavaAdapter.vision_feature_layer
 
     def check_tower_stage(self, method: str) -> None:
-        """Tower stages: FlowCut only (its rule is written for these crops and resampled tokens;
-        the other tower methods read CLS or Qwen merge units), and one feature layer."""
-        if method != "flowcut":
+        """Tower stages: FlowCut and Zero-TPrune (their rules are written for these crops and
+        resampled tokens; the other tower methods read CLS or Qwen merge units), and one feature layer."""
+        if method not in ("flowcut", "zerotprune"):
             Adapter.check_tower_stage(self, method)
         LlavaAdapter.check_tower_stage(self, method)
 

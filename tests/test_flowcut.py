@@ -171,7 +171,6 @@ def test_composes_with_a_prefill_stage(llava):
 @pytest.mark.parametrize(
     "family,plan,match",
     [
-        ("llava_onevision", "zerotprune", "Qwen2.5-VL and Qwen3-VL so far, not on llava_onevision"),
         (
             "llava_next",
             vtprune.Compose(vtprune.FlowCut(), vtprune.HiRED()),

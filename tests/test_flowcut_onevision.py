@@ -216,10 +216,13 @@ def test_nothing_to_drop_equals_unpruned_on_video(ov_model):
     assert torch.equal(out, ref)
 
 
-def test_other_tower_methods_are_refused():
-    model = tiny.llava_onevision()
+def test_tower_methods_without_a_onevision_rule_are_refused():
+    """flowcut and zerotprune have rules for these crops; a tower method written for CLS or merge
+    units only would be refused by name."""
+    adapter = LlavaOnevisionAdapter(tiny.llava_onevision())
+    for method in ("flowcut", "zerotprune"):
+        adapter.check_tower_stage(method)
     with pytest.raises(
-        NotImplementedError, match="zerotprune prunes inside the vision tower.*not on llava_onevision"
+        NotImplementedError, match="newtower prunes inside the vision tower.*not on llava_onevision"
     ):
-        vtprune.apply(model, "zerotprune")
-    assert vtprune.api.handle_of(model) is None
+        adapter.check_tower_stage("newtower")

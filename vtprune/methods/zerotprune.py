@@ -65,8 +65,20 @@ models the default layer (the last block) is a full-attention block, where this 
 block's real one. The order of the patches does not change PageRank or the two stages (ties
 aside), so the kept set is the one token order gives.
 
-Supported on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL and Qwen3-VL; LLaVA-OneVision is refused
-clearly.
+LLaVA-OneVision (``vtprune.runtime.tower_onevision``): each SigLIP crop (base image, tiles) and
+each video frame is a row of the tower batch, as on LLaVA-NeXT but without CLS: a row's map and
+PageRank span its present patches, so a video frame's map is that frame's own attention (SigLIP
+attends within a frame; no map spans frames, nor crops). The image (clip) keeps
+``k = round(keep * N)`` patches (``N`` its language-model tokens, newlines included), split over
+its crops (frames) by the tokens whose heaviest patch each holds, FlowCut's OneVision split. The
+paper has no multi-crop images nor resampled tokens; the rule for those, ours and the runner's
+(shared with FlowCut): ``anyres_max`` downscaling and video pooling make a token a bilinear mix of
+up to four patches; only each token's heaviest patch is a candidate, ranked by its own PageRank
+score and key (not a mix of its taps'), and the token is kept iff that patch survives; its other
+patches stay while the crop drops none of its candidates and leave with its first drop, and a
+kept token's feature mixes its surviving patches only, weights renormalised.
+
+Supported on LLaVA-1.5, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and LLaVA-OneVision.
 """
 
 from __future__ import annotations
@@ -146,7 +158,7 @@ def step_count(n: int, target: int, step: int, steps: int) -> int:
 class ZeroTPruneStage(TowerStage):
     key = "zerotprune"
     needs_queries = True
-    families = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+    families = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
 
     def __init__(self, keep: float, layers: list[int] | None, iterations: int, similarity: float):
         self.keep, self.layers, self.iterations, self.similarity = keep, layers, iterations, similarity
@@ -182,15 +194,16 @@ class ZeroTPruneStage(TowerStage):
             attn = head_mean_attention(ctx.queries[b][:, slots], ctx.keys[b][:, slots], ctx.scale)
             scores = weighted_pagerank(attn, self.iterations)
             keys = ctx.keys[b][:, slots].mean(0)  # [n, d], mean over heads
-            hidden = None  # patches no language-model token shows (LLaVA-NeXT unpadding)
-            if ctx.has_cls and ctx.row_target is not None:  # a crop: the runner split the budget
-                keep[b, 0] = True
-                shown = ctx.candidates[b][slots[1:]]
+            hidden = None  # patches no language-model token shows (unpadding, resampling)
+            if ctx.row_target is not None:  # a crop or frame: the runner split the budget
+                lead = int(ctx.has_cls)  # CLIP crops (LLaVA-NeXT): slot 0 is CLS and stays
+                keep[b, :lead] = True
+                shown = ctx.candidates[b][slots[lead:]]
                 if "shown" not in ctx.scratch:  # the crops' candidates at the tower input
                     ctx.scratch["shown"] = (ctx.candidates & ctx.valid).sum(1).tolist()
                 n0, target = ctx.scratch["shown"][b], int(ctx.row_target[b])
-                cand, hidden = slots[1:][shown], slots[1:][~shown]
-                scores, keys = scores[1:][shown], keys[1:][shown]
+                cand, hidden = slots[lead:][shown], slots[lead:][~shown]
+                scores, keys = scores[lead:][shown], keys[lead:][shown]
             elif ctx.has_cls:  # slot 0 is CLS: it stays and is no candidate
                 lm = ctx.patches + int(ctx.cls_in_lm)
                 target = self.expected_count(lm) - int(ctx.cls_in_lm)
