@@ -14,6 +14,7 @@ from vtprune.eval.harness.meters import tower_accounting
 from vtprune.eval.speed import flops_report as fr
 from vtprune.flops import count_flops, tower_flops
 from vtprune.methods.flowcut import LM_LAYER, flowcut_schedule
+from vtprune.methods.zerotprune import ZeroTPruneStage
 
 # patch embedding by hand (2 FLOPs per multiply-add): patches x (channels x kernel) x width
 PATCH_EMBED = {
@@ -122,3 +123,30 @@ def test_tower_flops_from_a_real_run_match_its_recorded_tokens():
     # per pruning layer, about 2 n d each): within 2% of the formula, never above it
     assert full - pruned == pytest.approx(expected, rel=0.02)
     assert full - pruned < expected
+
+
+@pytest.mark.parametrize("name", sorted(fr.SHIPPED))
+def test_zerotprune_tower_flops_follow_its_steps(name):
+    """``vtprune flops`` under zerotprune: the default step (just before the feature layer) saves
+    the projector's and language model's share only; explicit early ``layers`` shrink the tower by
+    the geometric steps the runtime takes."""
+    rep = fr.flops_report(name, ["baseline", "zerotprune:keep=0.25", "zerotprune:keep=0.25,layers=3+7"])
+    base, late, early = rep["plans"]
+    assert late["projector_tflops"] == pytest.approx(base["projector_tflops"] * 0.25, rel=0.02)
+    assert base["vision_tower_tflops"] >= late["vision_tower_tflops"] > early["vision_tower_tflops"]
+    tokens, first = early["tower_tokens_per_layer"], base["tower_tokens_per_layer"][0]
+    assert tokens[:4] == [first] * 4 and tokens[4] < first and tokens[8] < tokens[4]
+    assert tokens[8:] == [tokens[8]] * (len(tokens) - 8)
+
+
+def test_zerotprune_expected_tower_tokens_match_a_real_run():
+    model = tiny.llava(tower_layers=8)
+    kw = tiny.inputs("llava", model, [1], seed=4)
+    with vtprune.pruned(model, "zerotprune", keep=0.25, layers=[1, 3]):
+        with torch.no_grad():
+            model(**kw)
+        recorded = vtprune.stats(model).tower_tokens_per_layer
+    stage = ZeroTPruneStage(0.25, [1, 3], 30, 0.5)
+    expected = stage.expected_tower_units(64, 6, 8)
+    assert recorded == [n + 1 for n in expected]  # CLS runs beside the patches
+    assert expected[0] == 64 and expected[-1] == 16

@@ -173,17 +173,39 @@ class ZeroTPruneStage(TowerStage):
         return min(n_patches, self.expected_count(n_image))
 
     def tower_layers(self, feature_layer: int, depth: int) -> list[int]:
-        if self.layers is None:
-            self._steps = [feature_layer - 1] if feature_layer > 0 else []
-        else:
-            bad = [x for x in self.layers if x >= feature_layer]
-            if bad:
-                raise ValueError(
-                    f"zerotprune: option 'layers'={self.layers!r} is out of range; allowed: tower "
-                    f"layers 0..{feature_layer - 1} (before the feature layer {feature_layer})"
-                )
-            self._steps = list(self.layers)
+        self._steps = self.step_layers(feature_layer)
         return self._steps
+
+    def step_layers(self, feature_layer: int) -> list[int]:
+        """Tower layers after which tokens leave, checked against the feature layer."""
+        if self.layers is None:
+            return [feature_layer - 1] if feature_layer > 0 else []
+        bad = [x for x in self.layers if x >= feature_layer]
+        if bad:
+            raise ValueError(
+                f"zerotprune: option 'layers'={self.layers!r} is out of range; allowed: tower "
+                f"layers 0..{feature_layer - 1} (before the feature layer {feature_layer})"
+            )
+        return list(self.layers)
+
+    def expected_tower_units(
+        self, units: int, feature_layer: int, depth: int, entropy: float = 0.0
+    ) -> list[int]:
+        """Units each tower layer runs on: the geometric steps of :func:`step_count` after each of
+        ``layers`` (the schedule does not depend on the image, so ``entropy`` is unused).
+
+        Example:
+            >>> ZeroTPruneStage(0.25, [1, 3], 30, 0.5).expected_tower_units(64, 6, 8)
+            [64, 64, 32, 32, 16, 16, 16, 16]
+        """
+        steps = self.step_layers(feature_layer)
+        target = min(units, self.expected_count(units))
+        n, counts = units, []
+        for layer in range(depth):
+            counts.append(n)
+            if layer in steps:
+                n = step_count(units, target, steps.index(layer) + 1, len(steps))
+        return counts
 
     def after_layer(self, ctx: TowerContext) -> torch.Tensor:
         step = self._steps.index(ctx.layer) + 1
