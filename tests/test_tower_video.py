@@ -262,3 +262,15 @@ def test_zerotprune_video_equals_the_plain_reference(models, family, keep):
     with torch.no_grad(), vtprune.pruned(model, "zerotprune", keep=keep):
         model(**kw)
         assert media_picks(model, "zerotprune", kw)["v"] == ref
+
+
+@pytest.mark.parametrize("method", ["flowcut", "zerotprune"])
+def test_every_tubelet_keeps_a_group_below_one_a_tubelet(models, method):
+    """keep=0.02 of 4 x 16 tokens is a budget of 1: no tubelet's attention sequence is emptied,
+    each keeps one group (the only case where the video keeps more than round(keep * tokens))."""
+    model = models["qwen2_vl"]
+    kw = tiny.media_inputs("qwen2_vl", ["v"], seed=9, **CLIP)
+    with torch.no_grad(), vtprune.pruned(model, method, **plan(method, 0.02)):
+        model(**kw)
+        kept = media_picks(model, method, kw)["v"]
+    assert [u // 16 for u in kept] == [0, 1, 2, 3]
