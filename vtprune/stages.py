@@ -171,8 +171,9 @@ class TowerContext:
     queries: torch.Tensor | None = None
     keys: torch.Tensor | None = None
     scale: float = 1.0
-    #: towers whose rows are parts of larger images (LLaVA-NeXT crops): ``row_target`` ``[B]`` the
-    #: patches each row should keep (the image's budget split over its crops), ``candidates``
+    #: towers whose rows are parts of larger images (LLaVA-NeXT crops; Qwen: a video's tubelets, in
+    #: whole merge groups): ``row_target`` ``[B]`` the patches each row should keep (the image's
+    #: budget split over its crops), ``candidates``
     #: ``[B, T]`` the slots whose tokens can reach the language model (others, cut by unpadding,
     #: may leave freely); ``None`` where every patch counts and ``patches`` sets the target
     row_target: torch.Tensor | None = None

@@ -38,8 +38,13 @@ port; the schedule runs over all blocks, its last drop just before the merger. U
 * whole 2x2 merge groups are scored (the sum of their four patches' scores and relations) and
   kept or dropped together, so the merger still merges neighbouring patches (the port drops
   single patches, and the merger then merges unrelated ones);
-* each image (video frame) is scored, scheduled and given ``round(keep * tokens)`` on its own,
-  over its own patches (the port is batch size 1 and takes the mean over the whole tower input);
+* each image is scored, scheduled and given ``round(keep * tokens)`` on its own, over its own
+  patches (the port is batch size 1 and takes the mean over the whole tower input);
+* a video (no official rule): the tower attends per temporal patch (a tubelet of
+  ``temporal_patch_size`` frames is one patch, a merge group four patches of one tubelet), so
+  each tubelet is scored and scheduled as an image is, with its global row over its own patches;
+  the video keeps ``round(keep * tokens)``, split over its tubelets by their groups (cumulative
+  rounding, at least one group each; ``vtprune.runtime.tower_qwen``), not a rounding per tubelet;
 * the tower goes straight to ``k`` tokens: the port keeps ``4k`` patches (``k`` merged tokens'
   worth of them, broken groups aside) and prunes to ``k`` again at LLM layer 1, not done here.
 
@@ -227,7 +232,7 @@ class FlowCutStage(TowerStage):
         return flowcut_schedule(units, self.target_tokens(units), feature_layer, depth, entropy)
 
     def after_layer(self, ctx: TowerContext) -> torch.Tensor | None:
-        if not ctx.has_cls and ctx.row_target is None:
+        if not ctx.has_cls and ctx.group > 1:  # Qwen merge groups (OneVision: single patches)
             return self._after_layer_units(ctx)
         if ctx.row_target is not None:  # crops of larger images: the runner split the budget
             target = ctx.row_target
@@ -274,7 +279,10 @@ class FlowCutStage(TowerStage):
         score = score.view(b, t // g, g).sum(-1)
         units = ctx.valid[:, ::g]
         index = ctx.index[:, ::g] // g
-        target = (ctx.row_patches // g).float().mul(self.keep).add(0.5).long().clamp_min(1)
+        if ctx.row_target is not None:  # the runner split an image's (video's) budget over its rows
+            target = ctx.row_target // g
+        else:
+            target = (ctx.row_patches // g).float().mul(self.keep).add(0.5).long().clamp_min(1)
         past = ctx.scratch.get("cumulative")
         if past is None:
             size = int(ctx.row_patches.max()) // g

@@ -26,6 +26,15 @@ Qwen2-VL (no CLS): the graph is the image's (video frame's) patches, rotary appl
 does; a 2x2 merge group's importance is the sum of its four patches' scores and its key the
 mean of theirs, and whole groups are kept or dropped, so the merger still merges neighbours.
 
+Videos on the Qwen towers (the paper has none; our choice): the tower attends within each
+temporal patch (a tubelet of ``temporal_patch_size`` frames is one patch, a merge group four
+patches of one tubelet) at every block, full-attention ones included, so the graph is one
+tubelet's patches, the widest span the tower itself attends over (an image's is the image): a
+whole-video map would rank tokens by attention between tubelets that the tower never computes.
+The video keeps ``round(keep * tokens)``, split over its tubelets by their groups (cumulative
+rounding, at least one group each; ``vtprune.runtime.tower_qwen``), and each tubelet's geometric
+schedule runs from its groups to its share, so ``keep`` holds for the video, not per tubelet.
+
 No official code exists (the paper's project page lists none); choices the paper leaves open or
 that differ from it, all ours:
 
@@ -234,7 +243,8 @@ class ZeroTPruneStage(TowerStage):
                 keep[b, 0] = True
             else:  # whole merge groups: summed scores, mean keys
                 n0 = int(ctx.row_patches[b]) // g
-                target = self.expected_count(n0)
+                # a video's frames share its budget (the runner's split); an image's row is all of it
+                target = self.expected_count(n0) if ctx.row_target is None else int(ctx.row_target[b]) // g
                 cand = slots[::g]
                 scores = scores.view(-1, g).sum(1)
                 keys = keys.view(-1, g, keys.shape[-1]).mean(1)

@@ -9,6 +9,14 @@ block unchanged. Stages see the sequences padded into rows and may only keep or 
 groups, so the merger still merges the right 2x2 patches (the official FlowCut port prunes
 single patches before the merger, which then merges unrelated ones).
 
+A video is one attention sequence per temporal patch (a tubelet of ``temporal_patch_size``
+frames is one patch in the tower, so a merge group is four patches of one tubelet, a 2x2
+spatial block). Each image or video gets one budget, its stage's ``crop_budget`` of its
+language-model tokens, split over its sequences by the merge groups each holds (cumulative
+rounding, so a video keeps ``round(keep * tokens)`` as an image does, not a rounding per
+tubelet); a sequence keeps at least one group, so none empties. The runner reads the call's
+media specs for this (``needs_specs``) and hands each row its share as ``row_target``.
+
 There is no CLS token: the row a stage reads is the "global" one, the mean query of the
 sequence's patches (rotary applied as the tower does) against its keys, computed beside SDPA from
 the block's own ``qkv`` output. After the tower a forward hook puts the merged features back at
@@ -18,6 +26,7 @@ the survivors then leave at the language model's input like a vision stage's pic
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 import torch
@@ -41,6 +50,27 @@ class QwenTowerCall:
         self.kept_units: torch.Tensor | None = None
         self.scratch = {stage.key: {} for stage in run.stages}
         self.slots: list[torch.Tensor] = []  # per block: the original patch of each present patch
+        self.specs: list | None = None  # the call's media specs (set by the encoder tap)
+        self.targets: torch.Tensor | None = None  # [sequences] patches each sequence keeps
+
+    def plan(self, stage, device) -> torch.Tensor:
+        """Per attention sequence: its share of its medium's budget, in patches (whole groups)."""
+        g = self.run.group
+        units = [n // g for n in self.orig_lens]
+        if self.specs is None or sum(spec.frames for spec in self.specs) != len(units):
+            raise RuntimeError(
+                f"vtprune: the tower ran {len(units)} attention sequences but the media specs "
+                f"describe {None if self.specs is None else sum(s.frames for s in self.specs)}"
+            )
+        targets, s = [], 0
+        for spec in self.specs:
+            mine = units[s : s + spec.frames]
+            total = sum(mine)
+            budget = stage.crop_budget(spec.num_tokens, total)
+            ends = [(2 * budget * c + total) // (2 * total) for c in itertools.accumulate(mine)]
+            targets += [g * max(1, b - a) for a, b in zip([0] + ends[:-1], ends)]
+            s += spec.frames
+        return torch.tensor(targets, device=device)
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(slot [B, P], valid [B, P])``: the flat position of each sequence's patches, padded."""
@@ -78,6 +108,8 @@ class QwenTowerCall:
 
 
 class QwenTowerRun:
+    needs_specs = True  # the encoder tap hands each call its media specs before the tower runs
+
     def __init__(self, adapter, stages: list):
         self.adapter, self.stages = adapter, stages
         self.depth = adapter.vision_layers_count
@@ -166,6 +198,8 @@ class QwenTowerRun:
         logits = (mean_q @ kp.transpose(-1, -2))[:, :, 0] * attn.scaling
         probs = torch.softmax(logits.masked_fill(~valid[:, None], float("-inf")), dim=-1)
         starts = torch.tensor([0] + call.orig_lens[:-1], device=slot.device).cumsum(0)
+        if call.targets is None:
+            call.targets = call.plan(stage, slot.device)
         ctx = TowerContext(
             layer=layer,
             hidden=hidden,
@@ -182,6 +216,7 @@ class QwenTowerRun:
             queries=qp if stage.needs_queries else None,
             keys=kp if stage.needs_queries else None,
             scale=float(attn.scaling),
+            row_target=call.targets,
         )
         keep = stage.after_layer(ctx)
         if keep is None:
