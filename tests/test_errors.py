@@ -34,6 +34,11 @@ def model():
             "'video_budget'='tubelet' is invalid; allowed: 'clip', 'frame'",
         ),
         ("temporal", {"video_budget": "frame"}, "unknown option"),  # ranks over the whole clip
+        (
+            "temporal",
+            {"min_per_frame": 1.5},
+            r"'min_per_frame'=1.5 is invalid; allowed: a number in \[0, 1\]",
+        ),
         ("fastv", {"keep": 0}, r"'keep'=0 is invalid; allowed: a number in \(0, 1\]"),
         ("pdrop", {"keep": 1.5}, r"'keep'=1.5 is invalid"),
         ("random", {"keep": "half"}, r"'keep'='half' is invalid"),
@@ -111,7 +116,7 @@ WRONG_TYPE = {
         "relevance": 2,
         "recycle": None,
     },
-    "temporal": {"keep": "0.25"},
+    "temporal": {"keep": "0.25", "min_per_frame": "0.5"},
     "todre": {"keep": "0.1", "layer": 2.0, "split": "0.5", "score": 1, "init": "center"},
     "sparsevlm": {"keep": "0.1", "budget": 64.0, "layers": "2,6,15", "recycle": 1},
     "vscan": {
