@@ -226,7 +226,7 @@ class ZeroTPruneStage(TowerStage):
             scores = weighted_pagerank(attn, self.iterations)
             keys = ctx.keys[b][:, slots].mean(0)  # [n, d], mean over heads
             hidden = None  # patches no language-model token shows (unpadding, resampling)
-            if ctx.row_target is not None:  # a crop or frame: the runner split the budget
+            if ctx.candidates is not None:  # a CLIP/SigLIP crop or frame: the runner split the budget
                 lead = int(ctx.has_cls)  # CLIP crops (LLaVA-NeXT): slot 0 is CLS and stays
                 keep[b, :lead] = True
                 shown = ctx.candidates[b][slots[lead:]]
