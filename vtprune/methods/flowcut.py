@@ -370,8 +370,13 @@ class FlowCutLLMStage(PrefillStage):
         scores = flowcut_llm_scores(
             attn, q_out, k_out, ctx.previous_v, ctx.cos, ctx.sin, ctx.visual, ctx.query_slot
         )
-        k = self.counts(ctx.visual_prompt, ctx.visual_in).minimum(ctx.visual.sum(1))
-        return topk_mask(scores, ctx.visual, k)
+        n_in = ctx.visual_in
+        tower = n_in if ctx.visual_tower is None else ctx.visual_tower
+        k = self.counts(ctx.visual_prompt, tower)
+        # vision stages composed after the tower kept a share of its survivors: keep the same
+        # share of FlowCut's own count (exactly k when they kept all), so the average is their product
+        k = torch.div(2 * k * n_in + tower, 2 * tower.clamp(min=1), rounding_mode="floor")
+        return topk_mask(scores, ctx.visual, k.minimum(ctx.visual.sum(1)))
 
 
 def _top(score: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
