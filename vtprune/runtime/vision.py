@@ -176,7 +176,9 @@ def _hub_rows(q, kh, attn, scale, threshold, valid=None) -> torch.Tensor:
     out = torch.zeros(n, t, device=kh.device)
     for i in range(n):
         at = slice(None) if valid is None else valid[i]
-        out[i, at] = hub_attention(torch.softmax(qh[i][:, at] @ kh[i][:, at].transpose(-1, -2) * scale, -1), threshold)
+        out[i, at] = hub_attention(
+            torch.softmax(qh[i][:, at] @ kh[i][:, at].transpose(-1, -2) * scale, -1), threshold
+        )
     return out
 
 
