@@ -24,6 +24,7 @@ from test_flowcut_qwen25 import qwen25  # noqa: F401
 from transformers.vision_utils import get_vision_window_index
 
 import vtprune
+from vtprune.attention_graph import weighted_pagerank
 from vtprune.integrations.llava_next import LlavaNextAdapter
 from vtprune.integrations.llava_onevision import LlavaOnevisionAdapter, image_spec, video_spec
 from vtprune.methods.visionzip import VisionZipStage
@@ -89,7 +90,7 @@ def local_tokens(view, ids):
     raise AssertionError("view not found")
 
 
-def crop_rows_reference(attn, hidden, index, valid, per_crop: int, has_cls: bool):
+def crop_rows_reference(attn, hidden, index, valid, per_crop: int, has_cls: bool, wpr: bool = False):
     """Per padded row of a CLIP / SigLIP tower batch, over its present slots only: the CLS row's
     probabilities summed over heads (CLS towers) or the attention each patch receives averaged over
     the heads and queries (SigLIP), and the head-mean keys; both at their original tower tokens."""
@@ -100,7 +101,12 @@ def crop_rows_reference(attn, hidden, index, valid, per_crop: int, has_cls: bool
         q = attn.q_proj(x).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)
         k = attn.k_proj(x).view(-1, attn.num_heads, attn.head_dim).transpose(0, 1)
         probs = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1)  # [H, n, n]
-        got = probs[:, 0].sum(0) if has_cls else probs.mean(0).mean(0)
+        if has_cls:
+            got = probs[:, 0].sum(0)
+        elif wpr:  # Zero-TPrune's weighted PageRank of the row's head-mean map
+            got = weighted_pagerank(probs.mean(0))
+        else:
+            got = probs.mean(0).mean(0)
         score[r, index[r, valid[r]]] = got
         keys[r, index[r, valid[r]]] = k.mean(0)
     return score, keys
@@ -187,25 +193,29 @@ def test_qwen_merge_groups_in_token_order(request, family):
         start += h * w // 4
 
 
+@pytest.mark.parametrize("score", ["attention", "wpr"])
 @pytest.mark.parametrize("kind", ["downscaled", "video"])
-def test_onevision_taps_of_the_survivors(ov_model, kind):  # noqa: F811
+def test_onevision_taps_of_the_survivors(ov_model, kind, score):  # noqa: F811
     """A resampled token's score is its surviving taps' scores mixed with the renormalised weights
-    (as its feature is); the tower computed them over each row's present patches only."""
+    (as its feature is); the tower computed them over each row's present patches only (the
+    received attention, or the weighted PageRank of the row's map with ``score="wpr"``)."""
     model = ov_model
+    plan = vtprune.Compose(vtprune.FlowCut(keep=0.3), vtprune.VisionZip(keep=0.5, score=score))
     if kind == "video":
         kw = tiny.media_inputs("llava_onevision", ["v"], frames=4, seed=23, cfg=model.config)
         spec = video_spec(model.config, 4)
     else:
         kw = tiny.inputs("llava_onevision", model, [1], seed=23, sizes=[(120, 120)])
         spec = image_spec(model.config, [120, 120])
-    views, seen, _ = run_and_record(model, kw, PLAN)
+    views, seen, _ = run_and_record(model, kw, plan)
     layers = _attention_modules(model)
     (view,) = views
     layer = score_layer(view, len(layers))
     hidden, _, index, valid = seen[layer]
     assert not bool(valid.all())
     per_crop = LlavaOnevisionAdapter(model).tower_tokens_per_crop
-    score, keys = crop_rows_reference(layers[layer], hidden, index, valid, per_crop, False)
+    wpr = score == "wpr"
+    score, keys = crop_rows_reference(layers[layer], hidden, index, valid, per_crop, False, wpr)
     alive = torch.zeros_like(score, dtype=torch.bool)
     for r in range(index.shape[0]):
         alive[r, index[r, valid[r]]] = True
@@ -217,5 +227,6 @@ def test_onevision_taps_of_the_survivors(ov_model, kind):  # noqa: F811
     weights = live / live.sum(1, keepdim=True)
     expect = (weights * score[at]).sum(1)
     expect_keys = (weights[..., None] * keys[at]).sum(1)
-    torch.testing.assert_close(view.cls_scores(layer).cpu(), expect, rtol=1e-5, atol=1e-7)
+    got = view.cls_scores(layer, "wpr" if wpr else "attention").cpu()
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(view.keys(layer).cpu(), expect_keys, rtol=1e-5, atol=1e-6)
