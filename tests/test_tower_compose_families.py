@@ -76,8 +76,16 @@ def test_nothing_to_drop_in_the_tower_is_the_vision_stage_alone(request, family,
         assert torch.equal(a, b)
 
 
-@MEDIA
-@pytest.mark.parametrize("vision", ["divprune", "hired", "visionzip", "cdpruner", "random", "uniform"])
+# every vision-stage method on images; the video cases (the same views, frames as segments) take two
+SHARE = [
+    (f, "image", v)
+    for f in sorted(FIXTURES)
+    for v in ("divprune", "hired", "visionzip", "cdpruner", "random", "uniform")
+]
+SHARE += [(f, "video", v) for f in VIDEO for v in ("divprune", "hired")]
+
+
+@pytest.mark.parametrize("family,kind,vision", SHARE)
 def test_the_vision_stage_keeps_its_share_of_the_survivors(request, family, kind, vision):
     """The vision stage keeps only tokens the tower let through, and the layer-averaged count is
     ``keep_tower * keep_vision`` of the visual tokens within 2% (LLaVA-NeXT: FlowCut's layer-1

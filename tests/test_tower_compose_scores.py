@@ -159,11 +159,20 @@ def _qwen_reference(attn, hidden, kwargs):
     return score, keys
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_qwen_merge_groups_in_token_order(request, family):
+@pytest.mark.parametrize(
+    "family,kind", [("qwen2_5_vl", "image"), ("qwen2_5_vl", "video"), ("qwen3_vl", "image")]
+)
+def test_qwen_merge_groups_in_token_order(request, family, kind):
+    """Two images of one call, or a clip of two frames (each frame its own windows)."""
     model = request.getfixturevalue("qwen25" if family == "qwen2_5_vl" else "qwen3")
-    sizes = [(8, 12), (16, 16)]
-    kw = tiny.inputs(family, model, [2], seed=22, sizes=sizes)
+    if kind == "video":
+        sizes = [(2 * 16, 16)]  # two 16 x 16 frames, one after the other in token order
+        kw = tiny.media_inputs(family, ["v"], frames=2, seed=22, sizes=[(16, 16)])
+        grid = kw["video_grid_thw"]
+    else:
+        sizes = [(8, 12), (16, 16)]
+        kw = tiny.inputs(family, model, [2], seed=22, sizes=sizes)
+        grid = kw["image_grid_thw"]
     views, seen, _ = run_and_record(model, kw, PLAN)
     layers = _attention_modules(model)
     layer = score_layer(views[0], len(layers))
@@ -174,15 +183,13 @@ def test_qwen_merge_groups_in_token_order(request, family):
     patch = index  # block-order patch of each present slot
     if family == "qwen2_5_vl":  # blocks[i] = patches[order[i]]: back to token order
         vc = model.config.vision_config
-        units, _ = get_vision_window_index(
-            kw["image_grid_thw"], vc.spatial_merge_size, vc.window_size, vc.patch_size
-        )
+        units, _ = get_vision_window_index(grid, vc.spatial_merge_size, vc.window_size, vc.patch_size)
         order = (torch.as_tensor(units).long().view(-1, 1) * 4 + torch.arange(4)).flatten()
         assert not torch.equal(order, torch.arange(total))  # the windows do permute this batch
         patch = order[index]
     full, full_keys = torch.zeros(total), torch.zeros(total, ref_keys.shape[-1])
     full[patch], full_keys[patch] = ref, ref_keys
-    assert len(views) == 2
+    assert len(views) == len(sizes)
     start = 0
     for view, (h, w) in zip(views, sizes):
         units = start + local_tokens(view, kw["input_ids"])

@@ -56,7 +56,7 @@ class Runtime:
         self.timing = timing  # measure overhead_s (synchronises CUDA around every stage)
         self.vision_stages = [s for s in stages if isinstance(s, VisionStage)]
         tower_stages = [s for s in stages if isinstance(s, TowerStage)]
-        self.tower = check_tower_plan(adapter, tower_stages, self.vision_stages)
+        self.tower = check_tower_plan(adapter, tower_stages)
         self.decode_stages = [s for s in stages if isinstance(s, DecodeStage)]
         self.skip_stages = [s for s in stages if isinstance(s, SkipStage)]
         self.attention_handlers = {layer: s for s in self.skip_stages for layer in s.attention_layers}
@@ -407,7 +407,7 @@ FAMILY_NAMES = {
 }
 
 
-def check_tower_plan(adapter, tower_stages: list, vision_stages: list) -> TowerRun | None:
+def check_tower_plan(adapter, tower_stages: list) -> TowerRun | None:
     """The tower hooks of a plan, or a clear error for what tower stages do not support yet.
     Vision stages in the same plan choose among the tower's survivors (``runtime/survivors.py``) on
     every family: each tower runner's ``expand`` puts the scores and keys captured after a drop
