@@ -90,17 +90,27 @@ def test_the_vision_stage_keeps_its_share_of_the_survivors(request, family, kind
     """The vision stage keeps only tokens the tower let through, and the layer-averaged count is
     ``keep_tower * keep_vision`` of the visual tokens within 2% (LLaVA-NeXT: FlowCut's layer-1
     prune keeps the same share of its own count)."""
-    model = model_of(request, family)
+    check_share(model_of(request, family), family, kind, "flowcut", vision)
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "qwen3_vl"])
+def test_zerotprune_then_a_vision_stage(request, family):
+    """The other tower stage, where it runs (not on LLaVA-OneVision)."""
+    check_share(model_of(request, family), family, "image", "zerotprune", "divprune")
+
+
+def check_share(model, family, kind, tower, vision):
     kw = media(family, model, kind, seed=12)
+    tower_cfg = vtprune.config.config_from_name(tower, keep=0.5)
     cfg = vtprune.config.config_from_name(vision, keep=0.5)
-    _, st = _run(model, vtprune.Compose(vtprune.FlowCut(keep=0.5), cfg), kw)
-    _, st_tower = _run(model, vtprune.FlowCut(keep=0.5), kw)
-    for picked, survivors in zip(st.selections[vision], st.selections["flowcut"]):
+    _, st = _run(model, vtprune.Compose(tower_cfg, cfg), kw)
+    _, st_tower = _run(model, tower_cfg, kw)
+    for picked, survivors in zip(st.selections[vision], st.selections[tower]):
         assert 0 < picked.numel() < survivors.numel()
         assert bool(torch.isin(picked, survivors).all())
-    for a, b in zip(st.selections["flowcut"], st_tower.selections["flowcut"]):
+    for a, b in zip(st.selections[tower], st_tower.selections[tower]):
         assert torch.equal(a, b)  # the tower's choice does not depend on what follows it
-    assert st.tower_tokens_per_layer[-1] < st.tower_tokens_per_layer[0]  # the tower did prune
+    assert abs(st_tower.keep_ratio - 0.5) / 0.5 <= 0.02, st_tower.keep_ratio  # the tower alone
     assert abs(st.keep_ratio - 0.25) / 0.25 <= 0.02, st.keep_ratio
 
 
