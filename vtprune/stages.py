@@ -106,6 +106,7 @@ class PrefillContext:
     answer_query: torch.Tensor | None = None
     protected: torch.Tensor | None = None
     visual_prompt: torch.Tensor | None = None  # per row, visual tokens before any vision stage
+    visual_tower: torch.Tensor | None = None  # per row, visual tokens a tower stage let through
     lm_input: LMInput | None = None  # the language model's input (stages with ``needs_lm_input``)
     final_norm: nn.Module | None = None  # the decoder's last norm (DART measures similarity after it)
     merges: list = field(default_factory=list)

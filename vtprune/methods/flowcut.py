@@ -67,7 +67,9 @@ prune at LLM layer 1). Each crop (base image and grid crops) is a row of the tow
   relation over the visual keys plus its value similarity over the visual values, times the value
   L1 density) reads the row's last token (the code: the last instruction token), ranks each row's
   visual tokens together, and keeps ``round((keep * L * N - 2M) / (L - 2))`` of them (``M`` left by
-  the tower), so the layer average is ``keep``; the code keeps ``target_num``.
+  the tower), so the layer average is ``keep``; the code keeps ``target_num``. Composed with a
+  vision stage that kept a share of the tower's survivors, it keeps that share of this count, so
+  the layer average is the product of the two ``keep`` (no official counterpart).
 
 Qwen3-VL: as Qwen2-VL; each DeepStack block's features come from the patches present at that
 block and follow the final survivors (``vtprune.runtime.tower_qwen3``).
@@ -349,7 +351,8 @@ class FlowCutLLMStage(PrefillStage):
 
     Each row keeps ``round((keep * L * N - layer * M) / (L - layer))`` visual tokens (``N`` in
     the prompt, ``M`` left by the tower), so the layer average is ``keep`` whatever the tower's
-    rounding, unpadding and newlines left.
+    rounding, unpadding and newlines left; after a vision stage that kept a share of the tower's
+    survivors (``PrefillContext.visual_tower``), the same share of that count.
     """
 
     needs_previous_input = True
@@ -378,8 +381,13 @@ class FlowCutLLMStage(PrefillStage):
         scores = flowcut_llm_scores(
             attn, q_out, k_out, ctx.previous_v, ctx.cos, ctx.sin, ctx.visual, ctx.query_slot
         )
-        k = self.counts(ctx.visual_prompt, ctx.visual_in).minimum(ctx.visual.sum(1))
-        return topk_mask(scores, ctx.visual, k)
+        n_in = ctx.visual_in
+        tower = n_in if ctx.visual_tower is None else ctx.visual_tower
+        k = self.counts(ctx.visual_prompt, tower)
+        # vision stages composed after the tower kept a share of its survivors: keep the same
+        # share of FlowCut's own count (exactly k when they kept all), so the average is their product
+        k = torch.div(2 * k * n_in + tower, 2 * tower.clamp(min=1), rounding_mode="floor")
+        return topk_mask(scores, ctx.visual, k.minimum(ctx.visual.sum(1)))
 
 
 def _top(score: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

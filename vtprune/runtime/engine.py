@@ -56,7 +56,7 @@ class Runtime:
         self.timing = timing  # measure overhead_s (synchronises CUDA around every stage)
         self.vision_stages = [s for s in stages if isinstance(s, VisionStage)]
         tower_stages = [s for s in stages if isinstance(s, TowerStage)]
-        self.tower = check_tower_plan(adapter, tower_stages, self.vision_stages)
+        self.tower = check_tower_plan(adapter, tower_stages)
         self.decode_stages = [s for s in stages if isinstance(s, DecodeStage)]
         self.skip_stages = [s for s in stages if isinstance(s, SkipStage)]
         self.attention_handlers = {layer: s for s in self.skip_stages for layer in s.attention_layers}
@@ -71,6 +71,7 @@ class Runtime:
         for s in stages:
             if isinstance(s, PrefillStage):
                 self.prefill_stages.setdefault(s.layer, []).append(s)
+        check_shared_layers(self.prefill_stages)
         self.capture_layers = {
             s.layer - 1 for group in self.prefill_stages.values() for s in group if s.needs_previous_input
         }
@@ -368,6 +369,20 @@ class Runtime:
         return hook
 
 
+def check_shared_layers(prefill_stages: dict) -> None:
+    """Refuse two prefill stages at one decoder layer when a later one reads the previous layer's
+    q/k/v: the first one's drop leaves them describing tokens that are gone (e.g. FlowCut's
+    LLaVA-NeXT prune before layer 2 with MustDrop's or FastV's prune there)."""
+    for layer, group in prefill_stages.items():
+        late = [s.key for s in group[1:] if s.needs_previous_input or s.needs_previous_values]
+        if late:
+            raise NotImplementedError(
+                f"vtprune: {', '.join(s.key for s in group)} all prune before decoder layer {layer}, and "
+                f"{', '.join(late)} reads layer {layer - 1}'s attention, which the first drop invalidates; "
+                "move one of them to another layer"
+            )
+
+
 def check_tower_score(adapter, vision_stages: list) -> bool:
     """Whether a vision stage reads the weighted-PageRank score (``score="wpr"``); refused, naming
     the option, where the tower has CLS (its stages read the CLS row, not a whole map)."""
@@ -392,14 +407,11 @@ FAMILY_NAMES = {
 }
 
 
-# families whose tower runners put scores and keys read after a drop back at their slots for the
-# vision stages (``TowerCall.expand``): the crop (LLaVA-NeXT) and window (Qwen2.5-VL) layouts do not yet
-COMPOSABLE_TOWERS = ("llava", "qwen2_vl")
-
-
-def check_tower_plan(adapter, tower_stages: list, vision_stages: list) -> TowerRun | None:
+def check_tower_plan(adapter, tower_stages: list) -> TowerRun | None:
     """The tower hooks of a plan, or a clear error for what tower stages do not support yet.
-    Vision stages in the same plan choose among the tower's survivors (``runtime/survivors.py``)."""
+    Vision stages in the same plan choose among the tower's survivors (``runtime/survivors.py``) on
+    every family: each tower runner's ``expand`` puts the scores and keys captured after a drop
+    back at their original slots (crops, window order, merge groups, resampling taps)."""
     if not tower_stages:
         return None
     keys = ", ".join(s.key for s in tower_stages)
@@ -412,14 +424,6 @@ def check_tower_plan(adapter, tower_stages: list, vision_stages: list) -> TowerR
             f"vtprune: {keys} prunes inside the vision tower and is supported on "
             f"{' and '.join(FAMILY_NAMES.get(f, f) for f in stage.families)} so far, not on "
             f"{FAMILY_NAMES.get(adapter.family, adapter.family)}"
-        )
-    if vision_stages and adapter.family not in COMPOSABLE_TOWERS:
-        raise NotImplementedError(
-            f"vtprune: composing a tower stage ({keys}) with vision stages "
-            f"({', '.join(s.key for s in vision_stages)}) is supported on "
-            f"{' and '.join(FAMILY_NAMES[f] for f in COMPOSABLE_TOWERS)} so far, not on "
-            f"{FAMILY_NAMES.get(adapter.family, adapter.family)}; compose it with prefill-stage methods "
-            "(fastv, pdrop) instead"
         )
     run = tower_run_class(adapter)(adapter, tower_stages)
     if not run.after:

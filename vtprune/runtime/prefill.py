@@ -66,7 +66,10 @@ def run_vision_stages(state: RequestState, stages, adapter, base: TokenSet, embe
         redo = (
             functools.partial(replay_recycling, state, stage, here, base) if stage.recycle != "none" else None
         )
-        keep_vis &= select(state, stage, base, functools.partial(stage.select, here), redo)
+        kept = select(state, stage, base, functools.partial(stage.select, here), redo)
+        if isinstance(stage, TowerStage):  # what later vision stages' keep is relative to
+            state.visual_tower = kept.sum(1)
+        keep_vis &= kept
         record_centres(state, stage, here, base)
     keep = keep_mask(base, keep_vis)
     if ctx.protected:
@@ -179,6 +182,7 @@ def run_prefill_stage(state: RequestState, stage: PrefillStage, adapter, i: int,
         answer_query=answer,
         protected=on_slots(state.protected, cur),
         visual_prompt=state.visual_in.to(hidden.device),
+        visual_tower=None if state.visual_tower is None else state.visual_tower.to(hidden.device),
         lm_input=lm_input(state, cur) if stage.needs_lm_input else None,
         final_norm=getattr(adapter.language_model, "norm", None),
         orig_index=cur.orig_index,

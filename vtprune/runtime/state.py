@@ -47,6 +47,7 @@ class RequestState:
     layer_set: list[int] = field(default_factory=list)
     selections: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     visual_in: torch.Tensor | None = None  # per row, visual tokens in the prompt
+    visual_tower: torch.Tensor | None = None  # per row, visual tokens a tower stage let through
     overhead_s: float | None = None  # None unless the plan was applied with timing=True
     step: StepScratch = field(default_factory=StepScratch)
     answer_query: torch.Tensor | None = None  # [B, orig_len] bool (training-mode PDrop)

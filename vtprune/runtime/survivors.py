@@ -32,7 +32,7 @@ def survivor_layout(img: ImageLayout, patches_per_token: int = 1) -> ImageLayout
         ([10, 13], 2, [(1, 2)])
     """
     kept = img.vision.get("tower_kept")
-    if kept is None or kept.numel() == img.num_tokens:
+    if kept is None or (kept.numel() == img.num_tokens and "tower_taps" not in img.vision):
         return img
     kept = kept.to(img.positions.device)
     cpu = kept.cpu()
@@ -49,9 +49,9 @@ def survivor_layout(img: ImageLayout, patches_per_token: int = 1) -> ImageLayout
         vision[layer] = {
             name: _restrict(t, kept, img.num_tokens, patches_per_token) for name, t in got.items()
         }
-    taps = None
-    if img.taps is not None:
-        taps = tuple(t[kept.to(t.device)] for t in img.taps)
+    taps = img.vision.get("tower_taps", img.taps)  # LLaVA-OneVision: weights over surviving taps
+    if taps is not None:
+        taps = tuple(t[kept.to(t.device)] for t in taps)
     return ImageLayout(
         img.row,
         img.positions[kept],

@@ -18,7 +18,8 @@ a video. Budgets per image, candidates and the crop grid are LLaVA-NeXT's
   divides by the surviving weight), so a dropped patch neither leaks in nor shrinks the feature.
   Taps that are nobody's heaviest are not candidates (``TowerContext.candidates``): they leave
   with their crop's first drop, so a pooled video token of a pruned clip is mostly its heaviest
-  patch.
+  patch. A vision stage composed with the tower stage reads a mixed token's tower scores and keys
+  with the same renormalised weights (``vision["tower_taps"]``).
 """
 
 from __future__ import annotations
@@ -39,15 +40,19 @@ class OneVisionTowerCall(NextTowerCall):
         kept = kept.cpu()
         feats, vision = super().finish(feats, specs)
         out, r0 = [], 0
-        for f, spec in zip(feats, specs):
+        for f, spec, v in zip(feats, specs, vision):
             idx, w = spec.taps
             alive = kept[r0 + idx // per_crop, idx % per_crop] & (w > 0)
             dropped = (w > 0) & ~alive
             mixed = dropped.any(1) & alive.any(1)  # a token mixing a dropped tap and a survivor
             if bool(mixed.any()):
-                total = (w * alive).sum(1)[mixed].to(f.device, f.dtype)
+                total = (w * alive).sum(1)[mixed]
                 f = f.clone()
-                f[mixed.to(f.device)] = f[mixed.to(f.device)] / total[:, None]
+                f[mixed.to(f.device)] = f[mixed.to(f.device)] / total[:, None].to(f.device, f.dtype)
+                # a composed vision stage mixes the tower's scores and keys as the feature was mixed
+                w = w.clone()
+                w[mixed] = w[mixed] * alive[mixed] / total[:, None]
+                v["tower_taps"] = (idx, w)
             out.append(f)
             r0 += spec.crops
         if specs and all(spec.kind == "video" for spec in specs):

@@ -39,6 +39,27 @@ class Qwen25TowerCall(QwenTowerCall):
         self.window_cu: torch.Tensor | None = None  # window boundaries of the present patches
         self.image_cu: torch.Tensor | None = None  # image (frame) boundaries at the tower's input
 
+    def expand(self, finished: dict) -> dict:
+        """A probe's captures of blocks after a drop back at the original patches, in token order.
+
+        The probe puts whole-length captures (blocks before any drop) in token order itself; the
+        shorter ones hold the present patches in window order: they go to their window-order slots
+        (``slots`` count in the permuted list the blocks run on), then the window order is undone
+        as for a whole tower.
+        """
+        total = self.slots[0].numel()
+        late = {layer for layer in finished if self.slots[layer].numel() != total}
+        finished = super().expand(finished)
+        group = self.run.group
+        order = (self.order.view(-1, 1) * group + torch.arange(group, device=self.order.device)).flatten()
+        inverse = torch.argsort(order)  # blocks[i] = patches[order[i]]
+        for layer in late:
+            tensors = finished[layer]
+            for name, t in tensors.items():
+                if t.shape[0] == total:
+                    tensors[name] = t[inverse.to(t.device)]
+        return finished
+
 
 class Qwen25TowerRun(QwenTowerRun):
     def __init__(self, adapter, stages: list):

@@ -31,6 +31,8 @@ import torch
 
 from vtprune.attention_graph import weighted_pagerank
 
+from .tower import TOWER
+
 CAPTURE: contextvars.ContextVar[dict | None] = contextvars.ContextVar("vtprune_vision_capture", default=None)
 
 
@@ -93,6 +95,11 @@ class ClsProbe(_Probe):
                 slot[what] = (output[:, :rows] if what == "q" else output).detach()
                 if layer in self.hub:
                     slot["hub_t"] = self.hub[layer]
+                call = TOWER.get()
+                if call is not None and getattr(call, "valid", None) is not None:
+                    # after a tower stage's drop, shorter rows are padded: maps over whole crops
+                    # (received attention, PageRank, hub rows) must skip the padding slots
+                    slot["valid"] = call.valid
 
         return hook
 
@@ -112,7 +119,7 @@ class ClsProbe(_Probe):
             probs = torch.softmax(qh @ kh.transpose(-1, -2) * attn.scale, dim=-1)[:, :, 0]  # [n, H, T]
             out[layer] = {"cls": probs.sum(1), "cls_heads": probs, "keys": kh.mean(1)}
             if "hub_t" in slot:
-                out[layer]["hub"] = _hub_rows(q, kh, attn, attn.scale, slot["hub_t"])
+                out[layer]["hub"] = _hub_rows(q, kh, attn, attn.scale, slot["hub_t"], slot.get("valid"))
         return _merge_layers(out, hidden)
 
 
@@ -134,34 +141,45 @@ class CropReceivedProbe(ClsProbe):
             n, t, _ = k.shape
             qh = q.float().view(n, t, attn.num_heads, -1).transpose(1, 2)
             kh = k.float().view(n, t, attn.num_heads, -1).transpose(1, 2)  # [n, H, T, d]
-            # one crop at a time: [H, T, T] probabilities, not [crops, H, T, T]
-            maps = (torch.softmax(qh[i] @ kh[i].transpose(-1, -2) * attn.scale, -1).mean(0) for i in range(n))
-            got, wpr = [], []
-            for m in maps:
-                got.append(m.mean(0))
+            valid = _valid(slot, n, t, k.device)
+            got, wpr = torch.zeros(n, t, device=k.device), torch.zeros(n, t, device=k.device)
+            for i in range(n):  # one crop at a time: [H, T, T] probabilities, not [crops, H, T, T]
+                at = valid[i]
+                qi, ki = qh[i][:, at], kh[i][:, at]
+                m = torch.softmax(qi @ ki.transpose(-1, -2) * attn.scale, -1).mean(0)
+                got[i, at] = m.mean(0)
                 if slot.get("wpr"):
-                    wpr.append(weighted_pagerank(m))
-            out[layer] = {"received": torch.stack(got), "keys": kh.mean(1)}
-            if wpr:
-                out[layer]["wpr"] = torch.stack(wpr)
+                    wpr[i, at] = weighted_pagerank(m)
+            out[layer] = {"received": got, "keys": kh.mean(1)}
+            if slot.get("wpr"):
+                out[layer]["wpr"] = wpr
             if "hub_t" in slot:
-                out[layer]["hub"] = _hub_rows(q, kh, attn, attn.scale, slot["hub_t"])
+                out[layer]["hub"] = _hub_rows(q, kh, attn, attn.scale, slot["hub_t"], valid)
         return _merge_layers(out, hidden)
 
 
-def _hub_rows(q, kh, attn, scale, threshold) -> torch.Tensor:
+def _valid(slot: dict, n: int, t: int, device) -> torch.Tensor:
+    """``[crops, T]`` bool: the slots holding a token (all of them unless a tower stage padded rows)."""
+    valid = slot.get("valid")
+    if valid is None:
+        return torch.ones(n, t, dtype=torch.bool, device=device)
+    return valid.to(device)
+
+
+def _hub_rows(q, kh, attn, scale, threshold, valid=None) -> torch.Tensor:
     """``[crops, T]``: per crop, every token's attention from the crop's hub tokens (one crop's
-    ``[H, T, T]`` map at a time)."""
+    ``[H, T, T]`` map at a time, over its ``valid`` slots; zeros at the others)."""
     from vtprune.scoring import hub_attention
 
     n, t, _ = q.shape
     qh = q.float().view(n, t, attn.num_heads, -1).transpose(1, 2)
-    return torch.stack(
-        [
-            hub_attention(torch.softmax(qh[i] @ kh[i].transpose(-1, -2) * scale, -1), threshold)
-            for i in range(n)
-        ]
-    )
+    out = torch.zeros(n, t, device=kh.device)
+    for i in range(n):
+        at = slice(None) if valid is None else valid[i]
+        out[i, at] = hub_attention(
+            torch.softmax(qh[i][:, at] @ kh[i][:, at].transpose(-1, -2) * scale, -1), threshold
+        )
+    return out
 
 
 def _merge_layers(a: dict, b: dict) -> dict:
@@ -219,7 +237,10 @@ class ReceivedProbe(_Probe):
             inverse = torch.argsort(order)  # blocks[i] = patches[order[i]], so patches = blocks[inverse]
             for tensors in merged.values():
                 for name, t in tensors.items():
-                    tensors[name] = t[inverse.to(t.device)]
+                    # a block after a tower stage's drop held fewer patches: the tower call puts
+                    # them back at their window-order slots first, then reorders them itself
+                    if t.shape[0] == inverse.numel():
+                        tensors[name] = t[inverse.to(t.device)]
         return merged
 
 
