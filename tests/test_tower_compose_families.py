@@ -93,10 +93,14 @@ def test_the_vision_stage_keeps_its_share_of_the_survivors(request, family, kind
     check_share(model_of(request, family), family, kind, "flowcut", vision)
 
 
-@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "qwen3_vl"])
-def test_zerotprune_then_a_vision_stage(request, family):
-    """The other tower stage, where it runs (not on LLaVA-OneVision)."""
-    check_share(model_of(request, family), family, "image", "zerotprune", "divprune")
+@pytest.mark.parametrize(
+    "family,kind",
+    [(f, "image") for f in ("llava_next", "qwen2_5_vl", "qwen3_vl", "llava_onevision")]
+    + [(f, "video") for f in ("qwen3_vl", "llava_onevision")],
+)
+def test_zerotprune_then_a_vision_stage(request, family, kind):
+    """The other tower stage, on images and videos."""
+    check_share(model_of(request, family), family, kind, "zerotprune", "divprune")
 
 
 def check_share(model, family, kind, tower, vision):
