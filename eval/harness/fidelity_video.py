@@ -48,11 +48,24 @@ MODEL = "qwen2_vl_video"
 # Vision-stage image methods, run with both budgets. The default is the subset that surely fits the CPU
 # time of a shared 2-core machine: the two baselines, an attention score (VisionZip, on Qwen2-VL's
 # substitute score) and a diversity rule (DivPrune). The shipped results/fidelity_video adds cdpruner,
-# hired, mustdrop, todre (``--frame-methods``) and pdrop, sparsevlm (``--clip-methods``); layerskip
-# (whole layers, no per-token budget) and flowcut (inside the tower) are not run.
+# hired, mustdrop, todre (``--frame-methods``) and pdrop, sparsevlm, flowcut, zerotprune and temporal with
+# ``min_per_frame=1`` (``--clip-methods``); layerskip (whole layers, no per-token budget) is not run.
 FRAME_METHODS = ("random", "uniform", "visionzip", "divprune")
-# Methods inside the language model (a clip is one sequence to them), and the video method.
+# Methods inside the language model (a clip is one sequence to them), the tower stages (one budget
+# per clip, split over its tubelets), and the video method. An entry may carry options after a colon
+# (``temporal:min_per_frame=1``): they follow ``keep`` in the plan.
 CLIP_METHODS = ("fastv", "dart", "temporal")
+
+
+def clip_plan(method: str, keep: float) -> str:
+    """The plan of a clip-only method entry at ``keep``.
+
+    Example:
+        >>> clip_plan("fastv", 0.25), clip_plan("temporal:min_per_frame=1", 0.11)
+        ('fastv:keep=0.25', 'temporal:keep=0.11,min_per_frame=1')
+    """
+    name, _, opts = method.partition(":")
+    return f"{name}:keep={keep:g}" + (f",{opts}" if opts else "")
 
 
 def video_plans(frame_methods, clip_methods, keeps) -> list[str]:
@@ -62,7 +75,7 @@ def video_plans(frame_methods, clip_methods, keeps) -> list[str]:
     for k in keeps:
         for m in frame_methods:
             out += [f"{m}:keep={k:g},video_budget=frame", f"{m}:keep={k:g},video_budget=clip"]
-        out += [f"{m}:keep={k:g}" for m in clip_methods]
+        out += [clip_plan(m, k) for m in clip_methods]
     return out
 
 
@@ -135,7 +148,7 @@ def video_table(results: dict, frame_methods, clip_methods, keeps) -> str:
     for m in clip_methods:
         cells = []
         for k in keeps:
-            cells += ["-", _cell(results, f"{m}:keep={k:g}", base)]
+            cells += ["-", _cell(results, clip_plan(m, k), base)]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -203,7 +216,9 @@ def readme_text(results: dict, meta: dict, out: str, frame_methods, clip_methods
         'keep (`vtprune.stats(model).keep_ratio`, mean over batches). *per frame*: `video_budget="frame"`,\n'
         'each tubelet keeps the same share; *per clip*: `video_budget="clip"`, one budget over the clip.\n'
         "`fastv` and `dart` prune inside the language model, where the clip is one sequence (clip budget\n"
-        "only); `temporal` is the video method (EVS rule). Image methods run: "
+        "only); `flowcut` and `zerotprune` prune inside the vision tower (one budget per clip, split over\n"
+        "its tubelets); `temporal` is the video method (EVS rule), `min_per_frame=1` our floor that gives\n"
+        "every frame its fair share first. Image methods run: "
         + ", ".join(f"`{m}`" for m in frame_methods)
         + " (a subset that fits the CPU time of this benchmark).\n\n"
         + video_table(results, frame_methods, clip_methods, keeps)
