@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -148,3 +150,38 @@ def eager_clip_layer(layer, h: torch.Tensor):
     h = h + attn.out_proj(out)
     h = h + layer.mlp(layer.layer_norm2(h))
     return h, q, k, v, weights
+
+
+def attention_input(model, kw: dict, attn) -> dict:
+    """What the attention module ``attn`` receives in an unpruned run of ``model`` on ``kw``:
+    ``x`` (its hidden states), ``rope`` (rotary tables) and ``cu`` (``cu_seqlens``, or None)."""
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+        seen["cu"] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
+        seen["rope"] = kwargs["position_embeddings"]
+
+    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**kw)
+    finally:
+        handle.remove()
+    return seen
+
+
+def qwen_tower_qk(attn, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys ``[n, heads, d]`` of a Qwen vision block's attention, rotary applied as
+    the block does."""
+    n = x.shape[0]
+    with torch.no_grad():
+        q, k, _ = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        return sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, *rope)
+
+
+def unpermute(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Rows of ``t`` (row ``i`` belongs at ``perm[i]``) back in their original order."""
+    out = torch.empty_like(t)
+    out[perm] = t
+    return out

@@ -10,12 +10,11 @@ keeps ``round(keep * tokens)`` split over its tubelets by their groups (``QwenTo
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import tiny
 import torch
-from helpers import greedy, row_alone, uncached_greedy
+from helpers import attention_input, greedy, qwen_tower_qk, row_alone, uncached_greedy, unpermute
 from test_zerotprune import loop_pagerank, loop_two_stages
 from transformers.vision_utils import get_vision_window_index
 
@@ -207,34 +206,13 @@ def last_block_maps(family: str, model, kw) -> list[tuple[torch.Tensor, torch.Te
     """Per tubelet, ``(head-mean attention [n, n], head-mean keys [n, d])`` of the last block over
     all the tubelet's patches in token order (an unpruned run, full eager map): the tower attends
     per tubelet, so this is the graph the tubelet's tokens live in, as an image's is its own."""
-    visual = model.model.visual
-    attn = visual.blocks[-1].attn
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["x"] = args[0] if args else kwargs["hidden_states"]
-        seen["rope"] = kwargs["position_embeddings"]
-
-    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**kw)  # unpruned: no plan on the model
-    finally:
-        handle.remove()
+    attn = model.model.visual.blocks[-1].attn
+    seen = attention_input(model, kw, attn)  # unpruned: no plan on the model
     x, rope = seen["x"], seen["rope"]
     if family == "qwen2_5_vl":  # back from the tower's window order to token order
         perm = window_to_token(model, kw)
-
-        def to_tokens(t):
-            out = torch.empty_like(t)
-            out[perm] = t
-            return out
-
-        x, rope = to_tokens(x), tuple(to_tokens(r) for r in rope)
-    n = x.shape[0]
-    with torch.no_grad():
-        q, k, _ = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, *rope)
+        x, rope = unpermute(x, perm), tuple(unpermute(r, perm) for r in rope)
+    q, k = qwen_tower_qk(attn, x, rope)
     t, h, w = kw["video_grid_thw"][0].tolist()
     out = []
     for a in range(0, t * h * w, h * w):

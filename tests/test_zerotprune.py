@@ -4,12 +4,11 @@ shared tables on both families tower stages run on, accounting and refusals."""
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import tiny
 import torch
-from helpers import eager_clip_layer, image_runs, shared_tables
+from helpers import attention_input, eager_clip_layer, image_runs, qwen_tower_qk, shared_tables
 
 import vtprune
 from vtprune.flops import count_flops, tower_linear_flops
@@ -52,6 +51,20 @@ def step_target(n: int, target: int, step: int, steps: int) -> int:
     if step == steps:
         return target
     return max(target, min(n, math.floor(n * (target / n) ** (step / steps) + 0.5)))
+
+
+def loop_crop_step(scores, keys, kept, shown, n0: int, target: int, step: int, steps: int) -> list[int]:
+    """One pruning step on a crop whose patches the language model does not all show (LLaVA-NeXT's
+    unpadding, LLaVA-OneVision's resampling): the picks among the ``shown`` patches only (``scores``
+    and ``keys`` per slot of ``kept``); the others stay while the crop drops none of its shown
+    ones. The slots kept, sorted."""
+    cand = [i for i, p in enumerate(kept) if shown[p]]
+    count = 0 if n0 == 0 else min(len(cand), step_target(n0, target, step, steps))
+    picked = loop_two_stages([scores[i] for i in cand], [keys[i] for i in cand], count, 0.5)
+    chosen = [cand[i] for i in picked]
+    if count >= len(cand):
+        chosen += [i for i, p in enumerate(kept) if not shown[p]]
+    return sorted(chosen)
 
 
 def clip_reference(model, pixels, target, layers, iterations=30, similarity=0.5) -> list[int]:
@@ -212,26 +225,10 @@ def test_counted_tower_flops_fall_by_the_tokens_removed(shaped):
 def qwen_last_block_maps(model, kw) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per image, ``(head-mean attention [n, n], head-mean keys [n, d])`` of the tower's last
     block, from that block's own input in an unpruned run, with the full eager map."""
-    visual = model.model.visual
-    attn = visual.blocks[-1].attn
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["x"] = args[0] if args else kwargs["hidden_states"]
-        seen["cu"] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-        seen["rope"] = kwargs["position_embeddings"]
-
-    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**kw)  # unpruned: no plan on the model
-    finally:
-        handle.remove()
-    x, bounds = seen["x"], seen["cu"].tolist()
-    n = x.shape[0]
-    with torch.no_grad():
-        q, k, _ = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, *seen["rope"])
+    attn = model.model.visual.blocks[-1].attn
+    seen = attention_input(model, kw, attn)  # unpruned: no plan on the model
+    bounds = seen["cu"].tolist()
+    q, k = qwen_tower_qk(attn, seen["x"], seen["rope"])
     out = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         qi, ki = q[a:b].transpose(0, 1).float(), k[a:b].transpose(0, 1).float()  # [H, n, d]

@@ -10,7 +10,7 @@ import pytest
 import tiny
 import torch
 from helpers import eager_clip_layer, image_runs, shared_tables
-from test_zerotprune import loop_pagerank, loop_two_stages, step_target
+from test_zerotprune import loop_crop_step, loop_pagerank
 
 import vtprune
 from vtprune.integrations.llava_next import LlavaNextAdapter
@@ -50,13 +50,7 @@ def crop_reference(model, pixels, target: int, shown: torch.Tensor, layers: list
             continue
         scores = loop_pagerank(weights[0].mean(0), 30)[1:]
         keys = k[0].mean(0)[1:].tolist()
-        cand = [i for i, p in enumerate(kept) if shown[p]]
-        count = 0 if n0 == 0 else min(len(cand), step_target(n0, target, layers.index(idx) + 1, len(layers)))
-        picked = loop_two_stages([scores[i] for i in cand], [keys[i] for i in cand], count, 0.5)
-        chosen = [cand[i] for i in picked]
-        if count >= len(cand):
-            chosen += [i for i, p in enumerate(kept) if not shown[p]]
-        chosen = sorted(chosen)
+        chosen = loop_crop_step(scores, keys, kept, shown, n0, target, layers.index(idx) + 1, len(layers))
         h = torch.cat([h[:, :1], h[:, 1:][:, chosen]], dim=1)
         kept = [kept[i] for i in chosen]
     return kept

@@ -10,7 +10,7 @@ import tiny
 import torch
 from helpers import eager_clip_layer, image_runs, shared_tables
 from test_flowcut_onevision import plan_targets
-from test_zerotprune import loop_pagerank, loop_two_stages, step_target
+from test_zerotprune import loop_crop_step, loop_pagerank
 from transformers import LlavaOnevisionForConditionalGeneration
 
 import vtprune
@@ -44,13 +44,7 @@ def crop_reference(model, pixels, target: int, shown: torch.Tensor, layers: list
             continue
         scores = loop_pagerank(weights[0].mean(0), 30)
         keys = k[0].mean(0).tolist()
-        cand = [i for i, p in enumerate(kept) if shown[p]]
-        count = 0 if n0 == 0 else min(len(cand), step_target(n0, target, layers.index(idx) + 1, len(layers)))
-        picked = loop_two_stages([scores[i] for i in cand], [keys[i] for i in cand], count, 0.5)
-        chosen = [cand[i] for i in picked]
-        if count >= len(cand):
-            chosen += [i for i, p in enumerate(kept) if not shown[p]]
-        chosen = sorted(chosen)
+        chosen = loop_crop_step(scores, keys, kept, shown, n0, target, layers.index(idx) + 1, len(layers))
         h = h[:, chosen]
         kept = [kept[i] for i in chosen]
     return kept
@@ -181,20 +175,12 @@ def test_several_feature_layers_are_refused_clearly():
 
 
 # -- the shared equivalence tables ---------------------------------------------------------------
-@pytest.fixture
-def warm_model():
-    model = tiny.llava_onevision()
-    with torch.no_grad():  # HF adds its output-capturing hooks at the first call: not ours to count
-        model(**tiny.inputs("llava_onevision", model, [1]))
-    return model
-
-
 (
     test_nothing_to_drop_equals_unpruned,
     test_remove_restores_the_model,
     test_cached_generate_equals_uncached,
     test_padded_batch_equals_rows_alone,
-) = shared_tables("zerotprune", {"llava_onevision": "warm_model"}, plan=dict(keep=0.3))
+) = shared_tables("zerotprune", {"llava_onevision": "warm_onevision"}, plan=dict(keep=0.3))
 
 
 def test_nothing_to_drop_equals_unpruned_on_video(ov_model):

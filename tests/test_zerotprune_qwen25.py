@@ -5,12 +5,11 @@ token order; whole merge groups, keep within 2%, the shared tables."""
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import tiny
 import torch
-from helpers import shared_tables
+from helpers import attention_input, qwen_tower_qk, shared_tables, unpermute
 from test_zerotprune import loop_pagerank, loop_two_stages, picks
 
 import vtprune
@@ -37,38 +36,21 @@ def token_order_maps(model, kw, layer: int) -> list[tuple[torch.Tensor, torch.Te
     and rotary tables are put back from the tower's window order first."""
     visual = model.model.visual
     attn = visual.blocks[layer].attn
-    seen = {}
+    order = {}
     permute = visual.permute_input_for_window_attn
 
     def record(tensor, window_index, seq_len):
-        seen.setdefault("window_index", window_index)
+        order.setdefault("window_index", window_index)
         return permute(tensor, window_index, seq_len=seq_len)
 
-    def grab(module, args, kwargs):
-        seen["x"] = args[0] if args else kwargs["hidden_states"]
-        seen["rope"] = kwargs["position_embeddings"]
-
     visual.permute_input_for_window_attn = record
-    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        with torch.no_grad():
-            model(**kw)  # unpruned: no plan on the model
+        seen = attention_input(model, kw, attn)  # unpruned: no plan on the model
     finally:
-        handle.remove()
         del visual.permute_input_for_window_attn
-    x = seen["x"]
-    n = x.shape[0]
-    perm = (seen["window_index"][:, None] * 4 + torch.arange(4)).flatten()  # window slot -> token patch
-
-    def to_tokens(t):
-        out = torch.empty_like(t)
-        out[perm] = t
-        return out
-
-    x, rope = to_tokens(x), tuple(to_tokens(t) for t in seen["rope"])
-    with torch.no_grad():
-        q, k, _ = attn.qkv(x).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, *rope)
+    perm = (order["window_index"][:, None] * 4 + torch.arange(4)).flatten()  # window slot -> token patch
+    rope = tuple(unpermute(t, perm) for t in seen["rope"])
+    q, k = qwen_tower_qk(attn, unpermute(seen["x"], perm), rope)
     bounds = [0] + torch.tensor([h * w for h, w in SIZES]).cumsum(0).tolist()  # patches per image
     out = []
     for a, b in zip(bounds[:-1], bounds[1:]):
