@@ -152,23 +152,31 @@ def eager_clip_layer(layer, h: torch.Tensor):
     return h, q, k, v, weights
 
 
-def attention_input(model, kw: dict, attn) -> dict:
-    """What the attention module ``attn`` receives in an unpruned run of ``model`` on ``kw``:
-    ``x`` (its hidden states), ``rope`` (rotary tables) and ``cu`` (``cu_seqlens``, or None)."""
+def module_inputs(model, kw: dict, module) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` that ``module`` receives (its last call) in a run of ``model`` on ``kw``."""
     seen = {}
 
-    def grab(module, args, kwargs):
-        seen["x"] = args[0] if args else kwargs["hidden_states"]
-        seen["cu"] = kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None)
-        seen["rope"] = kwargs["position_embeddings"]
+    def grab(mod, args, kwargs):
+        seen["call"] = (args, kwargs)
 
-    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
             model(**kw)
     finally:
         handle.remove()
-    return seen
+    return seen["call"]
+
+
+def attention_input(model, kw: dict, attn) -> dict:
+    """What the attention module ``attn`` receives in a run of ``model`` on ``kw``: ``x`` (its
+    hidden states), ``rope`` (rotary tables) and ``cu`` (``cu_seqlens``, or None)."""
+    args, kwargs = module_inputs(model, kw, attn)
+    return {
+        "x": args[0] if args else kwargs["hidden_states"],
+        "cu": kwargs.get("cu_seqlens", args[1] if len(args) > 1 else None),
+        "rope": kwargs["position_embeddings"],
+    }
 
 
 def qwen_tower_qk(attn, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:

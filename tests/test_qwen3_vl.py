@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
+from helpers import module_inputs
 
 import vtprune
 
@@ -22,18 +23,7 @@ def model():
 
 def _lm_inputs(model, kw) -> dict:
     """The keyword arguments the multimodal model hands its language model (unpruned forward)."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.update(kwargs)
-
-    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**kw)
-    finally:
-        handle.remove()
-    return seen
+    return module_inputs(model, kw, model.model.language_model)[1]
 
 
 def _kept(model, kw, method, **opts):
