@@ -258,6 +258,7 @@ def time_plans(
     run=None,
     done=None,
     on_repeat=None,
+    timed: bool = False,
 ) -> dict:
     """Prefill time of each plan (``"baseline"`` among them) on inputs ``kw``: warmed up, interleaved, paired.
 
@@ -268,7 +269,8 @@ def time_plans(
     (``measured_speedup``) is the median of these paired ratios over the repeats; ``median_s``
     is the plain median of the plan's own times. ``warmup`` untimed runs of each plan come first.
     ``run(model, kw)`` is what is timed: the prefill by default (the tower benchmark times the
-    image encoder alone). ``done = (lists, n)`` continues a checkpoint: ``lists`` holds each
+    image encoder alone); with ``timed``, ``run`` returns the seconds to record itself (the
+    prefixkv benchmark times the decode steps of a ``generate``, not its prefill). ``done = (lists, n)`` continues a checkpoint: ``lists`` holds each
     plan's ``times`` / ``overheads`` / ``paired_speedups`` after ``n`` repeats, and only the
     remaining ``repeats - n`` are timed; ``on_repeat(lists, n)`` is called after every repeat.
     """
@@ -289,11 +291,11 @@ def time_plans(
         for _ in range(warmup):
             run(model, kw)
     for n in tqdm(range(first, repeats), desc=f"batch {kw['input_ids'].shape[0]}", leave=False):
-        before = _time_plan(model, kw, "baseline", results, run)
+        before = _time_plan(model, kw, "baseline", results, run, timed)
         for start in range(0, len(others), baseline_every):
             chunk = others[start : start + baseline_every]
-            times = {p: _time_plan(model, kw, p, results, run) for p in chunk}
-            after = _time_plan(model, kw, "baseline", results, run)
+            times = {p: _time_plan(model, kw, p, results, run, timed) for p in chunk}
+            after = _time_plan(model, kw, "baseline", results, run, timed)
             for p, t in times.items():
                 results[p]["paired_speedups"].append((before + after) / 2 / t)
             before = after
@@ -313,13 +315,13 @@ def _apply(model, plan: str) -> None:
     apply_plan(model, plan, timing=True)
 
 
-def _time_plan(model, kw, plan: str, results: dict, run=None) -> float:
-    """Apply ``plan``, time one ``run`` (a prefill by default), and record its time (and the method
-    overhead, which only a prefill records)."""
+def _time_plan(model, kw, plan: str, results: dict, run=None, timed: bool = False) -> float:
+    """Apply ``plan``, time one ``run`` (a prefill by default; ``timed``: the seconds it returns),
+    and record its time (and the method overhead, which only a prefill records)."""
     _apply(model, plan)
     t0 = time.perf_counter()
-    (run or _prefill)(model, kw)
-    elapsed = time.perf_counter() - t0
+    out = (run or _prefill)(model, kw)
+    elapsed = float(out) if timed else time.perf_counter() - t0
     results[plan]["times"].append(elapsed)
     st = vtprune.stats(model) if plan != "baseline" else None
     if st is not None and st.overhead_s is not None:
