@@ -270,9 +270,10 @@ def time_plans(
     is the plain median of the plan's own times. ``warmup`` untimed runs of each plan come first.
     ``run(model, kw)`` is what is timed: the prefill by default (the tower benchmark times the
     image encoder alone); with ``timed``, ``run`` returns the seconds to record itself (the
-    prefixkv benchmark times the decode steps of a ``generate``, not its prefill). ``done = (lists, n)`` continues a checkpoint: ``lists`` holds each
-    plan's ``times`` / ``overheads`` / ``paired_speedups`` after ``n`` repeats, and only the
-    remaining ``repeats - n`` are timed; ``on_repeat(lists, n)`` is called after every repeat.
+    prefixkv benchmark times the decode steps of a ``generate``, not its prefill).
+    ``done = (lists, n)`` continues a checkpoint: ``lists`` holds each plan's ``times`` /
+    ``overheads`` / ``paired_speedups`` after ``n`` repeats, and only the remaining
+    ``repeats - n`` are timed; ``on_repeat(lists, n)`` is called after every repeat.
     """
     run = run or _prefill
     if "baseline" not in plans:
