@@ -7,15 +7,21 @@ of the repeats is reported with the thread settings, because CPU timings on smal
 only meaningful that way (see EVAL.md).
 
 Run: ``python -m vtprune.eval.speed.bench_prefill --out results/prefill`` (``--quick`` for a smoke run).
+With ``--out``, the FLOPs counts and every finished repeat are saved to
+``<out>/prefill_bench.partial.json`` as the run goes; ``--resume`` continues from that file (same
+settings, warm-up again, the remaining repeats only), so a long run killed midway loses at most
+the repeat in progress. The file is removed once the table is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -33,12 +39,13 @@ DEFAULT_PLANS = [
 ]
 
 
-def build_model(width: int, layers: int, seed: int = 0):
-    """LLaVA-1.5 token geometry at a reduced width (random weights)."""
+def build_model(width: int, layers: int, seed: int = 0, tower_layers: int = 2):
+    """LLaVA-1.5 token geometry at a reduced width (random weights), with a ``tower_layers``-deep
+    width-64 CLIP tower (see :func:`~vtprune.eval.speed.shapes.llava_config`)."""
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(llava_config(width, layers)).eval()
+    model = LlavaForConditionalGeneration(llava_config(width, layers, tower_layers=tower_layers)).eval()
     model.set_attn_implementation("sdpa")
     return model
 
@@ -179,8 +186,39 @@ def _prefill(model, kw):
         return model(**kw, logits_to_keep=1, use_cache=True)
 
 
-def measure(model, kw, plans: list[str], repeats: int, warmup: int, baseline_every: int = 4) -> dict:
-    """Interleaved, paired timing of every plan (:func:`time_plans`); FLOPs and token counts of each."""
+def measure(
+    model, kw, plans: list[str], repeats: int, warmup: int, baseline_every: int = 4, saved=None, save=None
+) -> dict:
+    """Interleaved, paired timing of every plan (:func:`time_plans`); FLOPs and token counts of each.
+
+    ``saved`` is this batch's checkpoint (a dict, filled in as the run goes: ``"counts"`` once the
+    FLOPs are counted, ``"timing"`` after each repeat) and ``save()`` writes it out; a ``saved``
+    that already holds counts and repeats (from ``--resume``) is continued, not redone.
+    """
+    saved = {} if saved is None else saved
+    save = save or (lambda: None)
+    counts = saved.get("counts") or _count(model, kw, plans)
+    saved["counts"] = counts
+    save()
+
+    def on_repeat(timing: dict, done: int) -> None:
+        saved["timing"] = {"repeats_done": done, "results": timing}
+        save()
+
+    timing = saved.get("timing")
+    done = (timing["results"], timing["repeats_done"]) if timing else None
+    results = time_plans(model, kw, plans, repeats, warmup, baseline_every, done=done, on_repeat=on_repeat)
+    base_f = counts["baseline"]["counted_flops"] + counts["baseline"]["attention_flops"]
+    for p in plans:
+        r = results[p]
+        r.update(counts[p])
+        r["flops_speedup"] = base_f / (r["counted_flops"] + r["attention_flops"])
+        r["share_of_allowed"] = r["measured_speedup"] / r["flops_speedup"]
+    return results
+
+
+def _count(model, kw, plans: list[str]) -> dict:
+    """Counted matmul FLOPs, causal attention FLOPs by formula and visual tokens per layer of each plan."""
     counts = {}
     n_visual = _visual_tokens(model, kw)
     for p in plans:
@@ -199,14 +237,7 @@ def measure(model, kw, plans: list[str], repeats: int, warmup: int, baseline_eve
             attention_flops=attn * kw["input_ids"].shape[0],
             visual_tokens_per_layer=per_layer,
         )
-    results = time_plans(model, kw, plans, repeats, warmup, baseline_every)
-    base_f = counts["baseline"]["counted_flops"] + counts["baseline"]["attention_flops"]
-    for p in plans:
-        r = results[p]
-        r.update(counts[p])
-        r["flops_speedup"] = base_f / (r["counted_flops"] + r["attention_flops"])
-        r["share_of_allowed"] = r["measured_speedup"] / r["flops_speedup"]
-    return results
+    return counts
 
 
 def _visual_tokens(model, kw) -> int:
@@ -218,7 +249,16 @@ def _visual_tokens(model, kw) -> int:
 
 
 def time_plans(
-    model, kw, plans: list[str], repeats: int, warmup: int, baseline_every: int = 4, run=None
+    model,
+    kw,
+    plans: list[str],
+    repeats: int,
+    warmup: int,
+    baseline_every: int = 4,
+    run=None,
+    done=None,
+    on_repeat=None,
+    timed: bool = False,
 ) -> dict:
     """Prefill time of each plan (``"baseline"`` among them) on inputs ``kw``: warmed up, interleaved, paired.
 
@@ -229,26 +269,39 @@ def time_plans(
     (``measured_speedup``) is the median of these paired ratios over the repeats; ``median_s``
     is the plain median of the plan's own times. ``warmup`` untimed runs of each plan come first.
     ``run(model, kw)`` is what is timed: the prefill by default (the tower benchmark times the
-    image encoder alone).
+    image encoder alone); with ``timed``, ``run`` returns the seconds to record itself (the
+    prefixkv benchmark times the decode steps of a ``generate``, not its prefill).
+    ``done = (lists, n)`` continues a checkpoint: ``lists`` holds each plan's ``times`` /
+    ``overheads`` / ``paired_speedups`` after ``n`` repeats, and only the remaining
+    ``repeats - n`` are timed; ``on_repeat(lists, n)`` is called after every repeat.
     """
     run = run or _prefill
     if "baseline" not in plans:
         raise ValueError(f"time_plans needs 'baseline' among the plans to pair with, got {plans}")
-    results = {p: {"times": [], "overheads": [], "paired_speedups": []} for p in plans}
+    keys = ("times", "overheads", "paired_speedups")
+    results = {p: {k: [] for k in keys} for p in plans}
+    first = 0
+    if done is not None:
+        lists, first = done
+        if set(lists) != set(plans):
+            raise ValueError(f"the checkpoint times plans {sorted(lists)}, this run {sorted(plans)}")
+        results = {p: {k: list(lists[p][k]) for k in keys} for p in plans}
     others = [p for p in plans if p != "baseline"]
-    for p in plans:
+    for p in plans if first < repeats else []:
         _apply(model, p)
         for _ in range(warmup):
             run(model, kw)
-    for _ in tqdm(range(repeats), desc=f"batch {kw['input_ids'].shape[0]}", leave=False):
-        before = _time_plan(model, kw, "baseline", results, run)
+    for n in tqdm(range(first, repeats), desc=f"batch {kw['input_ids'].shape[0]}", leave=False):
+        before = _time_plan(model, kw, "baseline", results, run, timed)
         for start in range(0, len(others), baseline_every):
             chunk = others[start : start + baseline_every]
-            times = {p: _time_plan(model, kw, p, results, run) for p in chunk}
-            after = _time_plan(model, kw, "baseline", results, run)
+            times = {p: _time_plan(model, kw, p, results, run, timed) for p in chunk}
+            after = _time_plan(model, kw, "baseline", results, run, timed)
             for p, t in times.items():
                 results[p]["paired_speedups"].append((before + after) / 2 / t)
             before = after
+        if on_repeat is not None:
+            on_repeat({p: {k: list(results[p][k]) for k in keys} for p in plans}, n + 1)
     vtprune.remove(model)
     for p in plans:
         r = results[p]
@@ -263,13 +316,13 @@ def _apply(model, plan: str) -> None:
     apply_plan(model, plan, timing=True)
 
 
-def _time_plan(model, kw, plan: str, results: dict, run=None) -> float:
-    """Apply ``plan``, time one ``run`` (a prefill by default), and record its time (and the method
-    overhead, which only a prefill records)."""
+def _time_plan(model, kw, plan: str, results: dict, run=None, timed: bool = False) -> float:
+    """Apply ``plan``, time one ``run`` (a prefill by default; ``timed``: the seconds it returns),
+    and record its time (and the method overhead, which only a prefill records)."""
     _apply(model, plan)
     t0 = time.perf_counter()
-    (run or _prefill)(model, kw)
-    elapsed = time.perf_counter() - t0
+    out = (run or _prefill)(model, kw)
+    elapsed = float(out) if timed else time.perf_counter() - t0
     results[plan]["times"].append(elapsed)
     st = vtprune.stats(model) if plan != "baseline" else None
     if st is not None and st.overhead_s is not None:
@@ -282,6 +335,7 @@ def markdown(report: dict) -> str:
         _qwen_model_line(report)
         if report.get("arch") == "qwen2_5_vl"
         else f"Model: LLaVA-1.5 geometry (576 visual tokens, {report['layers']} layers), width {report['width']}, "
+        + _tower_note(report)
     )
     lines = [
         f"# Prefill benchmark ({report['machine']})",
@@ -320,6 +374,12 @@ def markdown(report: dict) -> str:
             "which the counter measures.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def _tower_note(report: dict) -> str:
+    """The tower depth, named only when it is not the default 2 (older tables did not record it)."""
+    depth = report.get("tower_layers", 2)
+    return "" if depth == 2 else f"a {depth}-layer width-64 CLIP tower, "
 
 
 def _qwen_model_line(report: dict) -> str:
@@ -381,12 +441,28 @@ def main(argv=None) -> dict:
         "--media", choices=("image", "video"), default="image", help="qwen2_5_vl only: one image or one clip"
     )
     ap.add_argument("--frames", type=int, default=16, help="qwen2_5_vl video: frames in the clip (even)")
+    ap.add_argument(
+        "--tower-layers",
+        type=int,
+        default=2,
+        help="llava: depth of the width-64 CLIP tower (default 2; 24 = CLIP-L's depth, for methods "
+        "that read two tower layers such as vscan)",
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from <out>/prefill_bench.partial.json (written as a run goes)",
+    )
     args = ap.parse_args(argv)
-    for name in ("repeats", "baseline_every"):
+    for name in ("repeats", "baseline_every", "tower_layers"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.arch == "llava" and (args.media != "image" or "--frames" in (argv or [])):
         ap.error(f"--media {args.media} / --frames need --arch qwen2_5_vl (the LLaVA model takes one image)")
+    if args.arch != "llava" and args.tower_layers != 2:
+        ap.error(f"--tower-layers {args.tower_layers} needs --arch llava (the Qwen2.5-VL tower is fixed)")
+    if args.resume and not args.out:
+        ap.error("--resume needs --out (the checkpoint is <out>/prefill_bench.partial.json)")
     if args.frames < QWEN_TUBELET or args.frames % QWEN_TUBELET:
         ap.error(
             f"--frames must be a positive multiple of {QWEN_TUBELET} (2-frame tubelets), got {args.frames}"
@@ -402,7 +478,7 @@ def main(argv=None) -> dict:
         def inputs(b):
             return build_qwen_inputs(b, args.media, args.frames)
     else:
-        model = build_model(args.width, args.layers)
+        model = build_model(args.width, args.layers, tower_layers=args.tower_layers)
         inputs = build_inputs
     report = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
@@ -415,6 +491,8 @@ def main(argv=None) -> dict:
         "baseline_every": args.baseline_every,
         "results": {},
     }
+    if args.arch == "llava":
+        report["tower_layers"] = args.tower_layers
     if args.arch == "qwen2_5_vl":
         t = model.config.text_config
         report.update(
@@ -429,9 +507,17 @@ def main(argv=None) -> dict:
             ),
         )
     batches = [int(x) for x in args.batches.split(",")]
+    checkpoint = Checkpoint(args.out, _settings(report, plans, batches), args.resume)
     for b in batches:
         report["results"][b] = measure(
-            model, inputs(b), plans, args.repeats, args.warmup, args.baseline_every
+            model,
+            inputs(b),
+            plans,
+            args.repeats,
+            args.warmup,
+            args.baseline_every,
+            saved=checkpoint.batch(b),
+            save=checkpoint.save,
         )
     if args.arch == "qwen2_5_vl":
         report["tower_s"] = _time_tower(model, inputs(min(batches)), args.repeats)
@@ -441,7 +527,68 @@ def main(argv=None) -> dict:
             r["paired_speedups"] = [round(x, 4) for x in r["paired_speedups"]]
     md = markdown(report)
     publish_benchmark(report, md, args.out, "prefill_bench")
+    checkpoint.finish()
     return report
+
+
+def _settings(report: dict, plans: list[str], batches: list[int]) -> dict:
+    """What a checkpoint must share with the run that resumes it (everything but ``repeats``)."""
+    same = ("width", "layers", "warmup", "baseline_every", "arch", "media", "frames", "tower_layers")
+    return {"plans": plans, "batches": batches, **{k: report[k] for k in same if k in report}}
+
+
+class Checkpoint:
+    """``<out>/prefill_bench.partial.json``: the FLOPs counts and finished repeats of each batch.
+
+    Written after every repeat (to a temporary file, then renamed, so a kill mid-write leaves the
+    previous one); ``resume`` reads it back and refuses one written with other settings. Without
+    ``out`` nothing is written.
+
+    Example:
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> c = Checkpoint(d, {"width": 64}, resume=False)
+        >>> c.batch(4)["counts"] = {"baseline": {}}
+        >>> c.save()
+        >>> sorted(Checkpoint(d, {"width": 64}, resume=True).batch(4))
+        ['counts']
+        >>> Checkpoint(d, {"width": 128}, resume=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: --resume: the checkpoint ... was written with width=64, this run has width=128
+    """
+
+    def __init__(self, out, settings: dict, resume: bool):
+        self.path = Path(out) / "prefill_bench.partial.json" if out else None
+        self.state = {"settings": settings, "batches": {}}
+        if resume:
+            if not self.path.exists():
+                raise ValueError(f"--resume: no checkpoint at {self.path}")
+            saved = json.loads(self.path.read_text())
+            for k in sorted(set(settings) | set(saved["settings"])):
+                old, new = saved["settings"].get(k), settings.get(k)
+                if old != new:
+                    raise ValueError(
+                        f"--resume: the checkpoint {self.path} was written with {k}={old}, this run has {k}={new}"
+                    )
+            self.state = saved
+
+    def batch(self, b: int) -> dict:
+        """This batch's slot (JSON keys are strings, hence ``str(b)``)."""
+        return self.state["batches"].setdefault(str(b), {})
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state))
+        tmp.replace(self.path)
+
+    def finish(self) -> None:
+        """The table is written: the checkpoint is no longer needed."""
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
 
 
 if __name__ == "__main__":

@@ -1,18 +1,25 @@
-"""Tower benchmark: vision-tower time and FLOPs under a tower stage (flowcut) at keep 50/25/11%.
+"""Tower benchmark: vision-tower time and FLOPs under the tower stages (flowcut, zerotprune) at
+keep 50/25/11%.
 
-Two tower shapes, random weights, at a reduced width so one run fits a small CPU:
+Tower shapes, random weights, at a reduced width so one run fits a small CPU:
 
-* ``llava_next``: LLaVA-NeXT's tower work, a CLIP-L/336 tower (24 layers, 577 tokens a crop,
-  features from layer -2) on the five 336 px crops of one 672x672 image. FlowCut does not run on
-  LLaVA-NeXT here yet, so this is the LLaVA-1.5 tower stage on a batch of five images, which is
-  exactly what LLaVA-NeXT's tower runs (each crop scheduled and kept on its own);
+* ``llava_next``: a ``LlavaNextForConditionalGeneration`` with a CLIP-L/336-shaped tower (24
+  layers, 577 tokens a crop, features from layer -2) and LLaVA-NeXT's grid pinpoints, on one
+  672x672 image: five 336 px crops (base and 2 x 2), run through the LLaVA-NeXT tower runner
+  (``vtprune.runtime.tower_next``: the image's budget split over its crops, survivors put back
+  on the crop grids before packing);
+* ``llava15_five_crops``: the rows measured before that runner existed: the same CLIP tower in a
+  LLaVA-1.5 model on a batch of five 336 px images (the LLaVA-1.5 tower stage, each crop its own
+  image and budget). Kept so the older tables (``results/tower``) stay reproducible;
 * ``qwen2_vl``: Qwen2-VL's tower (32 blocks, 14 px patches, 2x2 merge) on one 448x448 image
   (1024 patches, 256 tokens).
 
-What is timed is the image encoder alone (``get_image_features``: tower and projector / merger),
-with the paired-baseline method of :func:`vtprune.eval.speed.bench_prefill.time_plans`. The
+What is timed is the image encoder alone (``get_image_features``: tower and projector / merger,
+and LLaVA-NeXT's packing), with the paired-baseline method of
+:func:`vtprune.eval.speed.bench_prefill.time_plans`. The
 FLOPs-allowed speedup is (matmul FLOPs counted by ``FlopCounterMode`` + tower attention by
-formula on the tokens each layer ran on, as recorded by ``vtprune.stats``) unpruned / pruned.
+formula on the tokens each layer ran on, as recorded by ``vtprune.stats``, the crops taken as
+equal in size) unpruned / pruned.
 
 Random weights give a near-uniform CLS row (normalised entropy close to 1), on which FlowCut's
 schedule drops nothing until its last pruning layer; a trained tower's row is peaked. The query
@@ -20,6 +27,10 @@ and key weights are therefore scaled (``SHARPEN``: 16 on CLIP; 100 on Qwen2-VL, 
 row averages the random queries out; ``--sharpen`` sets both) so the schedule drops tokens
 progressively, as on a trained tower; timing does not depend on weight values, only the schedule
 does, and the tokens per layer are reported.
+
+Zero-TPrune's default layer is the one before the feature layer, so at its defaults it saves
+little tower compute (one CLIP layer, or the Qwen2-VL merger's input); ``--methods`` takes
+options per method (``zerotprune:layers=5+11+17``) to time earlier schedules.
 
 Run: ``python -m vtprune.eval.speed.bench_tower --out results/tower`` (``--quick`` for a smoke run).
 """
@@ -41,20 +52,16 @@ from vtprune.eval.speed.shapes import llava_config
 from vtprune.flops import count_flops, tower_attention_flops
 
 KEEPS = (0.5, 0.25, 0.11)
-SHARPEN = {"llava_next": 16.0, "qwen2_vl": 100.0}  # query/key weight scale per shape (see above)
+METHODS = ("flowcut", "zerotprune")
+# query/key weight scale per shape (see above)
+SHARPEN = {"llava_next": 16.0, "llava15_five_crops": 16.0, "qwen2_vl": 100.0}
 CROPS = 5  # LLaVA-NeXT at 672x672: the base image and 2 x 2 crops, 336 px each
 TEXT = 8  # text tokens beside the image in the one prefill that reads the tower's token counts
 
 
-def llava_next_tower_model(width: int, seed: int = 0, layers: int = 24, image_size: int = 336):
-    """A LLaVA model whose tower is CLIP-L/336's shape at ``width`` (heads of 64, MLP 4x), with a
-    one-layer width-64 decoder (only the tower and the projector are timed). ``layers`` and
-    ``image_size`` shrink it for tests."""
-    from transformers import LlavaForConditionalGeneration
-
-    torch.manual_seed(seed)
-    cfg = llava_config(64, 1, vocab=1000, image_token_id=999)
-    cfg.vision_config = CLIPVisionConfig(
+def clip_tower_config(width: int, layers: int = 24, image_size: int = 336) -> CLIPVisionConfig:
+    """CLIP-L/336's shape at ``width`` (heads of 64, MLP 4x, 14 px patches)."""
+    return CLIPVisionConfig(
         hidden_size=width,
         intermediate_size=4 * width,
         num_hidden_layers=layers,
@@ -62,9 +69,71 @@ def llava_next_tower_model(width: int, seed: int = 0, layers: int = 24, image_si
         image_size=image_size,
         patch_size=14,
     )
+
+
+def llava_next_tower_model(width: int, seed: int = 0, layers: int = 24, image_size: int = 336):
+    """A LLaVA (1.5) model whose tower is :func:`clip_tower_config`, with a one-layer width-64
+    decoder (only the tower and the projector are timed). ``layers`` and ``image_size`` shrink it
+    for tests. The ``llava15_five_crops`` shape."""
+    from transformers import LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = llava_config(64, 1, vocab=1000, image_token_id=999)
+    cfg.vision_config = clip_tower_config(width, layers, image_size)
     model = LlavaForConditionalGeneration(cfg).eval()
     model.set_attn_implementation("sdpa")
     return model
+
+
+def llava_next_model(width: int, seed: int = 0, layers: int = 24, image_size: int = 336):
+    """A ``LlavaNextForConditionalGeneration`` with the tower of :func:`clip_tower_config`,
+    LLaVA-NeXT's grid pinpoints (in units of ``image_size``: 1x2, 2x1, 2x2, 3x1, 1x3 crops),
+    features from layer -2 with the "default" strategy, and a one-layer width-64 decoder.
+
+    Example:
+        >>> m = llava_next_model(64, layers=2, image_size=56)
+        >>> type(m).__name__, m.config.image_grid_pinpoints[2]
+        ('LlavaNextForConditionalGeneration', [112, 112])
+    """
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    s = image_size
+    cfg = LlavaNextConfig(
+        vision_config=clip_tower_config(width, layers, image_size),
+        text_config=llava_config(64, 1, vocab=1000, image_token_id=999).text_config,
+        image_token_id=999,
+        image_grid_pinpoints=[[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]],
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def llava_next_inputs(model, seed: int = 0) -> dict:
+    """One ``2s x 2s`` image (``s`` the crop size): the base crop and 2 x 2 grid crops, nothing
+    cut by unpadding; its placeholders as the processor counts them (patches and row newlines).
+
+    Example:
+        >>> kw = llava_next_inputs(llava_next_model(64, layers=2, image_size=56))
+        >>> tuple(kw["pixel_values"].shape), int((kw["input_ids"] == 999).sum())  # 16 + 8 x 8 + 8
+        ((1, 5, 3, 56, 56), 88)
+    """
+    from vtprune.integrations.llava_next import LlavaNextAdapter
+
+    s = model.config.vision_config.image_size
+    gen = torch.Generator().manual_seed(seed)
+    n = LlavaNextAdapter(model)._spec([2 * s, 2 * s]).num_tokens
+    ids = torch.cat([torch.full((1, n), 999), torch.randint(3, 900, (1, TEXT), generator=gen)], 1)
+    pixels = torch.randn(1, CROPS, 3, s, s, generator=gen)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": pixels,
+        "image_sizes": torch.tensor([[2 * s, 2 * s]]),
+    }
 
 
 def qwen2_vl_tower_model(width: int, seed: int = 0, depth: int = 32):
@@ -137,15 +206,21 @@ def llava_inputs(seed: int = 0, image_size: int = 336) -> dict:
 
 
 def encode(model, kw):
-    """The image encoder alone: tower and projector (LLaVA) or merger (Qwen2-VL)."""
+    """The image encoder alone: tower and projector (LLaVA; LLaVA-NeXT with its packing) or
+    merger (Qwen2-VL)."""
     with torch.inference_mode():
         if "image_grid_thw" in kw:
             return model.model.get_image_features(kw["pixel_values"], image_grid_thw=kw["image_grid_thw"])
+        if "image_sizes" in kw:
+            return model.model.get_image_features(
+                pixel_values=kw["pixel_values"], image_sizes=kw["image_sizes"]
+            )
         return model.model.get_image_features(pixel_values=kw["pixel_values"])
 
 
 def tower_tokens(model, kw, plan: str, depth: int) -> list[float]:
-    """Tokens each tower layer ran on, summed over the crops (read from one prefill's stats)."""
+    """Tokens each tower layer ran on, summed over the crops (read from one prefill's stats:
+    per image, which on LLaVA-NeXT is already the sum over its crops)."""
     if plan == "baseline":
         if "image_grid_thw" in kw:
             return [float(kw["image_grid_thw"].prod())] * depth
@@ -156,6 +231,16 @@ def tower_tokens(model, kw, plan: str, depth: int) -> list[float]:
     per_image = vtprune.stats(model).tower_tokens_per_layer
     rows = kw["input_ids"].shape[0]
     return [n * rows for n in per_image]
+
+
+def plan_names(methods: list[str], keeps: list[float]) -> list[str]:
+    """``baseline``, then each keep's plan of every method (``method`` or ``method:options``).
+
+    Example:
+        >>> plan_names(["flowcut", "zerotprune:layers=5+11"], [0.5])
+        ['baseline', 'flowcut:keep=0.5', 'zerotprune:layers=5+11,keep=0.5']
+    """
+    return ["baseline"] + [f"{m}{',' if ':' in m else ':'}keep={k}" for k in keeps for m in methods]
 
 
 def measure(model, kw, plans: list[str], repeats: int, warmup: int, baseline_every: int) -> dict:
@@ -185,15 +270,23 @@ def measure(model, kw, plans: list[str], repeats: int, warmup: int, baseline_eve
 
 SHAPES = {
     "llava_next": (
+        llava_next_model,
+        llava_next_inputs,
+        "LLaVA-NeXT (`LlavaNextForConditionalGeneration`, grid pinpoints up to 2x2 crops): CLIP-L/336 "
+        "shape (24 layers, 577 tokens a crop, features from layer -2) on one 672x672 image, five 336 px "
+        "crops (base and 2 x 2) through the LLaVA-NeXT tower runner (the image's budget split over its "
+        "crops); timed: tower, projector and packing (unpadding, newlines)",
+    ),
+    "llava15_five_crops": (
         llava_next_tower_model,
-        lambda: llava_inputs(),
+        lambda model: llava_inputs(),
         "LLaVA-NeXT tower work: CLIP-L/336 shape (24 layers, 577 tokens a crop, features from layer -2) "
         "on the five 336 px crops of one 672x672 image, run as a batch of five images with the "
-        "LLaVA-1.5 tower stage (exactly the batch LLaVA-NeXT's tower runs; FlowCut's NeXT runner adds only the crop budgets)",
+        "LLaVA-1.5 tower stage (each crop its own image and budget; not the NeXT runner)",
     ),
     "qwen2_vl": (
         qwen2_vl_tower_model,
-        lambda: build_qwen_inputs(1, "image", text_tokens=TEXT + 7),
+        lambda model: build_qwen_inputs(1, "image", text_tokens=TEXT + 7),
         "Qwen2-VL tower shape (32 blocks, 14 px patches, 2x2 merge) on one 448x448 image "
         "(1024 patches, 256 tokens)",
     ),
@@ -204,7 +297,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Vision-tower benchmark ({report['machine']})",
         "",
-        f"Random weights, query/key weights scaled by {report['sharpen']}; threads={report['threads']}, "
+        f"Random weights, query/key weights scaled by {report['sharpen']}; plans: "
+        f"{', '.join(report.get('methods', ['flowcut']))} at keep {report.get('keeps', list(KEEPS))}; threads={report['threads']}, "
         f"OMP_WAIT_POLICY={report['omp_wait_policy']}; {report['repeats']} interleaved repeats after "
         f"{report['warmup']} warm-up runs; the baseline is re-timed around every {report['baseline_every']} plans. "
         "Timed: the image encoder alone (tower + projector / merger).",
@@ -238,8 +332,14 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="llava_next,qwen2_vl", help="comma-separated: llava_next, qwen2_vl")
-    ap.add_argument("--keeps", default=",".join(map(str, KEEPS)), help="flowcut keep fractions")
+    ap.add_argument("--shapes", default="llava_next,qwen2_vl", help=f"comma-separated: {', '.join(SHAPES)}")
+    ap.add_argument("--keeps", default=",".join(map(str, KEEPS)), help="keep fractions")
+    ap.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated tower-stage methods, each optionally with options "
+        "('zerotprune:layers=5+11+17'); every one runs at every keep",
+    )
     ap.add_argument("--llava-width", type=int, default=256, help="CLIP tower width (real: 1024)")
     ap.add_argument("--qwen-width", type=int, default=256, help="Qwen2-VL tower width (real: 1280)")
     ap.add_argument(
@@ -263,8 +363,16 @@ def main(argv=None) -> dict:
             ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.quick:
         args.llava_width, args.qwen_width, args.repeats, args.warmup = 64, 64, 2, 1
-    plans = ["baseline"] + [f"flowcut:keep={k}" for k in args.keeps.split(",") if k]
-    widths = {"llava_next": args.llava_width, "qwen2_vl": args.qwen_width}
+    keeps = [float(k) for k in args.keeps.split(",") if k]
+    methods = [m for m in args.methods.split(",") if m]
+    if not methods:
+        ap.error(f"--methods: at least one method is needed, got {args.methods!r}")
+    plans = plan_names(methods, keeps)
+    widths = {
+        "llava_next": args.llava_width,
+        "llava15_five_crops": args.llava_width,
+        "qwen2_vl": args.qwen_width,
+    }
     report = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
         "widths": {s: widths[s] for s in shapes},
@@ -274,6 +382,8 @@ def main(argv=None) -> dict:
         "repeats": args.repeats,
         "warmup": args.warmup,
         "baseline_every": args.baseline_every,
+        "methods": methods,
+        "keeps": keeps,
         "results": {},
     }
     for shape in shapes:
@@ -281,7 +391,7 @@ def main(argv=None) -> dict:
         model = build(widths[shape])
         sharpen(model, report["sharpen"][shape])
         report["results"][shape] = measure(
-            model, inputs(), plans, args.repeats, args.warmup, args.baseline_every
+            model, inputs(model), plans, args.repeats, args.warmup, args.baseline_every
         )
     publish_benchmark(report, markdown(report), args.out, "tower_bench")
     return report
