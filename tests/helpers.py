@@ -193,3 +193,19 @@ def unpermute(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(t)
     out[perm] = t
     return out
+
+
+def lm_view(model, kw: dict, plan, **options) -> tuple[dict, object]:
+    """The language model's inputs of a forward under ``plan`` (``embeds``: ``inputs_embeds``,
+    ``positions``: ``position_ids``; the hook runs after vtprune's, so it sees the compacted
+    input) and the run's stats."""
+    with vtprune.pruned(model, plan, **options):
+        kwargs = module_inputs(model, kw, model.model.language_model)[1]
+        return {"embeds": kwargs["inputs_embeds"], "positions": kwargs.get("position_ids")}, vtprune.stats(
+            model
+        )
+
+
+def unpruned_embeds(model, kw: dict) -> torch.Tensor:
+    """The language model's ``inputs_embeds`` in a forward with no plan."""
+    return module_inputs(model, kw, model.model.language_model)[1]["inputs_embeds"]

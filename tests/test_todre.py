@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import tiny
 import torch
-from helpers import image_runs
+from helpers import image_runs, lm_view, unpruned_embeds
 
 import vtprune
 from vtprune.methods.todre import ToDRE
@@ -24,40 +24,6 @@ def k_center(x: torch.Tensor, k: int, first: int) -> list[int]:
     return sorted(chosen[:k])
 
 
-def _lm_view(model, kw, **options):
-    """The language model's inputs (``inputs_embeds``, ``position_ids``) of a pruned forward (the
-    hook runs after vtprune's, so it sees the compacted input) and the run's stats."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("embeds", kwargs["inputs_embeds"])
-        seen.setdefault("positions", kwargs.get("position_ids"))
-
-    lm = model.model.language_model
-    with torch.no_grad(), vtprune.pruned(model, "todre", **options):
-        handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            model(**kw)
-        finally:
-            handle.remove()
-        return seen, vtprune.stats(model)
-
-
-def _unpruned_embeds(model, kw) -> torch.Tensor:
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["x"] = kwargs["inputs_embeds"]
-
-    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**kw)
-    finally:
-        handle.remove()
-    return seen["x"]
-
-
 def test_vision_stage_is_k_center_from_the_highest_cls_attention_token():
     """Stage 1 on LLaVA: the start is the patch with the largest CLS attention (summed over heads) at
     the feature layer of the tower's own eager attention; then plain k-center on the projector
@@ -67,13 +33,13 @@ def test_vision_stage_is_k_center_from_the_highest_cls_attention_token():
     with torch.no_grad():
         tower = model.model.vision_tower(kw["pixel_values"], output_attentions=True)
     cls = tower.attentions[-2][0, :, 0, 1:].sum(0)  # the feature layer (hidden_states[-2] is its output)
-    x = _unpruned_embeds(model, kw)
+    x = unpruned_embeds(model, kw)
     ((row, pos),) = image_runs(kw["input_ids"])
     cfg = ToDRE(keep=0.2)
     _, vision, _ = cfg.resolve(_info(model))
     k = int(vision * pos.numel() + 0.5)
     expected = pos[k_center(x[row, pos], k, int(cls.argmax()))].tolist()
-    _, st = _lm_view(model, kw, keep=0.2)
+    _, st = lm_view(model, kw, "todre", keep=0.2)
     assert st.selections["todre-vision"][0].tolist() == expected
 
 
@@ -90,7 +56,7 @@ def test_isolated_start_keeps_divprunes_set(family):
     model = tiny.BUILDERS[family]()
     sizes = [(64, 64)] if family == "llava_next" else [(32, 32)]
     kw = tiny.inputs(family, model, [1], seed=51, sizes=sizes)
-    _, st = _lm_view(model, kw, keep=0.2, init="isolated")
+    _, st = lm_view(model, kw, "todre", keep=0.2, init="isolated")
     kept = st.selections["todre-vision"][0]
     n = int(st.visual_tokens_in)
     with torch.no_grad(), vtprune.pruned(model, "divprune", keep=kept.numel() / n):
@@ -106,7 +72,7 @@ def test_prefill_stage_keeps_the_instructions_most_attended_tokens(family, score
     model = tiny.BUILDERS[family](attn="eager")
     kw = tiny.inputs(family, model, [1], seed=52)
     layer, keep = 3, 0.2
-    seen, st = _lm_view(model, kw, keep=keep, layer=layer, score=score, init="isolated")
+    seen, st = lm_view(model, kw, "todre", keep=keep, layer=layer, score=score, init="isolated")
     n_layers = model.config.text_config.num_hidden_layers
     vis_orig = st.selections["todre-vision"][0]
     with torch.no_grad():

@@ -6,44 +6,11 @@ import pytest
 import tiny
 import torch
 import torch.nn.functional as F
-from helpers import image_runs
+from helpers import image_runs, lm_view, unpruned_embeds
 
 import vtprune
 from vtprune.config import ModelInfo
 from vtprune.methods.vscan import VScan
-
-
-def _lm_view(model, kw, plan):
-    """The language model's (compacted) inputs of a pruned forward, and the run's stats."""
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen.setdefault("embeds", kwargs["inputs_embeds"])
-        seen.setdefault("positions", kwargs.get("position_ids"))
-
-    lm = model.model.language_model
-    with torch.no_grad(), vtprune.pruned(model, plan):
-        handle = lm.register_forward_pre_hook(grab, with_kwargs=True)
-        try:
-            model(**kw)
-        finally:
-            handle.remove()
-        return seen, vtprune.stats(model)
-
-
-def _unpruned_embeds(model, kw) -> torch.Tensor:
-    seen = {}
-
-    def grab(module, args, kwargs):
-        seen["x"] = kwargs["inputs_embeds"]
-
-    handle = model.model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            model(**kw)
-    finally:
-        handle.remove()
-    return seen["x"]
 
 
 def official_merge(x: torch.Tensor, kept: list[int]) -> torch.Tensor:
@@ -81,10 +48,10 @@ def test_llava_vision_stage_is_the_official_local_global_scan_and_merge():
     deep[local] = 0
     chosen = sorted(local + deep.topk(8).indices.tolist())
     ((row, pos),) = image_runs(kw["input_ids"])
-    merged = official_merge(_unpruned_embeds(model, kw)[row, pos], chosen)
+    merged = official_merge(unpruned_embeds(model, kw)[row, pos], chosen)
 
     plan = VScan(keep=1 / 6, local_layer=0, window=4)  # 8 layers, prefill at 4: 16 of 64 after the tower
-    seen, st = _lm_view(model, kw, plan)
+    seen, st = lm_view(model, kw, plan)
     assert st.selections["vscan-vision"][0].tolist() == pos[chosen].tolist()
     first = int(pos[0])
     torch.testing.assert_close(seen["embeds"][row, first : first + 16], merged, rtol=1e-5, atol=1e-6)
@@ -156,9 +123,9 @@ def test_qwen2_5_vl_vision_stage_is_the_official_window_selection_on_received_at
     deep[local] = 0
     chosen = sorted(local + deep.topk(n_keep - n_local).indices.tolist())
     ((row, pos),) = image_runs(kw["input_ids"], tiny.IMAGE)
-    merged = official_merge(_unpruned_embeds(model, kw)[row, pos], chosen)
+    merged = official_merge(unpruned_embeds(model, kw)[row, pos], chosen)
 
-    seen, st = _lm_view(model, kw, VScan(keep=0.3))
+    seen, st = lm_view(model, kw, VScan(keep=0.3))
     assert st.selections["vscan-vision"][0].tolist() == pos[chosen].tolist()
     first = int(pos[0])
     torch.testing.assert_close(seen["embeds"][row, first : first + n_keep], merged, rtol=1e-5, atol=1e-6)
@@ -173,7 +140,7 @@ def test_prefill_stage_is_pyramid_drops_score_at_the_middle_layer():
     model = tiny.llava(attn="eager")
     kw = tiny.inputs("llava", model, [1], seed=62)
     keep, layer = 0.2, 4
-    seen, st = _lm_view(model, kw, VScan(keep=keep))
+    seen, st = lm_view(model, kw, VScan(keep=keep))
     lm = model.model.language_model
     with torch.no_grad():
         out = lm(inputs_embeds=seen["embeds"], position_ids=seen["positions"], output_hidden_states=True)
@@ -245,7 +212,7 @@ def test_llava_next_newlines_stay_and_merges_stay_inside_their_crop():
     model = tiny.llava_next()
     kw = tiny.inputs("llava_next", model, [1], seed=64, sizes=[(64, 64)])
     plan = VScan(keep=0.3)
-    seen, st = _lm_view(model, kw, plan)
+    seen, st = lm_view(model, kw, plan)
     ((row, pos),) = image_runs(kw["input_ids"])
     from vtprune.integrations import adapter_for
 
@@ -256,7 +223,7 @@ def test_llava_next_newlines_stay_and_merges_stay_inside_their_crop():
     kept = st.selections["vscan-vision"][0]
     assert torch.isin(newline, kept).all()
     # merged embeddings: each kept token is the mean of members from its own crop only
-    x = _unpruned_embeds(model, kw)[row, pos]
+    x = unpruned_embeds(model, kw)[row, pos]
     per_crop = (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2 + 1
     crop_of = torch.where(spec.source >= 0, spec.source // per_crop, -1)
     local = torch.nonzero(torch.isin(pos, kept)).flatten()
