@@ -209,3 +209,45 @@ def lm_view(model, kw: dict, plan, **options) -> tuple[dict, object]:
 def unpruned_embeds(model, kw: dict) -> torch.Tensor:
     """The language model's ``inputs_embeds`` in a forward with no plan."""
     return module_inputs(model, kw, model.model.language_model)[1]["inputs_embeds"]
+
+
+def merger_index(model, kw: dict, method: str, **options) -> tuple[torch.Tensor, object]:
+    """Under a Qwen tower stage: the original patch of each slot the merger receives, and the
+    run's stats (the spy is registered after the plan's own pre-hook, so it sees the real input)."""
+    from vtprune.runtime.tower import TOWER
+
+    seen = []
+
+    def spy(module, args, kwargs):
+        seen.append(TOWER.get().index.clone())
+
+    with torch.no_grad(), vtprune.pruned(model, method, **options):
+        handle = model.model.visual.merger.register_forward_pre_hook(spy, with_kwargs=True)
+        try:
+            model(**kw)
+        finally:
+            handle.remove()
+        stats = vtprune.stats(model)
+    (index,) = seen
+    return index, stats
+
+
+def llava_encoder_flops(model, kw: dict, method: str, **options) -> tuple[int, int, list]:
+    """Counted FLOPs of LLaVA's image encoder (tower + projector) unpruned and under ``method``,
+    and the tower tokens per layer the pruned run recorded."""
+    from vtprune.flops import count_flops
+
+    def encode():
+        with torch.no_grad():
+            return model.model.get_image_features(
+                pixel_values=kw["pixel_values"],
+                vision_feature_layer=-2,
+                vision_feature_select_strategy="default",
+            )
+
+    full, _ = count_flops(encode)
+    with vtprune.pruned(model, method, **options):
+        model(**kw)
+        tower = vtprune.stats(model).tower_tokens_per_layer
+        pruned, _ = count_flops(encode)
+    return full, pruned, tower

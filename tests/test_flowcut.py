@@ -6,11 +6,11 @@ import pytest
 import test_equivalence as eq
 import tiny
 import torch
-from helpers import eager_clip_layer, image_runs, shared_tables
+from helpers import eager_clip_layer, image_runs, llava_encoder_flops, merger_index, shared_tables
 from transformers import LlavaForConditionalGeneration
 
 import vtprune
-from vtprune.flops import count_flops, tower_linear_flops
+from vtprune.flops import tower_linear_flops
 
 TOWER = 8  # tower layers of the test models: feature layer 6, pruning after layers 1, 3, 5
 
@@ -135,20 +135,7 @@ def test_keep_target_within_two_percent(shaped, keep):
 def test_counted_tower_flops_fall_by_the_tokens_removed(shaped):
     model, kw = shaped
     mm, vc = model.model, model.config.vision_config
-
-    def encode():
-        with torch.no_grad():
-            return mm.get_image_features(
-                pixel_values=kw["pixel_values"],
-                vision_feature_layer=-2,
-                vision_feature_select_strategy="default",
-            )
-
-    full, _ = count_flops(encode)
-    with vtprune.pruned(model, "flowcut", keep=0.25):
-        model(**kw)
-        tower = vtprune.stats(model).tower_tokens_per_layer
-        pruned, _ = count_flops(encode)
+    full, pruned, tower = llava_encoder_flops(model, kw, "flowcut", keep=0.25)
     proj = sum(p.numel() for n, p in mm.multi_modal_projector.named_parameters() if n.endswith("weight"))
     expected = tower_linear_flops(vc, [577] * TOWER) - tower_linear_flops(vc, tower) + 2 * (576 - 144) * proj
     saving = full - pruned
@@ -208,23 +195,8 @@ def qwen():
 
 
 def test_qwen_merge_groups_stay_whole(qwen):
-    from vtprune.runtime.tower import TOWER
-
-    seen = []
-
-    def spy(module, args, kwargs):
-        seen.append(TOWER.get().index.clone())
-
     kw = tiny.inputs("qwen2_vl", qwen, [1, 2], seed=5, sizes=QWEN_SIZES)
-    with torch.no_grad(), vtprune.pruned(qwen, "flowcut", keep=0.2):
-        # registered after the plan's own pre-hook, so it sees the merger's real input
-        spy_handle = qwen.model.visual.merger.register_forward_pre_hook(spy, with_kwargs=True)
-        try:
-            qwen(**kw)
-        finally:
-            spy_handle.remove()
-        st = vtprune.stats(qwen)
-    (index,) = seen
+    index, st = merger_index(qwen, kw, "flowcut", keep=0.2)
     groups = index.view(-1, 4)
     assert groups.shape[0] == round(0.2 * 64) + round(0.2 * 24) + round(0.2 * 48)
     assert torch.equal(groups[:, 0] % 4, torch.zeros_like(groups[:, 0]))

@@ -8,10 +8,18 @@ import math
 import pytest
 import tiny
 import torch
-from helpers import attention_input, eager_clip_layer, image_runs, qwen_tower_qk, shared_tables
+from helpers import (
+    attention_input,
+    eager_clip_layer,
+    image_runs,
+    llava_encoder_flops,
+    merger_index,
+    qwen_tower_qk,
+    shared_tables,
+)
 
 import vtprune
-from vtprune.flops import count_flops, tower_linear_flops
+from vtprune.flops import tower_linear_flops
 
 TOWER = 8  # tower layers of the tiny LLaVA: feature layer 6, default pruning after layer 5
 
@@ -195,20 +203,7 @@ def test_keep_target_within_two_percent(shaped, keep, layers):
 def test_counted_tower_flops_fall_by_the_tokens_removed(shaped):
     model, kw = shaped
     mm, vc = model.model, model.config.vision_config
-
-    def encode():
-        with torch.no_grad():
-            return mm.get_image_features(
-                pixel_values=kw["pixel_values"],
-                vision_feature_layer=-2,
-                vision_feature_select_strategy="default",
-            )
-
-    full, _ = count_flops(encode)
-    with vtprune.pruned(model, "zerotprune", keep=0.25, layers=[1]):
-        model(**kw)
-        tower = vtprune.stats(model).tower_tokens_per_layer
-        pruned, _ = count_flops(encode)
+    full, pruned, tower = llava_encoder_flops(model, kw, "zerotprune", keep=0.25, layers=[1])
     assert tower == [577, 577] + [145] * (TOWER - 2)
     proj = sum(p.numel() for n, p in mm.multi_modal_projector.named_parameters() if n.endswith("weight"))
     removed = tower_linear_flops(vc, [577] * TOWER) - tower_linear_flops(vc, tower) + 2 * (576 - 144) * proj
@@ -262,23 +257,8 @@ def test_qwen_kept_sets_equal_the_plain_reference(request, fixture, keep):
 
 
 def test_qwen_merge_groups_stay_whole(qwen):
-    from vtprune.runtime.tower import TOWER as CALL
-
-    seen = []
-
-    def spy(module, args, kwargs):
-        seen.append(CALL.get().index.clone())
-
     kw = tiny.inputs("qwen2_vl", qwen, [1, 2], seed=5, sizes=QWEN_SIZES)
-    with torch.no_grad(), vtprune.pruned(qwen, "zerotprune", keep=0.2, layers=[0, 2]):
-        # registered after the plan's own pre-hook, so it sees the merger's real input
-        handle = qwen.model.visual.merger.register_forward_pre_hook(spy, with_kwargs=True)
-        try:
-            qwen(**kw)
-        finally:
-            handle.remove()
-        st = vtprune.stats(qwen)
-    (index,) = seen
+    index, st = merger_index(qwen, kw, "zerotprune", keep=0.2, layers=[0, 2])
     groups = index.view(-1, 4)
     kept = round(0.2 * 64) + round(0.2 * 24) + round(0.2 * 48)
     assert groups.shape[0] == kept

@@ -9,11 +9,10 @@ import math
 import pytest
 import tiny
 import torch
-from helpers import attention_input, qwen_tower_qk, shared_tables, unpermute
+from helpers import attention_input, merger_index, qwen_tower_qk, shared_tables, unpermute
 from test_zerotprune import loop_pagerank, loop_two_stages, picks
 
 import vtprune
-from vtprune.runtime.tower import TOWER as CALL
 
 DEPTH, FULL = 4, (1,)  # blocks 0, 2 and 3 attend per window, block 1 per image
 SIZES = [(16, 16), (8, 12), (12, 16)]  # several windows each (windows of 2x2 merge units)
@@ -77,21 +76,8 @@ def test_kept_sets_equal_the_plain_reference(qwen25, keep, layer):
 
 
 def test_merge_groups_stay_whole(qwen25):
-    seen = []
-
-    def spy(module, args, kwargs):
-        seen.append(CALL.get().index.clone())
-
     kw = tiny.inputs("qwen2_5_vl", qwen25, [1, 2], seed=5, sizes=SIZES)
-    with torch.no_grad(), vtprune.pruned(qwen25, "zerotprune", keep=0.2, layers=[0, 2]):
-        # registered after the plan's own pre-hook, so it sees the merger's real input
-        handle = qwen25.model.visual.merger.register_forward_pre_hook(spy, with_kwargs=True)
-        try:
-            qwen25(**kw)
-        finally:
-            handle.remove()
-        st = vtprune.stats(qwen25)
-    (index,) = seen
+    index, st = merger_index(qwen25, kw, "zerotprune", keep=0.2, layers=[0, 2])
     groups = index.view(-1, 4)  # window-order patches of the survivors
     kept = round(0.2 * 64) + round(0.2 * 24) + round(0.2 * 48)
     assert groups.shape[0] == kept
